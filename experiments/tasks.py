@@ -1,0 +1,112 @@
+"""Tasks: the batches a run trains on, its loss, and what its eval reports.
+
+Losses return *sums* ("loss", "weight", "accuracy" summed over tokens or examples) so
+that the train step can divide once, exactly, whatever the padding, microbatching or
+sharding (see parallel/step.py).
+"""
+
+from collections.abc import Callable
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from experiments import data as data_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  batch: Callable[[int, str], dict]  # (step, split) -> this process's slice, NumPy
+  loss: Callable  # (model, params, batch, rng, train) -> (loss_sum, sums)
+  summarize: Callable[[dict], dict]  # summed eval sums -> eval row
+  tokens_per_step: int  # global tokens per train step (for tokens/s)
+
+
+def token_sums(logits_BxLxV, targets_BxL, weights_BxL) -> dict:
+  """Summed cross-entropy, weight and correct predictions over the weighted tokens."""
+  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+  correct_BxL = (jnp.argmax(logits_BxLxV, -1) == targets_BxL).astype(jnp.float32)
+  return {"loss": jnp.sum(ce_BxL * weights_BxL), "weight": jnp.sum(weights_BxL),
+          "accuracy": jnp.sum(correct_BxL * weights_BxL)}
+
+
+def _apply(model, params, batch, rng, train, **kwargs):
+  return model.apply({"params": params}, batch["inputs"], deterministic=not train,
+                     rngs={"dropout": rng} if train else {}, **kwargs)
+
+
+def lm_loss(model, params, batch, rng, train):
+  logits = _apply(model, params, batch, rng, train)
+  sums = token_sums(logits, batch["targets"], batch["weights"])
+  return sums["loss"], sums
+
+
+def mlm_loss(model, params, batch, rng, train):
+  logits = _apply(model, params, batch, rng, train, attention_mask=batch["attention_mask"])
+  sums = token_sums(logits, batch["targets"], batch["weights"])
+  return sums["loss"], sums
+
+
+def classify_loss(model, params, batch, rng, train):
+  logits_BxC = _apply(model, params, batch, rng, train, attention_mask=batch["attention_mask"],
+                      token_type_ids=batch["token_type_ids"])
+  ones_B = jnp.ones(batch["label"].shape, jnp.float32)
+  sums = token_sums(logits_BxC[:, None], batch["label"][:, None], ones_B[:, None])
+  return sums["loss"], sums
+
+
+def _ratios(sums: dict) -> dict:
+  w = max(float(sums["weight"]), 1.0)
+  return {"eval_loss": float(sums["loss"]) / w, "eval_accuracy": float(sums["accuracy"]) / w}
+
+
+def make_task(config: ml_collections.ConfigDict, tokenizer, process_index: int = 0,
+              process_count: int = 1) -> Task:
+  """The task named by `config.task`: "lm", "mlm" or "classify"."""
+  t, d = config.train, config.data
+  source = data_lib.MarkovSource(**d.markov)
+  slicing = dict(process_index=process_index, process_count=process_count)
+
+  def sizes(split):
+    return (t.batch_size, t.seq_len) if split == "train" else (config.eval.batch_size, t.seq_len)
+
+  if config.task == "lm":
+    optimum = source.optimal_loss(t.seq_len)
+
+    def summarize(sums):
+      row = _ratios(sums)
+      return {**row, "excess_loss": row["eval_loss"] - optimum}
+
+    return Task("lm", lambda s, split: source.batch(s, *sizes(split), split=split, **slicing),
+                lm_loss, summarize, t.batch_size * t.seq_len)
+
+  if config.task == "mlm":
+    def batch(s, split):
+      return data_lib.mlm_batch(source, s, *sizes(split), split=split, mask_id=tokenizer.mask_id,
+                                vocab_size=tokenizer.vocab_size, n_special=tokenizer.n_special,
+                                **slicing)
+    return Task("mlm", batch, mlm_loss, _ratios, t.batch_size * t.seq_len)
+
+  if config.task == "classify":
+    cls_source = data_lib.ClassifySource(source, **d.classify)
+
+    def summarize(sums):
+      row = _ratios(sums)
+      row["accuracy"] = row.pop("eval_accuracy")
+      return {**row, "bayes_accuracy": cls_source.bayes_accuracy}
+
+    return Task("classify",
+                lambda s, split: cls_source.batch(s, *sizes(split), split=split, **slicing),
+                classify_loss, summarize, t.batch_size * t.seq_len)
+
+  raise ValueError(f"task={config.task!r}: choose 'lm', 'mlm' or 'classify'.")
+
+
+def sum_eval(sums_list: list[dict]) -> dict:
+  """Adds per-batch eval sums on the host (float64, so long evals do not lose precision)."""
+  host = jax.device_get(sums_list)
+  return {k: sum(float(s[k]) for s in host) for k in host[0]}

@@ -1,0 +1,206 @@
+"""The one train loop: every experiment is a config run through `train_and_evaluate`.
+
+    python -m experiments.train --config experiments/configs/lm.py:tiny --workdir /tmp/lm
+    python -m experiments.train --config experiments/configs/lm.py:tiny --workdir /tmp/lm \
+        --config.train.steps=1000 --config.model.n_layers=4
+
+Running the same command again with the same workdir resumes from the last complete
+checkpoint; batches are a function of (seed, step), so the result equals an
+uninterrupted run.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+
+import models
+import parallel
+from experiments import optim, tasks
+from experiments.metrics import MetricWriter
+from experiments.tokenizer import ByteTokenizer
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer) -> models.ModelConfig:
+  """The ModelConfig the config describes, checked against the tokenizer and data."""
+  fields = dict(config.model)
+  preset = fields.pop("preset")
+  mc = models.get_preset(preset, **fields, dtype=config.dtype)
+  if mc.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f"model.vocab_size={mc.vocab_size} is smaller than the tokenizer's vocabulary "
+                     f"({tokenizer.vocab_size} ids): set --config.model.vocab_size to at least "
+                     f"{tokenizer.vocab_size}.")
+  if mc.positions == "learned" and config.train.seq_len > mc.max_len:
+    raise ValueError(f"train.seq_len={config.train.seq_len} exceeds the model's learned positions "
+                     f"(model.max_len={mc.max_len}): shorten the sequences or raise max_len.")
+  return mc
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict):
+  """Refuses a workdir that holds a run of a different model (its checkpoints would not fit)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  old_model, new_model = old.get("model", {}), config.model.to_dict()
+  diff = {k: (old_model.get(k), new_model.get(k)) for k in set(old_model) | set(new_model)
+          if old_model.get(k) != new_model.get(k)}
+  if old.get("task") != config.task:
+    diff["task"] = (old.get("task"), config.task)
+  if diff:
+    changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+    raise ValueError(f"--workdir {workdir} holds a run with a different model config ({changes}). "
+                     "Use a new --workdir, or the same model config to resume that run.")
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh):
+  t, n_proc = config.train, jax.process_count()
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for name, bs in (("train.batch_size", t.batch_size), ("eval.batch_size", config.eval.batch_size)):
+    if bs % batch_shards or bs % n_proc:
+      raise ValueError(f"{name}={bs} is not divisible by the data-parallel shards "
+                       f"(mesh.data*mesh.fsdp={batch_shards}) and processes ({n_proc}).")
+  if t.batch_size % (t.microbatches * batch_shards):
+    raise ValueError(f"train.batch_size={t.batch_size} does not split into train.microbatches="
+                     f"{t.microbatches} microbatches of a multiple of {batch_shards} rows.")
+
+
+def _global(batch: dict, sharding) -> dict:
+  """This process's NumPy slice -> one global jax.Array per key (multi-host safe)."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains and evaluates the model `config` describes; returns the last eval row."""
+  init_from = config.get("init_from") or ""
+  if config.get("pretrain"):  # e.g. MLM pretraining before classification: same loop, own workdir
+    init_from = os.path.join(workdir, "pretrain")
+    train_and_evaluate(config.pretrain, init_from)
+
+  # Everything that can be wrong with the input is checked before anything compiles.
+  tokenizer = ByteTokenizer()
+  mc = model_config(config, tokenizer)
+  check_workdir(workdir, config)
+  mesh = parallel.make_mesh(**config.mesh)
+  rules = parallel.get_rules(config.sharding.rules)
+  check_batch(config, mesh)
+  task = tasks.make_task(config, tokenizer, jax.process_index(), jax.process_count())
+  model = models.build(mc)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  example = jax.tree.map(lambda x: x[:1], task.batch(0, "train"))
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+
+  def init(rng):
+    kwargs = {k: jnp.asarray(example[k]) for k in ("attention_mask", "token_type_ids")
+              if k in example}
+    params = model.init({"params": rng}, jnp.asarray(example["inputs"]), **kwargs)["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params),
+            "rng": train_rng}
+
+  ckpt = parallel.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               save_every=config.train.checkpoint_every,
+                               keep=config.train.keep_checkpoints,
+                               async_save=config.train.async_checkpoint)
+  state, shardings = parallel.init_sharded(init, mesh, rules, init_rng)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(parallel.abstract_with_shardings(state, shardings))
+  elif init_from:
+    state["params"] = parallel.load_params(os.path.join(init_from, "checkpoints"), state["params"])
+  start = int(state["step"])
+  logging.info("Model %s: %s parameters; mesh %s; starting at step %d", mc.kind,
+               f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}", dict(mesh.shape), start)
+
+  batch_sh = parallel.batch_sharding(mesh, rules)
+  loss = lambda p, b, r: task.loss(model, p, b, r, True)  # noqa: E731
+  train_step = parallel.jit_with_mesh(
+      parallel.make_train_step(loss, tx, config.train.microbatches), mesh, rules,
+      in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
+  eval_step = parallel.jit_with_mesh(
+      lambda p, b: task.loss(model, p, b, None, False)[1], mesh, rules,
+      in_shardings=(shardings["params"], batch_sh), out_shardings=None)
+  eval_batches = [_global(task.batch(i, "eval"), batch_sh) for i in range(config.eval.steps)]
+  writer = MetricWriter(workdir, start, config.train.steps, enabled=is_main)
+
+  def evaluate(step, write=True):
+    row = task.summarize(tasks.sum_eval([eval_step(state["params"], b) for b in eval_batches]))
+    if write:
+      writer.write(step, row)
+    return row
+
+  pending = None
+
+  def flush():
+    nonlocal pending
+    if pending is not None:
+      writer.write(*pending(jax.device_get(pending.metrics)))
+      pending = None
+
+  t = config.train
+  last_eval, t0, t0_step = {}, time.perf_counter(), start
+  for step in range(start, t.steps):
+    state, metrics = train_step(state, _global(task.batch(step, "train"), batch_sh))
+    flush()  # the previous log step's metrics, fetched one step late: no device stall
+    done = step + 1
+    if done % t.log_every == 0 or done == t.steps:
+      elapsed, n = time.perf_counter() - t0, done - t0_step
+      pending = _Pending(done, metrics, float(schedule(step)), task.tokens_per_step * n / elapsed)
+      t0, t0_step = time.perf_counter(), done
+    if done % config.eval.every == 0 or done == t.steps:
+      flush()
+      last_eval = evaluate(done)
+      t0 = time.perf_counter()  # eval time does not count against train throughput
+    stop = t.stop_after_steps and done - start >= t.stop_after_steps
+    ckpt.save(done, state, force=done == t.steps or bool(stop))
+    writer.advance()
+    if stop:
+      logging.info("Stopping after %d steps as train.stop_after_steps asks; rerun to resume.",
+                   done - start)
+      break
+  flush()
+  if not last_eval:  # resumed after the final step: its eval row is already written
+    last_eval = evaluate(start, write=False)
+  ckpt.close()
+  writer.close()
+  return last_eval
+
+
+@dataclasses.dataclass
+class _Pending:
+  """A log row whose device metrics are fetched one step later."""
+  step: int
+  metrics: dict
+  learning_rate: float
+  tokens_per_sec: float
+
+  def __call__(self, metrics):
+    return self.step, {**{k: float(v) for k, v in metrics.items()},
+                       "learning_rate": self.learning_rate, "tokens_per_sec": self.tokens_per_sec}
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
+                                          "experiments/configs/lm.py:tiny", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

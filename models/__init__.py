@@ -1,0 +1,11 @@
+"""Flax (linen) Transformer models: a GPT-style decoder and a BERT-style encoder."""
+
+from models.config import PRESETS, ModelConfig, get_preset
+from models.layers import Dense, DotGeneralFactory
+from models.transformer import (Decoder, Encoder, build, count_params, scan_params,
+                                unscan_params)
+
+__all__ = [
+    "PRESETS", "ModelConfig", "get_preset", "Dense", "DotGeneralFactory", "Decoder", "Encoder",
+    "build", "count_params", "scan_params", "unscan_params",
+]

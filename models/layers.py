@@ -1,0 +1,215 @@
+"""Building blocks: Dense with an injectable dot_general, norms, rotary, attention, MLP.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) and key
+activations are constrained with `nn.with_logical_constraint`; both are no-ops until the
+caller supplies axis rules and a mesh.
+
+A `dot_general_cls` is a zero-argument factory returning something called as
+`dg(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None)`. It is
+called inside the module's compact scope, so it may return a flax Module that owns
+variables (e.g. learned quantization step sizes), as with flax's DenseGeneral.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from models.config import ACTIVATIONS, ModelConfig
+
+DotGeneralFactory = Callable[[], Callable[..., jax.Array]]
+
+default_init = nn.initializers.normal(stddev=0.02)  # GPT-2 / BERT
+
+
+def make_dot_general(factory: DotGeneralFactory | None) -> Callable[..., jax.Array]:
+  """Calls the factory (in the caller's compact scope) or falls back to lax.dot_general."""
+  return lax.dot_general if factory is None else factory()
+
+
+class Dense(nn.Module):
+  """y = x . kernel (+ bias), contracting the trailing axes of x with the leading kernel axes.
+
+  `names` are the kernel's logical axes, inputs then outputs: ("embed", "heads", "head_dim")
+  maps x_BxLxE to y_BxLxHxD, ("heads", "head_dim", "embed") maps x_BxLxHxD back to y_BxLxE.
+  """
+
+  features: int | tuple[int, ...]
+  names: tuple[str | None, ...]
+  use_bias: bool = True
+  dtype: Any = jnp.float32  # compute dtype; params stay float32
+  dot_general_cls: DotGeneralFactory | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    n_in = len(self.names) - len(features)
+    kernel = self.param("kernel", nn.with_logical_partitioning(default_init, self.names),
+                        x.shape[x.ndim - n_in:] + features, jnp.float32)
+    dot_general = make_dot_general(self.dot_general_cls)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          nn.initializers.zeros_init(), self.names[n_in:]), features, jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Unembed(nn.Module):
+  """Tied output layer: logits_...xV = x_...xE . table_VxE^T, through the injectable dot_general."""
+
+  dtype: Any = jnp.float32
+  dot_general_cls: DotGeneralFactory | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, table_VxE: jax.Array) -> jax.Array:
+    dot_general = make_dot_general(self.dot_general_cls)
+    contract = ((x.ndim - 1,), (1,))
+    return dot_general(x.astype(self.dtype), table_VxE.astype(self.dtype), (contract, ((), ())))
+
+
+def embed(num: int, features: int, names: tuple[str, str], dtype: Any, name: str) -> nn.Embed:
+  """An embedding table [num, features] with logical names; lookups return `dtype`."""
+  return nn.Embed(num, features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  embedding_init=nn.with_logical_partitioning(default_init, names))
+
+
+class Norm(nn.Module):
+  """LayerNorm (scale and bias) or RMSNorm (scale only), computed in float32."""
+
+  kind: str = "layernorm"
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      y = y - y.mean(-1, keepdims=True)
+    y = y * lax.rsqrt(jnp.mean(jnp.square(y), -1, keepdims=True) + self.eps)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                             ("norm",)), x.shape[-1:], jnp.float32)
+    y = y * scale
+    if self.kind == "layernorm":
+      y = y + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                              ("norm",)), x.shape[-1:], jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rotary(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding, rotate-half convention (HF Llama: no weight permutation)."""
+  d = x_BxLxHxD.shape[-1]
+  inv_freq_D2 = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  angles_BxLxD2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_D2
+  angles_BxLx1xD = jnp.concatenate([angles_BxLxD2, angles_BxLxD2], -1)[:, :, None, :]
+  x = x_BxLxHxD.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  y = x * jnp.cos(angles_BxLx1xD) + rotated * jnp.sin(angles_BxLx1xD)
+  return y.astype(x_BxLxHxD.dtype)
+
+
+def explicit_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask, qk_dot_general, pv_dot_general):
+  """Softmax attention written out, so each einsum can be swapped (e.g. quantized).
+
+  Query head h reads KV head h // (H // K), as in jax.nn.dot_product_attention and HF.
+  `mask` (bool, broadcastable to BxHxLxS) marks the allowed keys. Returns the output
+  BxLxHxD and the float32 attention probabilities BxHxLxS.
+  """
+  b, l, h, d = q_BxLxHxD.shape
+  s, k = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+  g = h // k
+  q_BxKxGxLxD = q_BxLxHxD.reshape(b, l, k, g, d).transpose(0, 2, 3, 1, 4)
+  k_BxKxSxD = k_BxSxKxD.transpose(0, 2, 1, 3)
+  v_BxKxSxD = v_BxSxKxD.transpose(0, 2, 1, 3)
+  # Batch over (B, K), contract D; logits accumulate in float32 like the fused path.
+  logits_BxKxGxLxS = qk_dot_general(q_BxKxGxLxD, k_BxKxSxD, (((4,), (3,)), ((0, 1), (0, 1))),
+                                    preferred_element_type=jnp.float32)
+  logits_BxHxLxS = logits_BxKxGxLxS.astype(jnp.float32).reshape(b, h, l, s) * d**-0.5
+  if mask is not None:
+    logits_BxHxLxS = jnp.where(mask, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
+  probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1)
+  probs_BxKxGxLxS = probs_BxHxLxS.reshape(b, k, g, l, s).astype(v_BxSxKxD.dtype)
+  out_BxKxGxLxD = pv_dot_general(probs_BxKxGxLxS, v_BxKxSxD, (((4,), (2,)), ((0, 1), (0, 1))))
+  out_BxLxHxD = out_BxKxGxLxD.transpose(0, 3, 1, 2, 4).reshape(b, l, h, d)
+  return out_BxLxHxD.astype(q_BxLxHxD.dtype), probs_BxHxLxS
+
+
+class Attention(nn.Module):
+  """Multi-head (or grouped-query) self-attention with optional rotary positions."""
+
+  config: ModelConfig
+  causal: bool
+  dot_general_cls: DotGeneralFactory | None = None
+  attn_dot_general_cls: DotGeneralFactory | None = None
+
+  @nn.compact
+  def __call__(self, x_BxLxE, attention_mask_BxL=None, positions_BxL=None):
+    cfg = self.config
+    h, k, d = cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
+    dense = functools.partial(Dense, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                              dot_general_cls=self.dot_general_cls)
+    q_BxLxHxD = dense((h, d), ("embed", "heads", "head_dim"), name="query")(x_BxLxE)
+    k_BxLxKxD = dense((k, d), ("embed", "kv_heads", "head_dim"), name="key")(x_BxLxE)
+    v_BxLxKxD = dense((k, d), ("embed", "kv_heads", "head_dim"), name="value")(x_BxLxE)
+    if cfg.positions == "rotary":
+      q_BxLxHxD = rotary(q_BxLxHxD, positions_BxL, cfg.rope_theta)
+      k_BxLxKxD = rotary(k_BxLxKxD, positions_BxL, cfg.rope_theta)
+    q_BxLxHxD = nn.with_logical_constraint(q_BxLxHxD, ("batch", "length", "act_heads", "head_dim"))
+    kv_axes = ("batch", "length", "act_kv_heads", "head_dim")
+    k_BxLxKxD = nn.with_logical_constraint(k_BxLxKxD, kv_axes)
+    v_BxLxKxD = nn.with_logical_constraint(v_BxLxKxD, kv_axes)
+    # Names for the "save_qkv_out" remat policy.
+    q_BxLxHxD = checkpoint_name(q_BxLxHxD, "query")
+    k_BxLxKxD = checkpoint_name(k_BxLxKxD, "key")
+    v_BxLxKxD = checkpoint_name(v_BxLxKxD, "value")
+
+    # Padding masks keys only: a padded query still attends to real keys, so no row is empty.
+    key_mask_Bx1x1xS = None
+    if attention_mask_BxL is not None:
+      key_mask_Bx1x1xS = attention_mask_BxL[:, None, None, :].astype(bool)
+
+    if cfg.record_attention or self.attn_dot_general_cls is not None:
+      mask = key_mask_Bx1x1xS
+      if self.causal:
+        length = x_BxLxE.shape[1]
+        causal_1x1xLxS = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        mask = causal_1x1xLxS if mask is None else mask & causal_1x1xLxS
+      out_BxLxHxD, probs_BxHxLxS = explicit_attention(
+          q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask,
+          make_dot_general(self.attn_dot_general_cls), make_dot_general(self.attn_dot_general_cls))
+      if cfg.record_attention:
+        self.sow("intermediates", "attention_probs", probs_BxHxLxS)
+    else:
+      # GQA is native here (BTNH layout with K < N kv heads).
+      out_BxLxHxD = jax.nn.dot_product_attention(
+          q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask=key_mask_Bx1x1xS, is_causal=self.causal,
+          implementation=cfg.attention_impl)
+    out_BxLxHxD = checkpoint_name(out_BxLxHxD, "attn_out")
+    return dense(cfg.d_model, ("heads", "head_dim", "embed"), name="out")(out_BxLxHxD)
+
+
+class Mlp(nn.Module):
+  """Position-wise feed-forward: act(x W_i) W_o, or gated act(x W_g) * (x W_i) W_o."""
+
+  config: ModelConfig
+  dot_general_cls: DotGeneralFactory | None = None
+
+  @nn.compact
+  def __call__(self, x_BxLxE):
+    cfg = self.config
+    dense = functools.partial(Dense, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                              dot_general_cls=self.dot_general_cls)
+    act = ACTIVATIONS[cfg.activation]
+    h_BxLxF = dense(cfg.d_ff, ("embed", "mlp"), name="wi")(x_BxLxE)
+    if cfg.gated_mlp:
+      h_BxLxF = act(dense(cfg.d_ff, ("embed", "mlp"), name="wg")(x_BxLxE)) * h_BxLxF
+    else:
+      h_BxLxF = act(h_BxLxF)
+    h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "act_mlp"))
+    return dense(cfg.d_model, ("mlp", "embed"), name="wo")(h_BxLxF)

@@ -1,0 +1,223 @@
+"""GPT-style decoder and BERT-style encoder, built from models.layers.
+
+Parameter tree (plain nested dicts after `nn.unbox`), named to map 1:1 onto HF checkpoints:
+  embed/embedding [V,E]   pos_embed/embedding [P,E]   type_embed/embedding [T,E] (encoder)
+  embed_norm (encoder)    layers_{i}/ (or layers/ with a leading layer axis when scanned):
+    attn/{query,key,value}/kernel [E,H|K,D]   attn/out/kernel [H,D,E]   attn_norm
+    mlp/{wi,wg,wo}/kernel [E,F] [E,F] [F,E]   mlp_norm
+  decoder: final_norm, lm_head/kernel [E,V] (untied only)
+  encoder: mlm_head/{transform, norm, bias}, pooler, classifier
+"""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.config import ACTIVATIONS, REMAT_POLICIES, ModelConfig
+from models.layers import Attention, Dense, DotGeneralFactory, Mlp, Norm, Unembed, embed
+
+RESIDUAL = ("batch", "length", "act_embed")
+LOGITS = ("batch", "length", "act_vocab")
+
+
+class Block(nn.Module):
+  """One layer: pre-LN for the decoder (GPT-2), post-LN for the encoder (BERT)."""
+
+  config: ModelConfig
+  dot_general_cls: DotGeneralFactory | None = None
+  attn_dot_general_cls: DotGeneralFactory | None = None
+
+  @nn.compact
+  def __call__(self, x_BxLxE, attention_mask_BxL, positions_BxL, deterministic: bool):
+    cfg = self.config
+    attn = Attention(cfg, causal=cfg.kind == "decoder", dot_general_cls=self.dot_general_cls,
+                     attn_dot_general_cls=self.attn_dot_general_cls, name="attn")
+    mlp = Mlp(cfg, dot_general_cls=self.dot_general_cls, name="mlp")
+    attn_norm = Norm(cfg.norm, cfg.norm_eps, name="attn_norm")
+    mlp_norm = Norm(cfg.norm, cfg.norm_eps, name="mlp_norm")
+
+    def drop(y):
+      return nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+
+    if cfg.kind == "decoder":
+      x_BxLxE = x_BxLxE + drop(attn(attn_norm(x_BxLxE), attention_mask_BxL, positions_BxL))
+      x_BxLxE = x_BxLxE + drop(mlp(mlp_norm(x_BxLxE)))
+    else:
+      x_BxLxE = attn_norm(x_BxLxE + drop(attn(x_BxLxE, attention_mask_BxL, positions_BxL)))
+      x_BxLxE = mlp_norm(x_BxLxE + drop(mlp(x_BxLxE)))
+    x_BxLxE = nn.with_logical_constraint(x_BxLxE, RESIDUAL)
+    self.sow("intermediates", "hidden_states", x_BxLxE)  # For distillation.
+    return x_BxLxE, None  # (carry, per-layer output) as nn.scan expects.
+
+
+def apply_layers(cfg: ModelConfig, x_BxLxE, attention_mask_BxL, positions_BxL, deterministic,
+                 dot_general_cls, attn_dot_general_cls):
+  """Runs the n_layers blocks, scanned and/or rematerialized as the config asks.
+
+  Called from a parent's compact method, so the blocks become the parent's children.
+  """
+  block = Block
+  if cfg.remat_policy != "none":
+    # `deterministic` (argument 4, counting self) is a Python bool; remat must not trace it.
+    # prevent_cse is only needed outside scan (jax.checkpoint docs).
+    block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], static_argnums=(4,),
+                     prevent_cse=not cfg.scan_layers)
+  args = (x_BxLxE, attention_mask_BxL, positions_BxL, deterministic)
+  if cfg.scan_layers:
+    # One compiled layer, weights stacked on a leading "layers" axis. Every collection is
+    # per layer (params, sown intermediates, a quantizer's own state).
+    block = nn.scan(block, variable_axes={True: 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    x_BxLxE, _ = block(cfg, dot_general_cls, attn_dot_general_cls, name="layers")(*args)
+    return x_BxLxE
+  for i in range(cfg.n_layers):
+    x_BxLxE, _ = block(cfg, dot_general_cls, attn_dot_general_cls, name=f"layers_{i}")(
+        x_BxLxE, *args[1:])
+  return x_BxLxE
+
+
+def _check_length(cfg: ModelConfig, length: int):
+  if length > cfg.max_len:
+    raise ValueError(f"sequence length {length} exceeds max_len={cfg.max_len}: "
+                     "truncate the input or raise max_len")
+
+
+class Decoder(nn.Module):
+  """GPT-style causal LM: embeddings, pre-LN blocks, final norm, (tied) LM head."""
+
+  config: ModelConfig
+  dot_general_cls: DotGeneralFactory | None = None
+  attn_dot_general_cls: DotGeneralFactory | None = None
+
+  @nn.compact
+  def __call__(self, input_ids_BxL, *, attention_mask=None, positions=None, deterministic=True):
+    """Logits BxLxV (float32). `attention_mask` (BxL, 1 = token, 0 = pad) masks padded keys."""
+    cfg = self.config
+    _check_length(cfg, input_ids_BxL.shape[1])
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(input_ids_BxL.shape[1]), input_ids_BxL.shape)
+    tok_embed = embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), cfg.compute_dtype, "embed")
+    x_BxLxE = tok_embed(input_ids_BxL)
+    if cfg.positions == "learned":
+      x_BxLxE += embed(cfg.max_len, cfg.d_model, ("pos", "embed"), cfg.compute_dtype,
+                       "pos_embed")(positions)
+    x_BxLxE = nn.Dropout(cfg.dropout_rate)(x_BxLxE, deterministic=deterministic)
+    x_BxLxE = nn.with_logical_constraint(x_BxLxE, RESIDUAL)
+    x_BxLxE = apply_layers(cfg, x_BxLxE, attention_mask, positions, deterministic,
+                           self.dot_general_cls, self.attn_dot_general_cls)
+    x_BxLxE = Norm(cfg.norm, cfg.norm_eps, name="final_norm")(x_BxLxE)
+    if cfg.tie_embeddings:
+      logits_BxLxV = Unembed(cfg.compute_dtype, self.dot_general_cls, name="lm_head")(
+          x_BxLxE, tok_embed.embedding)
+    else:
+      logits_BxLxV = Dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False,
+                           dtype=cfg.compute_dtype, dot_general_cls=self.dot_general_cls,
+                           name="lm_head")(x_BxLxE)
+    return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32), LOGITS)
+
+
+class MlmHead(nn.Module):
+  """BERT's masked-LM head: dense, activation, norm, then the (tied) decoder plus a bias."""
+
+  config: ModelConfig
+  dot_general_cls: DotGeneralFactory | None = None
+
+  @nn.compact
+  def __call__(self, x_BxLxE, embedding_VxE):
+    cfg = self.config
+    # Output axis left unsharded: a second "embed" would map two dims to one mesh axis.
+    h_BxLxE = Dense(cfg.d_model, ("embed", None), dtype=cfg.compute_dtype,
+                    dot_general_cls=self.dot_general_cls, name="transform")(x_BxLxE)
+    h_BxLxE = Norm(cfg.norm, cfg.norm_eps, name="norm")(ACTIVATIONS[cfg.activation](h_BxLxE))
+    if cfg.tie_embeddings:
+      logits_BxLxV = Unembed(cfg.compute_dtype, self.dot_general_cls, name="decoder")(
+          h_BxLxE, embedding_VxE)
+    else:
+      logits_BxLxV = Dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False,
+                           dtype=cfg.compute_dtype, dot_general_cls=self.dot_general_cls,
+                           name="decoder")(h_BxLxE)
+    bias_V = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                             ("vocab",)), (cfg.vocab_size,), jnp.float32)
+    return logits_BxLxV.astype(jnp.float32) + bias_V
+
+
+class Encoder(nn.Module):
+  """BERT-style bidirectional encoder (post-LN) with an "mlm", "classify" or "none" head."""
+
+  config: ModelConfig
+  dot_general_cls: DotGeneralFactory | None = None
+  attn_dot_general_cls: DotGeneralFactory | None = None
+
+  @nn.compact
+  def __call__(self, input_ids_BxL, *, attention_mask=None, token_type_ids=None,
+               deterministic=True):
+    """MLM logits BxLxV, class logits BxC, or hidden states BxLxE (all float32)."""
+    cfg = self.config
+    _check_length(cfg, input_ids_BxL.shape[1])
+    positions_BxL = jnp.broadcast_to(jnp.arange(input_ids_BxL.shape[1]), input_ids_BxL.shape)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids_BxL)
+    tok_embed = embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), cfg.compute_dtype, "embed")
+    x_BxLxE = tok_embed(input_ids_BxL)
+    if cfg.positions == "learned":
+      x_BxLxE += embed(cfg.max_len, cfg.d_model, ("pos", "embed"), cfg.compute_dtype,
+                       "pos_embed")(positions_BxL)
+    x_BxLxE += embed(cfg.type_vocab_size, cfg.d_model, ("type_vocab", "embed"),
+                     cfg.compute_dtype, "type_embed")(token_type_ids)
+    x_BxLxE = Norm(cfg.norm, cfg.norm_eps, name="embed_norm")(x_BxLxE)
+    x_BxLxE = nn.Dropout(cfg.dropout_rate)(x_BxLxE, deterministic=deterministic)
+    x_BxLxE = nn.with_logical_constraint(x_BxLxE, RESIDUAL)
+    x_BxLxE = apply_layers(cfg, x_BxLxE, attention_mask, positions_BxL, deterministic,
+                           self.dot_general_cls, self.attn_dot_general_cls)
+
+    if cfg.head == "none":
+      return x_BxLxE.astype(jnp.float32)
+    if cfg.head == "mlm":
+      logits_BxLxV = MlmHead(cfg, self.dot_general_cls, name="mlm_head")(
+          x_BxLxE, tok_embed.embedding)
+      return nn.with_logical_constraint(logits_BxLxV, LOGITS)
+    # "classify": BERT's pooler (dense + tanh on the first token) and a linear classifier.
+    dense = functools.partial(Dense, dtype=cfg.compute_dtype, dot_general_cls=self.dot_general_cls)
+    pooled_BxE = jnp.tanh(dense(cfg.d_model, ("embed", None), name="pooler")(x_BxLxE[:, 0]))
+    pooled_BxE = nn.Dropout(cfg.dropout_rate)(pooled_BxE, deterministic=deterministic)
+    logits_BxC = dense(cfg.num_labels, ("embed", "labels"), name="classifier")(pooled_BxE)
+    return logits_BxC.astype(jnp.float32)
+
+
+def build(config: ModelConfig, dot_general_cls: DotGeneralFactory | None = None,
+          attn_dot_general_cls: DotGeneralFactory | None = None) -> Decoder | Encoder:
+  """The Decoder or Encoder the config describes."""
+  cls = Decoder if config.kind == "decoder" else Encoder
+  return cls(config, dot_general_cls=dot_general_cls, attn_dot_general_cls=attn_dot_general_cls)
+
+
+def count_params(config: ModelConfig) -> int:
+  """Number of parameters, from shapes only (nothing is allocated)."""
+  ids_1x1 = jnp.zeros((1, 1), jnp.int32)
+  shapes = jax.eval_shape(build(config).init, jax.random.key(0), ids_1x1)["params"]
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+def _is_layer(key: str) -> bool:
+  return key.startswith("layers_") and key[len("layers_"):].isdigit()
+
+
+def scan_params(params: dict, n_layers: int) -> dict:
+  """Unrolled layout (layers_0 ... layers_{n-1}) -> scanned layout (layers, leading axis n)."""
+  layers = [params[f"layers_{i}"] for i in range(n_layers)]
+  out = {k: v for k, v in params.items() if not _is_layer(k)}
+  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return out
+
+
+def unscan_params(params: dict) -> dict:
+  """Scanned layout (layers, leading axis n) -> unrolled layout (layers_0 ... layers_{n-1})."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  for i in range(n_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  return out

@@ -1,0 +1,10 @@
+"""Meshes, logical-axis rules, sharded init, the jitted train step and checkpoints.
+
+`parallel` takes plain values: a loss function, pytrees, axis rules. It never imports
+`models`, `compress` or `experiments`.
+"""
+
+from parallel.checkpoint import Checkpointer, load_params
+from parallel.mesh import MESH_AXES, RULES, get_rules, make_mesh, resolve_mesh_shape
+from parallel.sharding import abstract_with_shardings, batch_sharding, init_sharded, logical_to_shardings
+from parallel.step import jit_with_mesh, make_train_step

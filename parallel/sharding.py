@@ -1,0 +1,75 @@
+"""Shardings from logical names, and initialization straight into them.
+
+`init_sharded` never materializes an unsharded copy: it traces the init with
+`jax.eval_shape`, reads the logical names the model attached to each leaf
+(`nn.with_logical_partitioning`), maps them to mesh axes with the rules, and then
+jits the init with those `out_shardings`, so each device only ever allocates its shard.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+PyTree = Any
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def logical_to_shardings(boxed_tree: PyTree, mesh: jax.sharding.Mesh, rules) -> PyTree:
+  """NamedShardings for a tree whose leaves may be `nn.Partitioned` boxes.
+
+  Unboxed leaves are replicated. A dimension that its mesh axes do not divide is an
+  error naming the leaf, its shape and the fix (we do not silently replicate: a
+  surprise replication is a surprise out-of-memory at scale).
+  """
+  specs = nn.get_partition_spec(boxed_tree)
+  mesh_specs = nn.logical_to_mesh(specs, rules)
+  values = nn.unbox(boxed_tree)
+
+  def check(path, leaf, spec):
+    spec = spec if isinstance(spec, P) else P()
+    shape = getattr(leaf, "shape", ())
+    for dim, axes in zip(shape, tuple(spec)):
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      size = 1
+      for a in axes:
+        size *= mesh.shape[a] if a is not None else 1
+      if dim % size:
+        raise ValueError(
+            f"{_path_str(path)} has shape {tuple(shape)} but its dimension {dim} is sharded over "
+            f"mesh axes {axes} of total size {size}, which does not divide it. Change the mesh "
+            f"(mesh.{'/'.join(a for a in axes if a)}) or map that logical axis to None in the rules.")
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(
+      check, values, mesh_specs, is_leaf=lambda x: x is None)
+
+
+def init_sharded(init_fn: Callable[..., PyTree], mesh: jax.sharding.Mesh, rules, *args
+                 ) -> tuple[PyTree, PyTree]:
+  """Runs `init_fn(*args)` (which may return boxed leaves) directly into its shardings.
+
+  Returns (unboxed tree, tree of NamedShardings).
+  """
+  with nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = logical_to_shardings(abstract, mesh, rules)
+    tree = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+  return tree, shardings
+
+
+def abstract_with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
+  """ShapeDtypeStructs carrying shardings: the restore target for checkpoints."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules) -> NamedSharding:
+  """Sharding of a [batch, ...] input: the leading axis over the rules' "batch" axes."""
+  spec = nn.logical_to_mesh_axes(("batch",), rules)
+  return NamedSharding(mesh, spec)

@@ -1,0 +1,76 @@
+"""The train step: one pure function `(state, batch) -> (state, metrics)`.
+
+The state is a plain dict {"step", "params", "opt", "rng"}. A loss function returns
+*sums* (loss summed over tokens, the token weight, other counts), never means: sums add
+up across microbatches and across shards, so the mean taken once at the end is exact
+whatever the padding, the microbatching or the mesh.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+# loss_fn(params, batch, rng) -> (loss_sum, sums); sums holds "weight" and any other sums.
+LossFn = Callable[[PyTree, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatches: int = 1):
+  """Builds the step; gradients are accumulated over `microbatches` slices of the batch."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: dict, batch: dict) -> tuple[dict, dict]:
+    params = state["params"]
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    if microbatches == 1:
+      (_, sums), grads = grad_fn(params, batch, rng)
+    else:
+      mbs = jax.tree.map(
+          lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch)
+
+      def accumulate(carry, i_mb):
+        i, mb = i_mb
+        (_, s), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (g, s)), None
+
+      (_, sums0), grads0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], mbs), rng)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads0, sums0))
+      (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), mbs))
+    weight = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt = tx.update(grads, state["opt"], params)
+    new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(params, updates),
+                     opt=opt)
+    metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
+    metrics["weight"] = sums["weight"]
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return new_state, metrics
+
+  return step
+
+
+def jit_with_mesh(fn: Callable, mesh: jax.sharding.Mesh, rules, *, in_shardings, out_shardings,
+                  donate_argnums=()) -> Callable:
+  """`jax.jit` with explicit shardings, traced and run with the mesh and rules in context.
+
+  The context is what turns the model's `nn.with_logical_constraint` calls into real
+  sharding constraints; outside it they are no-ops.
+  """
+  jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                   donate_argnums=donate_argnums)
+
+  def run(*args):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted(*args)
+
+  run.lower = lambda *args: _lower(jitted, mesh, rules, *args)
+  return run
+
+
+def _lower(jitted, mesh, rules, *args):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return jitted.lower(*args)

@@ -1,0 +1,128 @@
+"""End-to-end: the real train loop on shrunk real configs."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import train
+from experiments.configs import classify, lm
+from experiments.metrics import read_metrics
+
+
+def tiny_lm(steps=200, **train_overrides):
+  c = lm.get_config("tiny")
+  c.train.update(steps=steps, checkpoint_every=50, log_every=25, **train_overrides)
+  c.eval.update(every=50, steps=2)
+  return c
+
+
+def evals(workdir):
+  return [r for r in read_metrics(workdir) if "eval_loss" in r]
+
+
+def test_lm_learns(tmp_path):
+  c = tiny_lm(steps=300)
+  final = train.train_and_evaluate(c, str(tmp_path))
+  rows = evals(tmp_path)
+  assert [r["step"] for r in rows] == [50, 100, 150, 200, 250, 300]
+  first, last = rows[0]["excess_loss"], rows[-1]["excess_loss"]
+  assert last < 0.6 * first, (first, last)
+  assert final["excess_loss"] == last
+  train_rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+  for key in ("loss", "learning_rate", "tokens_per_sec"):
+    assert all(np.isfinite(r[key]) for r in train_rows), key
+  assert os.listdir(tmp_path / "tensorboard")
+  assert json.load(open(tmp_path / "config.json"))["model"]["d_model"] == c.model.d_model
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  full = train.train_and_evaluate(tiny_lm(steps=150), str(tmp_path / "full"))
+  # The first invocation stops at step 100 (after its checkpoint), the second resumes.
+  train.train_and_evaluate(tiny_lm(steps=150, stop_after_steps=100), str(tmp_path / "split"))
+  assert max(r["step"] for r in read_metrics(tmp_path / "split")) == 100
+  resumed = train.train_and_evaluate(tiny_lm(steps=150), str(tmp_path / "split"))
+  assert resumed["eval_loss"] == pytest.approx(full["eval_loss"], abs=1e-6)
+  a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for ra, rb in zip(a, b):
+    for k in ("loss", "eval_loss"):
+      if k in ra:
+        assert rb[k] == pytest.approx(ra[k], abs=1e-6), (ra["step"], k)
+
+
+def test_microbatches_equal_full_batch(tmp_path):
+  a = train.train_and_evaluate(tiny_lm(steps=20), str(tmp_path / "a"))
+  b = train.train_and_evaluate(tiny_lm(steps=20, microbatches=4), str(tmp_path / "b"))
+  assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-5)
+
+
+def test_classify_pretrain_then_finetune(tmp_path):
+  c = classify.get_config("tiny")
+  c.pretrain.train.update(steps=100, checkpoint_every=100)
+  c.pretrain.eval.update(every=100, steps=1)
+  c.train.update(steps=150, checkpoint_every=150)
+  c.eval.update(every=150, steps=4)
+  final = train.train_and_evaluate(c, str(tmp_path))
+  assert evals(tmp_path / "pretrain")  # the MLM stage ran in its own workdir
+  # Chance is 0.5; the Bayes rate is 0.9. A model that learned the rule lands between.
+  assert 0.7 < final["accuracy"] <= final["bayes_accuracy"] + 0.05, final
+
+
+def test_init_from_copies_matching_params(tmp_path):
+  from parallel import Checkpointer
+  c = classify.get_config("tiny")
+  c.pretrain.train.update(steps=5, checkpoint_every=5)
+  c.pretrain.eval.update(every=5, steps=1)
+  c.train.update(steps=1, checkpoint_every=1)
+  c.eval.update(every=1, steps=1)
+  c.optim.lr = 0.0  # so the fine-tuned params still equal their initialization
+  c.optim.warmup_steps = 0
+  train.train_and_evaluate(c, str(tmp_path))
+
+  def params(workdir):
+    ckpt = Checkpointer(str(workdir / "checkpoints"), save_every=1)
+    p = ckpt.manager.restore(ckpt.latest_step())["params"]
+    ckpt.close()
+    return p
+
+  pre, fine = params(tmp_path / "pretrain"), params(tmp_path)
+  assert "mlm_head" in pre and "classifier" in fine and "classifier" not in pre
+  shared = set(pre) & set(fine)
+  assert {"embed", "layers_0"} <= shared
+  for k in shared:
+    jax.tree.map(np.testing.assert_array_equal, pre[k], fine[k])
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(model=dict(d_model=130)), "divisible"),
+    (dict(model=dict(vocab_size=200)), "vocab"),
+    (dict(model=dict(preset="nope")), "preset"),
+    (dict(mesh=dict(data=16)), "devices"),
+    (dict(train=dict(batch_size=30, microbatches=4)), "microbatch"),
+])
+def test_bad_input_fails_before_compiling(tmp_path, monkeypatch, override, message):
+  c = tiny_lm(steps=2)
+  for section, values in override.items():
+    c[section].update(values)
+
+  def no_compile(*a, **k):
+    raise AssertionError("compiled before rejecting bad input")
+  monkeypatch.setattr(jax, "jit", no_compile)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_unknown_preset_in_config_arg():
+  with pytest.raises(ValueError, match="preset"):
+    lm.get_config("gpt5")
+
+
+def test_workdir_with_other_model_is_refused(tmp_path):
+  train.train_and_evaluate(tiny_lm(steps=2), str(tmp_path))
+  c = tiny_lm(steps=2)
+  c.model.n_layers = 3
+  with pytest.raises(ValueError, match="n_layers: 2 -> 3"):
+    train.train_and_evaluate(c, str(tmp_path))

@@ -92,7 +92,7 @@ def make_task(config: ml_collections.ConfigDict, tokenizer, process_index: int =
     return Task("mlm", batch, mlm_loss, _ratios, t.batch_size * t.seq_len)
 
   if config.task == "classify":
-    cls_source = data_lib.ClassifySource(source, **d.classify)
+    cls_source = data_lib.ClassifySource(source=source, **d.classify)
 
     def summarize(sums):
       row = _ratios(sums)

@@ -9,7 +9,6 @@ checkpoint; batches are a function of (seed, step), so the result equals an
 uninterrupted run.
 """
 
-import dataclasses
 import json
 import os
 import time
@@ -140,30 +139,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write(step, row)
     return row
 
-  pending = None
+  # Metrics are fetched one log step late, so the host never stalls the device; tokens/s
+  # is measured between those fetches, i.e. between completed steps, not dispatches.
+  pending, clock = None, [time.perf_counter(), start]
 
   def flush():
     nonlocal pending
     if pending is not None:
-      writer.write(*pending(jax.device_get(pending.metrics)))
-      pending = None
+      step, metrics, lr = pending
+      metrics, now = jax.device_get(metrics), time.perf_counter()
+      tps = task.tokens_per_step * (step - clock[1]) / (now - clock[0])
+      writer.write(step, {**{k: float(v) for k, v in metrics.items()}, "learning_rate": lr,
+                          "tokens_per_sec": tps})
+      pending, clock[:] = None, [now, step]
 
-  t = config.train
-  last_eval, t0, t0_step = {}, time.perf_counter(), start
+  t, last_eval = config.train, {}
   for step in range(start, t.steps):
     state, metrics = train_step(state, _global(task.batch(step, "train"), batch_sh))
-    flush()  # the previous log step's metrics, fetched one step late: no device stall
     done = step + 1
+    if step == start:  # compilation is not throughput
+      jax.block_until_ready(metrics)
+      logging.info("First step (compilation included) took %.1fs", time.perf_counter() - clock[0])
+      clock[:] = [time.perf_counter(), done]
+    flush()
     if done % t.log_every == 0 or done == t.steps:
-      elapsed, n = time.perf_counter() - t0, done - t0_step
-      pending = _Pending(done, metrics, float(schedule(step)), task.tokens_per_step * n / elapsed)
-      t0, t0_step = time.perf_counter(), done
+      pending = (done, metrics, float(schedule(step)))
     if done % config.eval.every == 0 or done == t.steps:
       flush()
       last_eval = evaluate(done)
-      t0 = time.perf_counter()  # eval time does not count against train throughput
+      clock[:] = [time.perf_counter(), done]  # eval time does not count against throughput
     stop = t.stop_after_steps and done - start >= t.stop_after_steps
-    ckpt.save(done, state, force=done == t.steps or bool(stop))
+    if done % t.checkpoint_every == 0 or done == t.steps or stop:
+      ckpt.save(done, state, force=True)
     writer.advance()
     if stop:
       logging.info("Stopping after %d steps as train.stop_after_steps asks; rerun to resume.",
@@ -175,19 +182,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt.close()
   writer.close()
   return last_eval
-
-
-@dataclasses.dataclass
-class _Pending:
-  """A log row whose device metrics are fetched one step later."""
-  step: int
-  metrics: dict
-  learning_rate: float
-  tokens_per_sec: float
-
-  def __call__(self, metrics):
-    return self.step, {**{k: float(v) for k, v in metrics.items()},
-                       "learning_rate": self.learning_rate, "tokens_per_sec": self.tokens_per_sec}
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "

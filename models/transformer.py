@@ -9,6 +9,7 @@ Parameter tree (plain nested dicts after `nn.unbox`), named to map 1:1 onto HF c
   encoder: mlm_head/{transform, norm, bias}, pooler, classifier
 """
 
+import dataclasses
 import functools
 import math
 
@@ -65,18 +66,18 @@ def apply_layers(cfg: ModelConfig, x_BxLxE, attention_mask_BxL, positions_BxL, d
     # prevent_cse is only needed outside scan (jax.checkpoint docs).
     block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], static_argnums=(4,),
                      prevent_cse=not cfg.scan_layers)
-  args = (x_BxLxE, attention_mask_BxL, positions_BxL, deterministic)
+  args = (attention_mask_BxL, positions_BxL, deterministic)  # The same for every layer.
   if cfg.scan_layers:
     # One compiled layer, weights stacked on a leading "layers" axis. Every collection is
     # per layer (params, sown intermediates, a quantizer's own state).
     block = nn.scan(block, variable_axes={True: 0}, split_rngs={"params": True, "dropout": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                    in_axes=(nn.broadcast,) * len(args), length=cfg.n_layers,
                     metadata_params={nn.PARTITION_NAME: "layers"})
-    x_BxLxE, _ = block(cfg, dot_general_cls, attn_dot_general_cls, name="layers")(*args)
+    x_BxLxE, _ = block(cfg, dot_general_cls, attn_dot_general_cls, name="layers")(x_BxLxE, *args)
     return x_BxLxE
   for i in range(cfg.n_layers):
-    x_BxLxE, _ = block(cfg, dot_general_cls, attn_dot_general_cls, name=f"layers_{i}")(
-        x_BxLxE, *args[1:])
+    layer = block(cfg, dot_general_cls, attn_dot_general_cls, name=f"layers_{i}")
+    x_BxLxE, _ = layer(x_BxLxE, *args)
   return x_BxLxE
 
 
@@ -140,8 +141,8 @@ class MlmHead(nn.Module):
       logits_BxLxV = Dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False,
                            dtype=cfg.compute_dtype, dot_general_cls=self.dot_general_cls,
                            name="decoder")(h_BxLxE)
-    bias_V = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                             ("vocab",)), (cfg.vocab_size,), jnp.float32)
+    zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",))
+    bias_V = self.param("bias", zeros, (cfg.vocab_size,), jnp.float32)
     return logits_BxLxV.astype(jnp.float32) + bias_V
 
 
@@ -198,7 +199,8 @@ def build(config: ModelConfig, dot_general_cls: DotGeneralFactory | None = None,
 def count_params(config: ModelConfig) -> int:
   """Number of parameters, from shapes only (nothing is allocated)."""
   ids_1x1 = jnp.zeros((1, 1), jnp.int32)
-  shapes = jax.eval_shape(build(config).init, jax.random.key(0), ids_1x1)["params"]
+  scanned = build(dataclasses.replace(config, scan_layers=True))  # Traces one layer, not n.
+  shapes = jax.eval_shape(scanned.init, jax.random.key(0), ids_1x1)["params"]
   return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 

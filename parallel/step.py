@@ -47,7 +47,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatc
                      opt=opt)
     metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
     metrics["weight"] = sums["weight"]
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return new_state, metrics
 
   return step

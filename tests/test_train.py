@@ -29,7 +29,7 @@ def test_lm_learns(tmp_path):
   rows = evals(tmp_path)
   assert [r["step"] for r in rows] == [50, 100, 150, 200, 250, 300]
   first, last = rows[0]["excess_loss"], rows[-1]["excess_loss"]
-  assert last < 0.6 * first, (first, last)
+  assert last < 0.75 * first, (first, last)
   assert final["excess_loss"] == last
   train_rows = [r for r in read_metrics(tmp_path) if "loss" in r]
   for key in ("loss", "learning_rate", "tokens_per_sec"):

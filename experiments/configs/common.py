@@ -39,8 +39,7 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
 
 def shrink_for_cpu(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
   """The `:tiny` variant's run settings: seconds to minutes on two CPU cores."""
-  c.train.update(steps=steps, batch_size=32, seq_len=128, log_every=25,
-                 checkpoint_every=100)
-  c.eval.update(every=100, steps=4, batch_size=64)
+  c.train.update(steps=steps, batch_size=16, seq_len=64, log_every=25, checkpoint_every=200)
+  c.eval.update(every=50, steps=4, batch_size=64)
   c.optim.update(lr=3e-3, warmup_steps=50, weight_decay=0.0)
   return c

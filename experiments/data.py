@@ -25,8 +25,9 @@ _SPLITS = {"train": 0, "eval": 1}
 _STREAMS = {"markov": 0, "classify": 1, "mlm": 2}
 
 
-def row_uniforms(seed: int, stream: str, split: str, step: int, row_start: int, rows: int,
-                 width: int) -> np.ndarray:
+def row_uniforms(
+  seed: int, stream: str, split: str, step: int, row_start: int, rows: int, width: int
+) -> np.ndarray:
   """Uniforms in [0, 1), shape [rows, width], for global rows [row_start, row_start + rows).
 
   One Philox stream per (seed, stream, split, step); global row r owns draws
@@ -69,8 +70,9 @@ class MarkovSource:
   power iteration still returns a stationary distribution, and sampling starts from it).
   """
 
-  def __init__(self, *, n_symbols=64, order=2, seed=0, inv_temp=(0.5, 8.0),
-               low_order_weight=0.5, support=None):
+  def __init__(
+    self, *, n_symbols=64, order=2, seed=0, inv_temp=(0.5, 8.0), low_order_weight=0.5, support=None
+  ):
     assert 2 <= n_symbols <= len(ALPHABET) and order >= 1
     assert 0.0 <= low_order_weight <= 1.0
     self.n_symbols, self.order, self.seed = n_symbols, order, seed
@@ -159,7 +161,7 @@ class MarkovSource:
       cur_B = np.log(self.block_marginal(t + 1)[index_B])
       out_BxT[:, t], prev_B = cur_B - prev_B, cur_B
     if T > k:
-      ctx = sum(syms_BxT[:, i:T - k + i] * n ** (k - 1 - i) for i in range(k))
+      ctx = sum(syms_BxT[:, i : T - k + i] * n ** (k - 1 - i) for i in range(k))
       out_BxT[:, k:] = self.log_probs[ctx, syms_BxT[:, k:]]
     return out_BxT
 
@@ -173,8 +175,9 @@ class MarkovSource:
     n, k = self.n_symbols, self.order
     assert T >= k
     syms_BxT = np.empty((B, T), np.int64)
-    ctx_B = np.minimum(np.searchsorted(self.stationary_cdf, u_BxT[:, 0], side="right"),
-                       self.n_contexts - 1)
+    ctx_B = np.minimum(
+      np.searchsorted(self.stationary_cdf, u_BxT[:, 0], side="right"), self.n_contexts - 1
+    )
     for i in range(k):
       syms_BxT[:, i] = ctx_B // n ** (k - 1 - i) % n
     # Sequential in t, vectorised over the batch. The number of cumulative probabilities
@@ -185,17 +188,27 @@ class MarkovSource:
       ctx_B = (ctx_B * n + x_B) % self.n_contexts
     return self.symbol_ids[syms_BxT]
 
-  def batch(self, step: int, batch_size: int, seq_len: int, *, split: str = "train",
-            process_index: int = 0, process_count: int = 1) -> dict:
+  def batch(
+    self,
+    step: int,
+    batch_size: int,
+    seq_len: int,
+    *,
+    split: str = "train",
+    process_index: int = 0,
+    process_count: int = 1,
+  ) -> dict:
     """This process's rows of the global LM batch at `step`: int32 inputs/targets
     [b, seq_len] (targets = inputs shifted by one) and float32 weights (all ones),
     b = batch_size // process_count."""
     start, rows = _process_rows(batch_size, process_index, process_count)
     u = row_uniforms(self.seed, "markov", split, step, start, rows, _round4(seq_len + 1))
-    ids = self.sample(u[:, :seq_len + 1]).astype(np.int32)
-    return {"inputs": np.ascontiguousarray(ids[:, :-1]),
-            "targets": np.ascontiguousarray(ids[:, 1:]),
-            "weights": np.ones((rows, seq_len), np.float32)}
+    ids = self.sample(u[:, : seq_len + 1]).astype(np.int32)
+    return {
+      "inputs": np.ascontiguousarray(ids[:, :-1]),
+      "targets": np.ascontiguousarray(ids[:, 1:]),
+      "weights": np.ones((rows, seq_len), np.float32),
+    }
 
 
 class ClassifySource:
@@ -211,8 +224,18 @@ class ClassifySource:
   is exactly 1 - label_noise (as long as label_noise < (C-1)/C).
   """
 
-  def __init__(self, source: MarkovSource | None = None, *, num_classes=2, label_noise=0.1,
-               min_len=8, max_len=None, max_sentiment=7, tokens_per_class=2, seed=None):
+  def __init__(
+    self,
+    source: MarkovSource | None = None,
+    *,
+    num_classes=2,
+    label_noise=0.1,
+    min_len=8,
+    max_len=None,
+    max_sentiment=7,
+    tokens_per_class=2,
+    seed=None,
+  ):
     assert num_classes >= 2 and num_classes * tokens_per_class <= len(CLASS_CHARS)
     assert 0.0 <= label_noise < (num_classes - 1) / num_classes
     assert max_sentiment >= 1 and max_sentiment % 2 == 1 and min_len >= max_sentiment
@@ -220,17 +243,26 @@ class ClassifySource:
     self.seed = self.source.seed if seed is None else seed
     self.num_classes, self.label_noise = num_classes, label_noise
     self.min_len, self.max_len, self.max_sentiment = min_len, max_len, max_sentiment
-    chars = CLASS_CHARS[:num_classes * tokens_per_class]
+    chars = CLASS_CHARS[: num_classes * tokens_per_class]
     # class_tokens[c] = the marker ids of class c
     self.class_tokens = np.array([TOKENIZER.byte_id(ch) for ch in chars]).reshape(
-        num_classes, tokens_per_class)
+      num_classes, tokens_per_class
+    )
 
   @property
   def bayes_accuracy(self):
     return 1.0 - self.label_noise
 
-  def batch(self, step: int, batch_size: int, seq_len: int, *, split: str = "train",
-            process_index: int = 0, process_count: int = 1) -> dict:
+  def batch(
+    self,
+    step: int,
+    batch_size: int,
+    seq_len: int,
+    *,
+    split: str = "train",
+    process_index: int = 0,
+    process_count: int = 1,
+  ) -> dict:
     """This process's rows of the global batch: int32 inputs, attention_mask and
     token_type_ids [b, seq_len], int32 label [b]."""
     max_len = self.max_len or seq_len - 1
@@ -240,7 +272,8 @@ class ClassifySource:
     u = row_uniforms(self.seed, "classify", split, step, start, B, _round4(6 + 2 * S + 2 * L))
     u_len_B, u_n_B, u_minor_B, u_label_B, u_flip_B, u_noisy_B = u[:, :6].T
     u_other_BxS, u_tok_BxS, u_pos_BxL, u_bg_BxL, _ = np.split(
-        u[:, 6:], np.cumsum([S, S, L, L]), axis=1)
+      u[:, 6:], np.cumsum([S, S, L, L]), axis=1
+    )
 
     def draw(u, count):  # uniform integer in [0, count)
       return np.minimum((u * count).astype(np.int64), count - 1)
@@ -250,10 +283,12 @@ class ClassifySource:
     majority_B = n_B - draw(u_minor_B, (n_B - 1) // 2 + 1)
     y_B = draw(u_label_B, C)
     # marker slot s < majority has class y, later slots a random other class
-    slot_class_BxS = np.where(np.arange(S) < majority_B[:, None], y_B[:, None],
-                              (y_B[:, None] + 1 + draw(u_other_BxS, C - 1)) % C)
-    slot_token_BxS = self.class_tokens[slot_class_BxS,
-                                       draw(u_tok_BxS, self.class_tokens.shape[1])]
+    slot_class_BxS = np.where(
+      np.arange(S) < majority_B[:, None],
+      y_B[:, None],
+      (y_B[:, None] + 1 + draw(u_other_BxS, C - 1)) % C,
+    )
+    slot_token_BxS = self.class_tokens[slot_class_BxS, draw(u_tok_BxS, self.class_tokens.shape[1])]
 
     # The n markers go at the n smallest random keys among the first `length` positions; a
     # marker's rank among them picks its slot, so the classes land in random order.
@@ -266,59 +301,94 @@ class ClassifySource:
     # position j takes background symbol j - (#markers at or before j).
     background_BxL = self.source.sample(u_bg_BxL)
     bg_index_BxL = np.maximum(pos_L - np.cumsum(is_marker_BxL, axis=1), 0)
-    content_BxL = np.where(is_marker_BxL, marker_BxL,
-                           np.take_along_axis(background_BxL, bg_index_BxL, axis=1))
+    content_BxL = np.where(
+      is_marker_BxL, marker_BxL, np.take_along_axis(background_BxL, bg_index_BxL, axis=1)
+    )
     content_BxL = np.where(real_BxL, content_BxL, TOKENIZER.pad_id)
 
     flip_B = u_flip_B < self.label_noise
     label_B = np.where(flip_B, (y_B + 1 + draw(u_noisy_B, C - 1)) % C, y_B)
     ones_Bx1 = np.ones((B, 1), np.int32)
     inputs_BxL = np.concatenate([TOKENIZER.cls_id * ones_Bx1, content_BxL], axis=1)
-    return {"inputs": inputs_BxL.astype(np.int32),
-            "attention_mask": np.concatenate([ones_Bx1, real_BxL], axis=1).astype(np.int32),
-            "token_type_ids": np.zeros((B, seq_len), np.int32),
-            "label": label_B.astype(np.int32)}
+    return {
+      "inputs": inputs_BxL.astype(np.int32),
+      "attention_mask": np.concatenate([ones_Bx1, real_BxL], axis=1).astype(np.int32),
+      "token_type_ids": np.zeros((B, seq_len), np.int32),
+      "label": label_B.astype(np.int32),
+    }
 
 
 def _mlm_from_uniforms(inputs, attention_mask, u, *, mask_id, vocab_size, n_special, mask_prob):
   """BERT masking driven by uniforms u [..., 3]: select, choose the corruption, random id."""
   selected = (attention_mask > 0) & (inputs >= n_special) & (u[..., 0] < mask_prob)
-  random_id = n_special + np.minimum((u[..., 2] * (vocab_size - n_special)).astype(np.int64),
-                                     vocab_size - n_special - 1)
+  random_id = n_special + np.minimum(
+    (u[..., 2] * (vocab_size - n_special)).astype(np.int64), vocab_size - n_special - 1
+  )
   corrupted = np.where(u[..., 1] < 0.8, mask_id, np.where(u[..., 1] < 0.9, random_id, inputs))
-  return {"inputs": np.where(selected, corrupted, inputs).astype(np.int32),
-          "targets": np.asarray(inputs, np.int32),
-          "weights": selected.astype(np.float32)}
+  return {
+    "inputs": np.where(selected, corrupted, inputs).astype(np.int32),
+    "targets": np.asarray(inputs, np.int32),
+    "weights": selected.astype(np.float32),
+  }
 
 
-def mlm_mask(inputs, attention_mask, rng_or_seed, *, mask_id, vocab_size, n_special,
-             mask_prob=0.15):
+def mlm_mask(
+  inputs, attention_mask, rng_or_seed, *, mask_id, vocab_size, n_special, mask_prob=0.15
+):
   """BERT masking of real, non-special tokens: each is selected with prob `mask_prob`; a
   selected token becomes [MASK] (80%), a random regular id (10%) or stays (10%).
   Returns inputs, targets (original ids) and weights (1.0 at selected positions)."""
   inputs = np.asarray(inputs)
   u = np.random.default_rng(rng_or_seed).random(inputs.shape + (3,))
-  return _mlm_from_uniforms(inputs, np.asarray(attention_mask), u, mask_id=mask_id,
-                            vocab_size=vocab_size, n_special=n_special, mask_prob=mask_prob)
+  return _mlm_from_uniforms(
+    inputs,
+    np.asarray(attention_mask),
+    u,
+    mask_id=mask_id,
+    vocab_size=vocab_size,
+    n_special=n_special,
+    mask_prob=mask_prob,
+  )
 
 
-def mlm_batch(source, step: int, batch_size: int, seq_len: int, *, split: str = "train",
-              mask_id: int, vocab_size: int, n_special: int, mask_prob: float = 0.15,
-              process_index: int = 0, process_count: int = 1) -> dict:
+def mlm_batch(
+  source,
+  step: int,
+  batch_size: int,
+  seq_len: int,
+  *,
+  split: str = "train",
+  mask_id: int,
+  vocab_size: int,
+  n_special: int,
+  mask_prob: float = 0.15,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> dict:
   """MLM batch from any source here (MarkovSource or ClassifySource inputs) at `step`, with
   per-row masking streams so it keeps the determinism and slicing guarantees of `batch`.
   Returns inputs, targets, weights, attention_mask, token_type_ids."""
-  batch = source.batch(step, batch_size, seq_len, split=split, process_index=process_index,
-                       process_count=process_count)
+  batch = source.batch(
+    step, batch_size, seq_len, split=split, process_index=process_index, process_count=process_count
+  )
   inputs = batch["inputs"]
   mask = batch.get("attention_mask", np.ones_like(inputs))
   start, rows = _process_rows(batch_size, process_index, process_count)
   u = row_uniforms(source.seed, "mlm", split, step, start, rows, _round4(3 * seq_len))
-  out = _mlm_from_uniforms(inputs, mask, u[:, :3 * seq_len].reshape(rows, seq_len, 3),
-                           mask_id=mask_id, vocab_size=vocab_size, n_special=n_special,
-                           mask_prob=mask_prob)
-  return {**out, "attention_mask": mask.astype(np.int32),
-          "token_type_ids": np.zeros_like(inputs, np.int32)}
+  out = _mlm_from_uniforms(
+    inputs,
+    mask,
+    u[:, : 3 * seq_len].reshape(rows, seq_len, 3),
+    mask_id=mask_id,
+    vocab_size=vocab_size,
+    n_special=n_special,
+    mask_prob=mask_prob,
+  )
+  return {
+    **out,
+    "attention_mask": mask.astype(np.int32),
+    "token_type_ids": np.zeros_like(inputs, np.int32),
+  }
 
 
 def _tokens_per_second(fn, tokens, min_time=1.0):
@@ -333,8 +403,10 @@ def _tokens_per_second(fn, tokens, min_time=1.0):
 if __name__ == "__main__":
   t0 = time.perf_counter()
   src = MarkovSource()
-  print(f"MarkovSource(n_symbols={src.n_symbols}, order={src.order}): "
-        f"{src.n_contexts} x {src.n_symbols} table, built in {time.perf_counter() - t0:.2f}s")
+  print(
+    f"MarkovSource(n_symbols={src.n_symbols}, order={src.order}): "
+    f"{src.n_contexts} x {src.n_symbols} table, built in {time.perf_counter() - t0:.2f}s"
+  )
   for b, L in [(64, 128), (256, 128), (64, 256), (256, 256)]:
     tps = _tokens_per_second(lambda s: src.batch(s, b, L), b * L)
     print(f"  batch {b:3d} x seq {L:3d}: {tps / 1e6:5.2f}M tokens/s")
@@ -348,7 +420,9 @@ if __name__ == "__main__":
   cls_src = ClassifySource(src)
   cb = cls_src.batch(0, 256, 128)
   tps = _tokens_per_second(lambda s: cls_src.batch(s, 256, 128), 256 * 128)
-  print(f"ClassifySource: bayes_accuracy {cls_src.bayes_accuracy:.2f}, "
-        f"batch 256 x 128: {tps / 1e6:.2f}M tokens/s, label balance {cb['label'].mean():.2f}")
+  print(
+    f"ClassifySource: bayes_accuracy {cls_src.bayes_accuracy:.2f}, "
+    f"batch 256 x 128: {tps / 1e6:.2f}M tokens/s, label balance {cb['label'].mean():.2f}"
+  )
   for row in range(2):
     print(f"  label {cb['label'][row]}:", repr(TOKENIZER.decode(cb["inputs"][row])))

@@ -19,8 +19,13 @@ class MetricWriter:
   def __init__(self, workdir: str, start_step: int, total_steps: int, enabled: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self.bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not enabled or None,
-                         dynamic_ncols=True, desc=os.path.basename(os.path.normpath(workdir)))
+    self.bar = tqdm.tqdm(
+      total=total_steps,
+      initial=start_step,
+      disable=not enabled or None,
+      dynamic_ncols=True,
+      desc=os.path.basename(os.path.normpath(workdir)),
+    )
     if not enabled:
       return
     if os.path.exists(self.path):

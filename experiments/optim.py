@@ -24,15 +24,19 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  cfg: ml_collections.ConfigDict, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = make_schedule(cfg, total_steps)
   if cfg.name != "adamw":
-    raise ValueError(f"optim.name={cfg.name!r}: only 'adamw' is built in; chain your own "
-                     "optax transform in experiments/optim.py.")
+    raise ValueError(
+      f"optim.name={cfg.name!r}: only 'adamw' is built in; chain your own "
+      "optax transform in experiments/optim.py."
+    )
   tx = optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
-      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                  mask=_decay_mask),
+    optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
+    optax.adamw(
+      schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask
+    ),
   )
   return tx, schedule

@@ -30,13 +30,21 @@ def token_sums(logits_BxLxV, targets_BxL, weights_BxL) -> dict:
   logits_BxLxV = logits_BxLxV.astype(jnp.float32)
   ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
   correct_BxL = (jnp.argmax(logits_BxLxV, -1) == targets_BxL).astype(jnp.float32)
-  return {"loss": jnp.sum(ce_BxL * weights_BxL), "weight": jnp.sum(weights_BxL),
-          "accuracy": jnp.sum(correct_BxL * weights_BxL)}
+  return {
+    "loss": jnp.sum(ce_BxL * weights_BxL),
+    "weight": jnp.sum(weights_BxL),
+    "accuracy": jnp.sum(correct_BxL * weights_BxL),
+  }
 
 
 def _apply(model, params, batch, rng, train, **kwargs):
-  return model.apply({"params": params}, batch["inputs"], deterministic=not train,
-                     rngs={"dropout": rng} if train else {}, **kwargs)
+  return model.apply(
+    {"params": params},
+    batch["inputs"],
+    deterministic=not train,
+    rngs={"dropout": rng} if train else {},
+    **kwargs,
+  )
 
 
 def lm_loss(model, params, batch, rng, train):
@@ -52,8 +60,15 @@ def mlm_loss(model, params, batch, rng, train):
 
 
 def classify_loss(model, params, batch, rng, train):
-  logits_BxC = _apply(model, params, batch, rng, train, attention_mask=batch["attention_mask"],
-                      token_type_ids=batch["token_type_ids"])
+  logits_BxC = _apply(
+    model,
+    params,
+    batch,
+    rng,
+    train,
+    attention_mask=batch["attention_mask"],
+    token_type_ids=batch["token_type_ids"],
+  )
   ones_B = jnp.ones(batch["label"].shape, jnp.float32)
   sums = token_sums(logits_BxC[:, None], batch["label"][:, None], ones_B[:, None])
   return sums["loss"], sums
@@ -64,8 +79,9 @@ def _ratios(sums: dict) -> dict:
   return {"eval_loss": float(sums["loss"]) / w, "eval_accuracy": float(sums["accuracy"]) / w}
 
 
-def make_task(config: ml_collections.ConfigDict, tokenizer, process_index: int = 0,
-              process_count: int = 1) -> Task:
+def make_task(
+  config: ml_collections.ConfigDict, tokenizer, process_index: int = 0, process_count: int = 1
+) -> Task:
   """The task named by `config.task`: "lm", "mlm" or "classify"."""
   t, d = config.train, config.data
   source = data_lib.MarkovSource(**d.markov)
@@ -81,14 +97,28 @@ def make_task(config: ml_collections.ConfigDict, tokenizer, process_index: int =
       row = _ratios(sums)
       return {**row, "excess_loss": row["eval_loss"] - optimum}
 
-    return Task("lm", lambda s, split: source.batch(s, *sizes(split), split=split, **slicing),
-                lm_loss, summarize, t.batch_size * t.seq_len)
+    return Task(
+      "lm",
+      lambda s, split: source.batch(s, *sizes(split), split=split, **slicing),
+      lm_loss,
+      summarize,
+      t.batch_size * t.seq_len,
+    )
 
   if config.task == "mlm":
+
     def batch(s, split):
-      return data_lib.mlm_batch(source, s, *sizes(split), split=split, mask_id=tokenizer.mask_id,
-                                vocab_size=tokenizer.vocab_size, n_special=tokenizer.n_special,
-                                **slicing)
+      return data_lib.mlm_batch(
+        source,
+        s,
+        *sizes(split),
+        split=split,
+        mask_id=tokenizer.mask_id,
+        vocab_size=tokenizer.vocab_size,
+        n_special=tokenizer.n_special,
+        **slicing,
+      )
+
     return Task("mlm", batch, mlm_loss, _ratios, t.batch_size * t.seq_len)
 
   if config.task == "classify":
@@ -99,9 +129,13 @@ def make_task(config: ml_collections.ConfigDict, tokenizer, process_index: int =
       row["accuracy"] = row.pop("eval_accuracy")
       return {**row, "bayes_accuracy": cls_source.bayes_accuracy}
 
-    return Task("classify",
-                lambda s, split: cls_source.batch(s, *sizes(split), split=split, **slicing),
-                classify_loss, summarize, t.batch_size * t.seq_len)
+    return Task(
+      "classify",
+      lambda s, split: cls_source.batch(s, *sizes(split), split=split, **slicing),
+      classify_loss,
+      summarize,
+      t.batch_size * t.seq_len,
+    )
 
   raise ValueError(f"task={config.task!r}: choose 'lm', 'mlm' or 'classify'.")
 

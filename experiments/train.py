@@ -32,12 +32,16 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> models.ModelCo
   preset = fields.pop("preset")
   mc = models.get_preset(preset, **fields, dtype=config.dtype)
   if mc.vocab_size < tokenizer.vocab_size:
-    raise ValueError(f"model.vocab_size={mc.vocab_size} is smaller than the tokenizer's vocabulary "
-                     f"({tokenizer.vocab_size} ids): set --config.model.vocab_size to at least "
-                     f"{tokenizer.vocab_size}.")
+    raise ValueError(
+      f"model.vocab_size={mc.vocab_size} is smaller than the tokenizer's vocabulary "
+      f"({tokenizer.vocab_size} ids): set --config.model.vocab_size to at least "
+      f"{tokenizer.vocab_size}."
+    )
   if mc.positions == "learned" and config.train.seq_len > mc.max_len:
-    raise ValueError(f"train.seq_len={config.train.seq_len} exceeds the model's learned positions "
-                     f"(model.max_len={mc.max_len}): shorten the sequences or raise max_len.")
+    raise ValueError(
+      f"train.seq_len={config.train.seq_len} exceeds the model's learned positions "
+      f"(model.max_len={mc.max_len}): shorten the sequences or raise max_len."
+    )
   return mc
 
 
@@ -49,14 +53,19 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict):
   with open(path) as f:
     old = json.load(f)
   old_model, new_model = old.get("model", {}), config.model.to_dict()
-  diff = {k: (old_model.get(k), new_model.get(k)) for k in set(old_model) | set(new_model)
-          if old_model.get(k) != new_model.get(k)}
+  diff = {
+    k: (old_model.get(k), new_model.get(k))
+    for k in set(old_model) | set(new_model)
+    if old_model.get(k) != new_model.get(k)
+  }
   if old.get("task") != config.task:
     diff["task"] = (old.get("task"), config.task)
   if diff:
     changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-    raise ValueError(f"--workdir {workdir} holds a run with a different model config ({changes}). "
-                     "Use a new --workdir, or the same model config to resume that run.")
+    raise ValueError(
+      f"--workdir {workdir} holds a run with a different model config ({changes}). "
+      "Use a new --workdir, or the same model config to resume that run."
+    )
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh):
@@ -64,11 +73,15 @@ def check_batch(config: ml_collections.ConfigDict, mesh):
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   for name, bs in (("train.batch_size", t.batch_size), ("eval.batch_size", config.eval.batch_size)):
     if bs % batch_shards or bs % n_proc:
-      raise ValueError(f"{name}={bs} is not divisible by the data-parallel shards "
-                       f"(mesh.data*mesh.fsdp={batch_shards}) and processes ({n_proc}).")
+      raise ValueError(
+        f"{name}={bs} is not divisible by the data-parallel shards "
+        f"(mesh.data*mesh.fsdp={batch_shards}) and processes ({n_proc})."
+      )
   if t.batch_size % (t.microbatches * batch_shards):
-    raise ValueError(f"train.batch_size={t.batch_size} does not split into train.microbatches="
-                     f"{t.microbatches} microbatches of a multiple of {batch_shards} rows.")
+    raise ValueError(
+      f"train.batch_size={t.batch_size} does not split into train.microbatches="
+      f"{t.microbatches} microbatches of a multiple of {batch_shards} rows."
+    )
 
 
 def _global(batch: dict, sharding) -> dict:
@@ -103,33 +116,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
 
   def init(rng):
-    kwargs = {k: jnp.asarray(example[k]) for k in ("attention_mask", "token_type_ids")
-              if k in example}
+    kwargs = {
+      k: jnp.asarray(example[k]) for k in ("attention_mask", "token_type_ids") if k in example
+    }
     params = model.init({"params": rng}, jnp.asarray(example["inputs"]), **kwargs)["params"]
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params),
-            "rng": train_rng}
+    return {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "opt": tx.init(params),
+      "rng": train_rng,
+    }
 
-  ckpt = parallel.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               save_every=config.train.checkpoint_every,
-                               keep=config.train.keep_checkpoints,
-                               async_save=config.train.async_checkpoint)
+  ckpt = parallel.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    save_every=config.train.checkpoint_every,
+    keep=config.train.keep_checkpoints,
+    async_save=config.train.async_checkpoint,
+  )
   state, shardings = parallel.init_sharded(init, mesh, rules, init_rng)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(parallel.abstract_with_shardings(state, shardings))
   elif init_from:
     state["params"] = parallel.load_params(os.path.join(init_from, "checkpoints"), state["params"])
   start = int(state["step"])
-  logging.info("Model %s: %s parameters; mesh %s; starting at step %d", mc.kind,
-               f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}", dict(mesh.shape), start)
+  logging.info(
+    "Model %s: %s parameters; mesh %s; starting at step %d",
+    mc.kind,
+    f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}",
+    dict(mesh.shape),
+    start,
+  )
 
   batch_sh = parallel.batch_sharding(mesh, rules)
   loss = lambda p, b, r: task.loss(model, p, b, r, True)  # noqa: E731
   train_step = parallel.jit_with_mesh(
-      parallel.make_train_step(loss, tx, config.train.microbatches), mesh, rules,
-      in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
+    parallel.make_train_step(loss, tx, config.train.microbatches),
+    mesh,
+    rules,
+    in_shardings=(shardings, batch_sh),
+    out_shardings=(shardings, None),
+    donate_argnums=0,
+  )
   eval_step = parallel.jit_with_mesh(
-      lambda p, b: task.loss(model, p, b, None, False)[1], mesh, rules,
-      in_shardings=(shardings["params"], batch_sh), out_shardings=None)
+    lambda p, b: task.loss(model, p, b, None, False)[1],
+    mesh,
+    rules,
+    in_shardings=(shardings["params"], batch_sh),
+    out_shardings=None,
+  )
   eval_batches = [_global(task.batch(i, "eval"), batch_sh) for i in range(config.eval.steps)]
   writer = MetricWriter(workdir, start, config.train.steps, enabled=is_main)
 
@@ -149,8 +183,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       step, metrics, lr = pending
       metrics, now = jax.device_get(metrics), time.perf_counter()
       tps = task.tokens_per_step * (step - clock[1]) / (now - clock[0])
-      writer.write(step, {**{k: float(v) for k, v in metrics.items()}, "learning_rate": lr,
-                          "tokens_per_sec": tps})
+      writer.write(
+        step,
+        {**{k: float(v) for k, v in metrics.items()}, "learning_rate": lr, "tokens_per_sec": tps},
+      )
       pending, clock[:] = None, [now, step]
 
   t, last_eval = config.train, {}
@@ -173,8 +209,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       ckpt.save(done, state, force=True)
     writer.advance()
     if stop:
-      logging.info("Stopping after %d steps as train.stop_after_steps asks; rerun to resume.",
-                   done - start)
+      logging.info(
+        "Stopping after %d steps as train.stop_after_steps asks; rerun to resume.", done - start
+      )
       break
   flush()
   if not last_eval:  # resumed after the final step: its eval row is already written
@@ -184,8 +221,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return last_eval
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
-                                          "experiments/configs/lm.py:tiny", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file, e.g. experiments/configs/lm.py:tiny", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 
 

@@ -2,10 +2,18 @@
 
 from models.config import PRESETS, ModelConfig, get_preset
 from models.layers import Dense, DotGeneralFactory
-from models.transformer import (Decoder, Encoder, build, count_params, scan_params,
-                                unscan_params)
+from models.transformer import Decoder, Encoder, build, count_params, scan_params, unscan_params
 
 __all__ = [
-    "PRESETS", "ModelConfig", "get_preset", "Dense", "DotGeneralFactory", "Decoder", "Encoder",
-    "build", "count_params", "scan_params", "unscan_params",
+  "PRESETS",
+  "ModelConfig",
+  "get_preset",
+  "Dense",
+  "DotGeneralFactory",
+  "Decoder",
+  "Encoder",
+  "build",
+  "count_params",
+  "scan_params",
+  "unscan_params",
 ]

@@ -10,10 +10,10 @@ KINDS = ("decoder", "encoder")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rotary")
 ACTIVATIONS = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # erf form (BERT)
-    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GPT-2's "gelu_new"
-    "silu": jax.nn.silu,
-    "relu": jax.nn.relu,
+  "gelu": functools.partial(jax.nn.gelu, approximate=False),  # erf form (BERT)
+  "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GPT-2's "gelu_new"
+  "silu": jax.nn.silu,
+  "relu": jax.nn.relu,
 }
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
@@ -22,11 +22,11 @@ HEADS = {"decoder": ("lm",), "encoder": ("mlm", "classify", "none")}
 # Names the attention block tags with `checkpoint_name`, for "save_qkv_out".
 SAVEABLE_NAMES = ("query", "key", "value", "attn_out")
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_qkv_out": jax.checkpoint_policies.save_only_these_names(*SAVEABLE_NAMES),
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "save_qkv_out": jax.checkpoint_policies.save_only_these_names(*SAVEABLE_NAMES),
 }
 
 
@@ -75,26 +75,45 @@ class ModelConfig:
     check_choice("remat_policy", REMAT_POLICIES)
     check_choice("attention_impl", ATTENTION_IMPLS)
     if self.head not in HEADS[self.kind]:
-      raise ValueError(f"head={self.head!r} is not valid for kind={self.kind!r}: "
-                       f"choose one of {list(HEADS[self.kind])}")
-    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len",
-                  "type_vocab_size", "num_labels", "n_kv_heads", "head_dim"):
+      raise ValueError(
+        f"head={self.head!r} is not valid for kind={self.kind!r}: "
+        f"choose one of {list(HEADS[self.kind])}"
+      )
+    for field in (
+      "vocab_size",
+      "d_model",
+      "n_layers",
+      "n_heads",
+      "d_ff",
+      "max_len",
+      "type_vocab_size",
+      "num_labels",
+      "n_kv_heads",
+      "head_dim",
+    ):
       value = getattr(self, field)
       if value is not None and (not isinstance(value, int) or value <= 0):
         raise ValueError(f"{field}={value!r} must be a positive integer")
     if self.head_dim is None and self.d_model % self.n_heads:
-      raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: "
-                       "choose n_heads dividing d_model or set head_dim explicitly")
+      raise ValueError(
+        f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: "
+        "choose n_heads dividing d_model or set head_dim explicitly"
+      )
     if self.n_heads % self.resolved_kv_heads:
-      raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads="
-                       f"{self.n_kv_heads}: choose n_kv_heads dividing n_heads "
-                       "(None means n_kv_heads = n_heads)")
+      raise ValueError(
+        f"n_heads={self.n_heads} is not divisible by n_kv_heads="
+        f"{self.n_kv_heads}: choose n_kv_heads dividing n_heads "
+        "(None means n_kv_heads = n_heads)"
+      )
     if self.positions == "rotary" and self.resolved_head_dim % 2:
-      raise ValueError(f"rotary positions need an even head_dim, got {self.resolved_head_dim}: "
-                       "change head_dim (or d_model / n_heads) or use positions='learned'")
+      raise ValueError(
+        f"rotary positions need an even head_dim, got {self.resolved_head_dim}: "
+        "change head_dim (or d_model / n_heads) or use positions='learned'"
+      )
     if not (self.norm_eps > 0 and self.rope_theta > 0):
-      raise ValueError(f"norm_eps={self.norm_eps} and rope_theta={self.rope_theta} "
-                       "must both be positive")
+      raise ValueError(
+        f"norm_eps={self.norm_eps} and rope_theta={self.rope_theta} must both be positive"
+      )
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"dropout_rate={self.dropout_rate} must lie in [0, 1)")
 
@@ -113,29 +132,61 @@ class ModelConfig:
 
 # Each preset cites the table it comes from; HF config.json files agree with them.
 PRESETS: dict[str, ModelConfig] = {
-    # CPU-sized variants: seconds to run, same code paths as the real models.
-    "tiny": ModelConfig(),
-    "tiny-encoder": ModelConfig(kind="encoder", head="mlm", activation="gelu", norm_eps=1e-12),
-    # BERT (Devlin et al., 2019), Sec. 3: BASE L=12 H=768 A=12, LARGE L=24 H=1024 A=16;
-    # feed-forward 4H, 512 positions, WordPiece vocab 30522 (google-research/bert).
-    "bert-base": ModelConfig(
-        kind="encoder", vocab_size=30522, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
-        max_len=512, norm_eps=1e-12, activation="gelu", head="mlm"),
-    "bert-large": ModelConfig(
-        kind="encoder", vocab_size=30522, d_model=1024, n_layers=24, n_heads=16, d_ff=4096,
-        max_len=512, norm_eps=1e-12, activation="gelu", head="mlm"),
-    # GPT-2 (Radford et al., 2019), Table 2: 117M = 12 x 768, 345M = 24 x 1024;
-    # BPE vocab 50257, context 1024, head dim 64, tied input/output embeddings.
-    "gpt2-small": ModelConfig(
-        vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=1024),
-    "gpt2-medium": ModelConfig(
-        vocab_size=50257, d_model=1024, n_layers=24, n_heads=16, d_ff=4096, max_len=1024),
-    # TinyLlama-1.1B (Zhang et al., 2024), Table 1: Llama-2 architecture, 22 layers,
-    # d 2048, 32 query / 4 KV heads, SwiGLU 5632, context 2048, vocab 32000.
-    "llama-1b": ModelConfig(
-        vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632,
-        max_len=2048, norm="rmsnorm", norm_eps=1e-5, positions="rotary", activation="silu",
-        gated_mlp=True, use_bias=False, tie_embeddings=False),
+  # CPU-sized variants: seconds to run, same code paths as the real models.
+  "tiny": ModelConfig(),
+  "tiny-encoder": ModelConfig(kind="encoder", head="mlm", activation="gelu", norm_eps=1e-12),
+  # BERT (Devlin et al., 2019), Sec. 3: BASE L=12 H=768 A=12, LARGE L=24 H=1024 A=16;
+  # feed-forward 4H, 512 positions, WordPiece vocab 30522 (google-research/bert).
+  "bert-base": ModelConfig(
+    kind="encoder",
+    vocab_size=30522,
+    d_model=768,
+    n_layers=12,
+    n_heads=12,
+    d_ff=3072,
+    max_len=512,
+    norm_eps=1e-12,
+    activation="gelu",
+    head="mlm",
+  ),
+  "bert-large": ModelConfig(
+    kind="encoder",
+    vocab_size=30522,
+    d_model=1024,
+    n_layers=24,
+    n_heads=16,
+    d_ff=4096,
+    max_len=512,
+    norm_eps=1e-12,
+    activation="gelu",
+    head="mlm",
+  ),
+  # GPT-2 (Radford et al., 2019), Table 2: 117M = 12 x 768, 345M = 24 x 1024;
+  # BPE vocab 50257, context 1024, head dim 64, tied input/output embeddings.
+  "gpt2-small": ModelConfig(
+    vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=1024
+  ),
+  "gpt2-medium": ModelConfig(
+    vocab_size=50257, d_model=1024, n_layers=24, n_heads=16, d_ff=4096, max_len=1024
+  ),
+  # TinyLlama-1.1B (Zhang et al., 2024), Table 1: Llama-2 architecture, 22 layers,
+  # d 2048, 32 query / 4 KV heads, SwiGLU 5632, context 2048, vocab 32000.
+  "llama-1b": ModelConfig(
+    vocab_size=32000,
+    d_model=2048,
+    n_layers=22,
+    n_heads=32,
+    n_kv_heads=4,
+    d_ff=5632,
+    max_len=2048,
+    norm="rmsnorm",
+    norm_eps=1e-5,
+    positions="rotary",
+    activation="silu",
+    gated_mlp=True,
+    use_bias=False,
+    tie_embeddings=False,
+  ),
 }
 
 
@@ -146,7 +197,8 @@ def get_preset(name: str, **overrides) -> ModelConfig:
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
-    raise ValueError(f"unknown ModelConfig field(s) {unknown} in overrides for preset "
-                     f"{name!r}: valid fields are {sorted(fields)}")
+    raise ValueError(
+      f"unknown ModelConfig field(s) {unknown} in overrides for preset "
+      f"{name!r}: valid fields are {sorted(fields)}"
+    )
   return dataclasses.replace(PRESETS[name], **overrides)
-

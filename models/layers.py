@@ -49,14 +49,22 @@ class Dense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     n_in = len(self.names) - len(features)
-    kernel = self.param("kernel", nn.with_logical_partitioning(default_init, self.names),
-                        x.shape[x.ndim - n_in:] + features, jnp.float32)
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(default_init, self.names),
+      x.shape[x.ndim - n_in :] + features,
+      jnp.float32,
+    )
     dot_general = make_dot_general(self.dot_general_cls)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     y = dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(
-          nn.initializers.zeros_init(), self.names[n_in:]), features, jnp.float32)
+      bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), self.names[n_in:]),
+        features,
+        jnp.float32,
+      )
       y = y + bias.astype(self.dtype)
     return y
 
@@ -76,8 +84,14 @@ class Unembed(nn.Module):
 
 def embed(num: int, features: int, names: tuple[str, str], dtype: Any, name: str) -> nn.Embed:
   """An embedding table [num, features] with logical names; lookups return `dtype`."""
-  return nn.Embed(num, features, dtype=dtype, param_dtype=jnp.float32, name=name,
-                  embedding_init=nn.with_logical_partitioning(default_init, names))
+  return nn.Embed(
+    num,
+    features,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+    embedding_init=nn.with_logical_partitioning(default_init, names),
+  )
 
 
 class Norm(nn.Module):
@@ -92,12 +106,20 @@ class Norm(nn.Module):
     if self.kind == "layernorm":
       y = y - y.mean(-1, keepdims=True)
     y = y * lax.rsqrt(jnp.mean(jnp.square(y), -1, keepdims=True) + self.eps)
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
-                                                             ("norm",)), x.shape[-1:], jnp.float32)
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      x.shape[-1:],
+      jnp.float32,
+    )
     y = y * scale
     if self.kind == "layernorm":
-      y = y + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                              ("norm",)), x.shape[-1:], jnp.float32)
+      y = y + self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+        x.shape[-1:],
+        jnp.float32,
+      )
     return y.astype(x.dtype)
 
 
@@ -128,8 +150,9 @@ def explicit_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask, qk_dot_general, pv
   k_BxKxSxD = k_BxSxKxD.transpose(0, 2, 1, 3)
   v_BxKxSxD = v_BxSxKxD.transpose(0, 2, 1, 3)
   # Batch over (B, K), contract D; logits accumulate in float32 like the fused path.
-  logits_BxKxGxLxS = qk_dot_general(q_BxKxGxLxD, k_BxKxSxD, (((4,), (3,)), ((0, 1), (0, 1))),
-                                    preferred_element_type=jnp.float32)
+  logits_BxKxGxLxS = qk_dot_general(
+    q_BxKxGxLxD, k_BxKxSxD, (((4,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32
+  )
   logits_BxHxLxS = logits_BxKxGxLxS.astype(jnp.float32).reshape(b, h, l, s) * d**-0.5
   if mask is not None:
     logits_BxHxLxS = jnp.where(mask, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
@@ -152,8 +175,9 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxE, attention_mask_BxL=None, positions_BxL=None):
     cfg = self.config
     h, k, d = cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
-    dense = functools.partial(Dense, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-                              dot_general_cls=self.dot_general_cls)
+    dense = functools.partial(
+      Dense, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, dot_general_cls=self.dot_general_cls
+    )
     q_BxLxHxD = dense((h, d), ("embed", "heads", "head_dim"), name="query")(x_BxLxE)
     k_BxLxKxD = dense((k, d), ("embed", "kv_heads", "head_dim"), name="key")(x_BxLxE)
     v_BxLxKxD = dense((k, d), ("embed", "kv_heads", "head_dim"), name="value")(x_BxLxE)
@@ -181,15 +205,25 @@ class Attention(nn.Module):
         causal_1x1xLxS = jnp.tril(jnp.ones((length, length), bool))[None, None]
         mask = causal_1x1xLxS if mask is None else mask & causal_1x1xLxS
       out_BxLxHxD, probs_BxHxLxS = explicit_attention(
-          q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask,
-          make_dot_general(self.attn_dot_general_cls), make_dot_general(self.attn_dot_general_cls))
+        q_BxLxHxD,
+        k_BxLxKxD,
+        v_BxLxKxD,
+        mask,
+        make_dot_general(self.attn_dot_general_cls),
+        make_dot_general(self.attn_dot_general_cls),
+      )
       if cfg.record_attention:
         self.sow("intermediates", "attention_probs", probs_BxHxLxS)
     else:
       # GQA is native here (BTNH layout with K < N kv heads).
       out_BxLxHxD = jax.nn.dot_product_attention(
-          q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask=key_mask_Bx1x1xS, is_causal=self.causal,
-          implementation=cfg.attention_impl)
+        q_BxLxHxD,
+        k_BxLxKxD,
+        v_BxLxKxD,
+        mask=key_mask_Bx1x1xS,
+        is_causal=self.causal,
+        implementation=cfg.attention_impl,
+      )
     out_BxLxHxD = checkpoint_name(out_BxLxHxD, "attn_out")
     return dense(cfg.d_model, ("heads", "head_dim", "embed"), name="out")(out_BxLxHxD)
 
@@ -203,8 +237,9 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxE):
     cfg = self.config
-    dense = functools.partial(Dense, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-                              dot_general_cls=self.dot_general_cls)
+    dense = functools.partial(
+      Dense, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, dot_general_cls=self.dot_general_cls
+    )
     act = ACTIVATIONS[cfg.activation]
     h_BxLxF = dense(cfg.d_ff, ("embed", "mlp"), name="wi")(x_BxLxE)
     if cfg.gated_mlp:

@@ -34,8 +34,13 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxE, attention_mask_BxL, positions_BxL, deterministic: bool):
     cfg = self.config
-    attn = Attention(cfg, causal=cfg.kind == "decoder", dot_general_cls=self.dot_general_cls,
-                     attn_dot_general_cls=self.attn_dot_general_cls, name="attn")
+    attn = Attention(
+      cfg,
+      causal=cfg.kind == "decoder",
+      dot_general_cls=self.dot_general_cls,
+      attn_dot_general_cls=self.attn_dot_general_cls,
+      name="attn",
+    )
     mlp = Mlp(cfg, dot_general_cls=self.dot_general_cls, name="mlp")
     attn_norm = Norm(cfg.norm, cfg.norm_eps, name="attn_norm")
     mlp_norm = Norm(cfg.norm, cfg.norm_eps, name="mlp_norm")
@@ -54,8 +59,15 @@ class Block(nn.Module):
     return x_BxLxE, None  # (carry, per-layer output) as nn.scan expects.
 
 
-def apply_layers(cfg: ModelConfig, x_BxLxE, attention_mask_BxL, positions_BxL, deterministic,
-                 dot_general_cls, attn_dot_general_cls):
+def apply_layers(
+  cfg: ModelConfig,
+  x_BxLxE,
+  attention_mask_BxL,
+  positions_BxL,
+  deterministic,
+  dot_general_cls,
+  attn_dot_general_cls,
+):
   """Runs the n_layers blocks, scanned and/or rematerialized as the config asks.
 
   Called from a parent's compact method, so the blocks become the parent's children.
@@ -64,15 +76,24 @@ def apply_layers(cfg: ModelConfig, x_BxLxE, attention_mask_BxL, positions_BxL, d
   if cfg.remat_policy != "none":
     # `deterministic` (argument 4, counting self) is a Python bool; remat must not trace it.
     # prevent_cse is only needed outside scan (jax.checkpoint docs).
-    block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], static_argnums=(4,),
-                     prevent_cse=not cfg.scan_layers)
+    block = nn.remat(
+      block,
+      policy=REMAT_POLICIES[cfg.remat_policy],
+      static_argnums=(4,),
+      prevent_cse=not cfg.scan_layers,
+    )
   args = (attention_mask_BxL, positions_BxL, deterministic)  # The same for every layer.
   if cfg.scan_layers:
     # One compiled layer, weights stacked on a leading "layers" axis. Every collection is
     # per layer (params, sown intermediates, a quantizer's own state).
-    block = nn.scan(block, variable_axes={True: 0}, split_rngs={"params": True, "dropout": True},
-                    in_axes=(nn.broadcast,) * len(args), length=cfg.n_layers,
-                    metadata_params={nn.PARTITION_NAME: "layers"})
+    block = nn.scan(
+      block,
+      variable_axes={True: 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,) * len(args),
+      length=cfg.n_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
     x_BxLxE, _ = block(cfg, dot_general_cls, attn_dot_general_cls, name="layers")(x_BxLxE, *args)
     return x_BxLxE
   for i in range(cfg.n_layers):
@@ -83,8 +104,9 @@ def apply_layers(cfg: ModelConfig, x_BxLxE, attention_mask_BxL, positions_BxL, d
 
 def _check_length(cfg: ModelConfig, length: int):
   if length > cfg.max_len:
-    raise ValueError(f"sequence length {length} exceeds max_len={cfg.max_len}: "
-                     "truncate the input or raise max_len")
+    raise ValueError(
+      f"sequence length {length} exceeds max_len={cfg.max_len}: truncate the input or raise max_len"
+    )
 
 
 class Decoder(nn.Module):
@@ -104,20 +126,34 @@ class Decoder(nn.Module):
     tok_embed = embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), cfg.compute_dtype, "embed")
     x_BxLxE = tok_embed(input_ids_BxL)
     if cfg.positions == "learned":
-      x_BxLxE += embed(cfg.max_len, cfg.d_model, ("pos", "embed"), cfg.compute_dtype,
-                       "pos_embed")(positions)
+      x_BxLxE += embed(cfg.max_len, cfg.d_model, ("pos", "embed"), cfg.compute_dtype, "pos_embed")(
+        positions
+      )
     x_BxLxE = nn.Dropout(cfg.dropout_rate)(x_BxLxE, deterministic=deterministic)
     x_BxLxE = nn.with_logical_constraint(x_BxLxE, RESIDUAL)
-    x_BxLxE = apply_layers(cfg, x_BxLxE, attention_mask, positions, deterministic,
-                           self.dot_general_cls, self.attn_dot_general_cls)
+    x_BxLxE = apply_layers(
+      cfg,
+      x_BxLxE,
+      attention_mask,
+      positions,
+      deterministic,
+      self.dot_general_cls,
+      self.attn_dot_general_cls,
+    )
     x_BxLxE = Norm(cfg.norm, cfg.norm_eps, name="final_norm")(x_BxLxE)
     if cfg.tie_embeddings:
       logits_BxLxV = Unembed(cfg.compute_dtype, self.dot_general_cls, name="lm_head")(
-          x_BxLxE, tok_embed.embedding)
+        x_BxLxE, tok_embed.embedding
+      )
     else:
-      logits_BxLxV = Dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False,
-                           dtype=cfg.compute_dtype, dot_general_cls=self.dot_general_cls,
-                           name="lm_head")(x_BxLxE)
+      logits_BxLxV = Dense(
+        cfg.vocab_size,
+        ("embed", "vocab"),
+        use_bias=False,
+        dtype=cfg.compute_dtype,
+        dot_general_cls=self.dot_general_cls,
+        name="lm_head",
+      )(x_BxLxE)
     return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32), LOGITS)
 
 
@@ -131,16 +167,27 @@ class MlmHead(nn.Module):
   def __call__(self, x_BxLxE, embedding_VxE):
     cfg = self.config
     # Output axis left unsharded: a second "embed" would map two dims to one mesh axis.
-    h_BxLxE = Dense(cfg.d_model, ("embed", None), dtype=cfg.compute_dtype,
-                    dot_general_cls=self.dot_general_cls, name="transform")(x_BxLxE)
+    h_BxLxE = Dense(
+      cfg.d_model,
+      ("embed", None),
+      dtype=cfg.compute_dtype,
+      dot_general_cls=self.dot_general_cls,
+      name="transform",
+    )(x_BxLxE)
     h_BxLxE = Norm(cfg.norm, cfg.norm_eps, name="norm")(ACTIVATIONS[cfg.activation](h_BxLxE))
     if cfg.tie_embeddings:
       logits_BxLxV = Unembed(cfg.compute_dtype, self.dot_general_cls, name="decoder")(
-          h_BxLxE, embedding_VxE)
+        h_BxLxE, embedding_VxE
+      )
     else:
-      logits_BxLxV = Dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False,
-                           dtype=cfg.compute_dtype, dot_general_cls=self.dot_general_cls,
-                           name="decoder")(h_BxLxE)
+      logits_BxLxV = Dense(
+        cfg.vocab_size,
+        ("embed", "vocab"),
+        use_bias=False,
+        dtype=cfg.compute_dtype,
+        dot_general_cls=self.dot_general_cls,
+        name="decoder",
+      )(h_BxLxE)
     zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",))
     bias_V = self.param("bias", zeros, (cfg.vocab_size,), jnp.float32)
     return logits_BxLxV.astype(jnp.float32) + bias_V
@@ -154,8 +201,9 @@ class Encoder(nn.Module):
   attn_dot_general_cls: DotGeneralFactory | None = None
 
   @nn.compact
-  def __call__(self, input_ids_BxL, *, attention_mask=None, token_type_ids=None,
-               deterministic=True):
+  def __call__(
+    self, input_ids_BxL, *, attention_mask=None, token_type_ids=None, deterministic=True
+  ):
     """MLM logits BxLxV, class logits BxC, or hidden states BxLxE (all float32)."""
     cfg = self.config
     _check_length(cfg, input_ids_BxL.shape[1])
@@ -165,21 +213,31 @@ class Encoder(nn.Module):
     tok_embed = embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), cfg.compute_dtype, "embed")
     x_BxLxE = tok_embed(input_ids_BxL)
     if cfg.positions == "learned":
-      x_BxLxE += embed(cfg.max_len, cfg.d_model, ("pos", "embed"), cfg.compute_dtype,
-                       "pos_embed")(positions_BxL)
-    x_BxLxE += embed(cfg.type_vocab_size, cfg.d_model, ("type_vocab", "embed"),
-                     cfg.compute_dtype, "type_embed")(token_type_ids)
+      x_BxLxE += embed(cfg.max_len, cfg.d_model, ("pos", "embed"), cfg.compute_dtype, "pos_embed")(
+        positions_BxL
+      )
+    x_BxLxE += embed(
+      cfg.type_vocab_size, cfg.d_model, ("type_vocab", "embed"), cfg.compute_dtype, "type_embed"
+    )(token_type_ids)
     x_BxLxE = Norm(cfg.norm, cfg.norm_eps, name="embed_norm")(x_BxLxE)
     x_BxLxE = nn.Dropout(cfg.dropout_rate)(x_BxLxE, deterministic=deterministic)
     x_BxLxE = nn.with_logical_constraint(x_BxLxE, RESIDUAL)
-    x_BxLxE = apply_layers(cfg, x_BxLxE, attention_mask, positions_BxL, deterministic,
-                           self.dot_general_cls, self.attn_dot_general_cls)
+    x_BxLxE = apply_layers(
+      cfg,
+      x_BxLxE,
+      attention_mask,
+      positions_BxL,
+      deterministic,
+      self.dot_general_cls,
+      self.attn_dot_general_cls,
+    )
 
     if cfg.head == "none":
       return x_BxLxE.astype(jnp.float32)
     if cfg.head == "mlm":
       logits_BxLxV = MlmHead(cfg, self.dot_general_cls, name="mlm_head")(
-          x_BxLxE, tok_embed.embedding)
+        x_BxLxE, tok_embed.embedding
+      )
       return nn.with_logical_constraint(logits_BxLxV, LOGITS)
     # "classify": BERT's pooler (dense + tanh on the first token) and a linear classifier.
     dense = functools.partial(Dense, dtype=cfg.compute_dtype, dot_general_cls=self.dot_general_cls)
@@ -189,8 +247,11 @@ class Encoder(nn.Module):
     return logits_BxC.astype(jnp.float32)
 
 
-def build(config: ModelConfig, dot_general_cls: DotGeneralFactory | None = None,
-          attn_dot_general_cls: DotGeneralFactory | None = None) -> Decoder | Encoder:
+def build(
+  config: ModelConfig,
+  dot_general_cls: DotGeneralFactory | None = None,
+  attn_dot_general_cls: DotGeneralFactory | None = None,
+) -> Decoder | Encoder:
   """The Decoder or Encoder the config describes."""
   cls = Decoder if config.kind == "decoder" else Encoder
   return cls(config, dot_general_cls=dot_general_cls, attn_dot_general_cls=attn_dot_general_cls)
@@ -205,7 +266,7 @@ def count_params(config: ModelConfig) -> int:
 
 
 def _is_layer(key: str) -> bool:
-  return key.startswith("layers_") and key[len("layers_"):].isdigit()
+  return key.startswith("layers_") and key[len("layers_") :].isdigit()
 
 
 def scan_params(params: dict, n_layers: int) -> dict:

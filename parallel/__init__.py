@@ -6,5 +6,16 @@
 
 from parallel.checkpoint import Checkpointer, load_params
 from parallel.mesh import MESH_AXES, RULES, get_rules, make_mesh, resolve_mesh_shape
-from parallel.sharding import abstract_with_shardings, batch_sharding, init_sharded, logical_to_shardings
+from parallel.sharding import (
+  abstract_with_shardings,
+  batch_sharding,
+  init_sharded,
+  logical_to_shardings,
+)
 from parallel.step import jit_with_mesh, make_train_step
+
+__all__ = [
+  "Checkpointer", "load_params", "MESH_AXES", "RULES", "get_rules", "make_mesh",
+  "resolve_mesh_shape", "abstract_with_shardings", "batch_sharding", "init_sharded",
+  "logical_to_shardings", "jit_with_mesh", "make_train_step",
+]

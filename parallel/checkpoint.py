@@ -21,10 +21,14 @@ class Checkpointer:
   def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=keep,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every,
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+      ),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -53,25 +57,41 @@ def load_params(directory: str, target: PyTree, step: int | None = None) -> PyTr
   an MLM-pretrained encoder) are restored straight into `target`'s shardings; the rest of
   `target` (e.g. a new classification head) keeps its initialization.
   """
-  manager = ocp.CheckpointManager(os.path.abspath(directory),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(
+    os.path.abspath(directory),
+    item_handlers=ocp.PyTreeCheckpointHandler(),
+    options=ocp.CheckpointManagerOptions(read_only=True),
+  )
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"No checkpoint to initialize from in {directory}: run that "
-                            "experiment first, or unset init_from.")
+    raise FileNotFoundError(
+      f"No checkpoint to initialize from in {directory}: run that "
+      "experiment first, or unset init_from."
+    )
   saved = manager.item_metadata(step)["params"]
   shape = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)  # noqa: E731
   common = {k: v for k, v in target.items() if k in saved and shape(saved[k]) == shape(v)}
   if not common:
-    raise ValueError(f"The checkpoint in {directory} shares no parameters with this model "
-                     f"(saved: {sorted(saved)}; here: {sorted(target)}).")
-  item = {"params": jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), common)}
-  restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True))
+    raise ValueError(
+      f"The checkpoint in {directory} shares no parameters with this model "
+      f"(saved: {sorted(saved)}; here: {sorted(target)})."
+    )
+  item = {
+    "params": jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), common
+    )
+  }
+  restored = manager.restore(
+    step,
+    args=ocp.args.PyTreeRestore(
+      item=item,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True,
+    ),
+  )
   skipped = sorted(set(target) - set(common))
-  logging.info("Initialized %s from %s step %d; kept fresh: %s", sorted(common), directory, step,
-               skipped)
+  logging.info(
+    "Initialized %s from %s step %d; kept fresh: %s", sorted(common), directory, step, skipped
+  )
   manager.close()
   return {**target, **restored["params"]}

@@ -18,16 +18,28 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # (and to keep e.g. activations replicated over an axis you did not mean to use).
 _PARAM_FSDP = [("embed", "fsdp")]
 _PARAM_TP = [("vocab", "tensor"), ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor")]
-_ACT_TP = [("act_vocab", "tensor"), ("act_mlp", "tensor"), ("act_heads", "tensor"),
-           ("act_kv_heads", "tensor")]
-_REPLICATED = [("length", None), ("head_dim", None), ("layers", None), ("norm", None),
-               ("pos", None), ("type_vocab", None), ("labels", None), ("act_embed", None)]
+_ACT_TP = [
+  ("act_vocab", "tensor"),
+  ("act_mlp", "tensor"),
+  ("act_heads", "tensor"),
+  ("act_kv_heads", "tensor"),
+]
+_REPLICATED = [
+  ("length", None),
+  ("head_dim", None),
+  ("layers", None),
+  ("norm", None),
+  ("pos", None),
+  ("type_vocab", None),
+  ("labels", None),
+  ("act_embed", None),
+]
 
 RULES = {
-    "dp": [("batch", "data")] + _REPLICATED,
-    "fsdp": [("batch", ("data", "fsdp"))] + _PARAM_FSDP + _REPLICATED,
-    "tp": [("batch", "data")] + _PARAM_TP + _ACT_TP + _REPLICATED,
-    "fsdp_tp": [("batch", ("data", "fsdp"))] + _PARAM_FSDP + _PARAM_TP + _ACT_TP + _REPLICATED,
+  "dp": [("batch", "data")] + _REPLICATED,
+  "fsdp": [("batch", ("data", "fsdp"))] + _PARAM_FSDP + _REPLICATED,
+  "tp": [("batch", "data")] + _PARAM_TP + _ACT_TP + _REPLICATED,
+  "fsdp_tp": [("batch", ("data", "fsdp"))] + _PARAM_FSDP + _PARAM_TP + _ACT_TP + _REPLICATED,
 }
 
 
@@ -35,17 +47,20 @@ def get_rules(rules: str | Sequence) -> tuple[tuple[str, str | tuple[str, ...] |
   """A preset name from RULES, or an explicit [(logical, mesh_axes), ...] list."""
   if isinstance(rules, str):
     if rules not in RULES:
-      raise ValueError(f"Unknown sharding rules preset {rules!r}; choose one of {sorted(RULES)} "
-                       "or give an explicit list of (logical_name, mesh_axes) pairs.")
+      raise ValueError(
+        f"Unknown sharding rules preset {rules!r}; choose one of {sorted(RULES)} "
+        "or give an explicit list of (logical_name, mesh_axes) pairs."
+      )
     rules = RULES[rules]
   out = []
   for rule in rules:
     name, axes = rule
     axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
-    for a in (axes if isinstance(axes, tuple) else (axes,)):
+    for a in axes if isinstance(axes, tuple) else (axes,):
       if a is not None and a not in MESH_AXES:
-        raise ValueError(f"Sharding rule ({name!r}, {axes!r}) names mesh axis {a!r}; "
-                         f"mesh axes are {MESH_AXES}.")
+        raise ValueError(
+          f"Sharding rule ({name!r}, {axes!r}) names mesh axis {a!r}; mesh axes are {MESH_AXES}."
+        )
     out.append((name, axes))
   return tuple(out)
 
@@ -56,22 +71,29 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tup
   if shape.count(-1) > 1:
     raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(shape)}: at most one axis may be -1.")
   if any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(shape)}: sizes must be positive "
-                     "(or -1 for 'the remaining devices').")
+    raise ValueError(
+      f"mesh (data, fsdp, tensor) = {tuple(shape)}: sizes must be positive "
+      "(or -1 for 'the remaining devices')."
+    )
   if -1 in shape:
     known = math.prod(s for s in shape if s != -1)
     if n_devices % known:
-      raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(shape)}: {n_devices} devices do not "
-                       f"divide by the fixed axes' product {known}.")
+      raise ValueError(
+        f"mesh (data, fsdp, tensor) = {tuple(shape)}: {n_devices} devices do not "
+        f"divide by the fixed axes' product {known}."
+      )
     shape[shape.index(-1)] = n_devices // known
   if math.prod(shape) > n_devices:
-    raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(shape)} needs {math.prod(shape)} "
-                     f"devices but only {n_devices} are available; shrink the mesh or use -1.")
+    raise ValueError(
+      f"mesh (data, fsdp, tensor) = {tuple(shape)} needs {math.prod(shape)} "
+      f"devices but only {n_devices} are available; shrink the mesh or use -1."
+    )
   return tuple(shape)
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def make_mesh(
+  data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
   """A ("data", "fsdp", "tensor") mesh over the first data*fsdp*tensor devices."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))

@@ -41,17 +41,18 @@ def logical_to_shardings(boxed_tree: PyTree, mesh: jax.sharding.Mesh, rules) -> 
         size *= mesh.shape[a] if a is not None else 1
       if dim % size:
         raise ValueError(
-            f"{_path_str(path)} has shape {tuple(shape)} but its dimension {dim} is sharded over "
-            f"mesh axes {axes} of total size {size}, which does not divide it. Change the mesh "
-            f"(mesh.{'/'.join(a for a in axes if a)}) or map that logical axis to None in the rules.")
+          f"{_path_str(path)} has shape {tuple(shape)} but its dimension {dim} is sharded over "
+          f"mesh axes {axes} of total size {size}, which does not divide it. Change the mesh "
+          f"(mesh.{'/'.join(a for a in axes if a)}) or map that logical axis to None in the rules."
+        )
     return NamedSharding(mesh, spec)
 
-  return jax.tree_util.tree_map_with_path(
-      check, values, mesh_specs, is_leaf=lambda x: x is None)
+  return jax.tree_util.tree_map_with_path(check, values, mesh_specs, is_leaf=lambda x: x is None)
 
 
-def init_sharded(init_fn: Callable[..., PyTree], mesh: jax.sharding.Mesh, rules, *args
-                 ) -> tuple[PyTree, PyTree]:
+def init_sharded(
+  init_fn: Callable[..., PyTree], mesh: jax.sharding.Mesh, rules, *args
+) -> tuple[PyTree, PyTree]:
   """Runs `init_fn(*args)` (which may return boxed leaves) directly into its shardings.
 
   Returns (unboxed tree, tree of NamedShardings).
@@ -65,8 +66,9 @@ def init_sharded(init_fn: Callable[..., PyTree], mesh: jax.sharding.Mesh, rules,
 
 def abstract_with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
   """ShapeDtypeStructs carrying shardings: the restore target for checkpoints."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules) -> NamedSharding:

@@ -30,7 +30,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatc
       (_, sums), grads = grad_fn(params, batch, rng)
     else:
       mbs = jax.tree.map(
-          lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch)
+        lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch
+      )
 
       def accumulate(carry, i_mb):
         i, mb = i_mb
@@ -43,8 +44,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatc
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt = tx.update(grads, state["opt"], params)
-    new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(params, updates),
-                     opt=opt)
+    new_state = dict(
+      state, step=state["step"] + 1, params=optax.apply_updates(params, updates), opt=opt
+    )
     metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
     metrics["weight"] = sums["weight"]
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -53,15 +55,17 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatc
   return step
 
 
-def jit_with_mesh(fn: Callable, mesh: jax.sharding.Mesh, rules, *, in_shardings, out_shardings,
-                  donate_argnums=()) -> Callable:
+def jit_with_mesh(
+  fn: Callable, mesh: jax.sharding.Mesh, rules, *, in_shardings, out_shardings, donate_argnums=()
+) -> Callable:
   """`jax.jit` with explicit shardings, traced and run with the mesh and rules in context.
 
   The context is what turns the model's `nn.with_logical_constraint` calls into real
   sharding constraints; outside it they are no-ops.
   """
-  jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
-                   donate_argnums=donate_argnums)
+  jitted = jax.jit(
+    fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums
+  )
 
   def run(*args):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from experiments.data import (ALPHABET, CLASS_CHARS, ClassifySource, MarkovSource, _entropy,
-                              mlm_batch, mlm_mask)
+from experiments.data import (
+  ALPHABET,
+  CLASS_CHARS,
+  ClassifySource,
+  MarkovSource,
+  _entropy,
+  mlm_batch,
+  mlm_mask,
+)
 from experiments.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -23,6 +30,7 @@ def _mean_and_se(row_values):
 
 # ---- tokenizer -------------------------------------------------------------------------------
 
+
 def test_byte_tokenizer_roundtrip():
   text = "héllo wörld — 日本語 🙂 \n\t"
   ids = TOK.encode(text, add_bos=True, add_eos=True)
@@ -36,23 +44,31 @@ def test_byte_tokenizer_roundtrip():
 
 # ---- MarkovSource: exact quantities ---------------------------------------------------------
 
+
 def test_stationary_is_a_fixed_point(src):
   assert src.stationary.min() >= 0 and abs(src.stationary.sum() - 1) < 1e-12
-  np.testing.assert_allclose(src._next_context_mass(src.stationary), src.stationary,
-                             rtol=0, atol=1e-15)
+  np.testing.assert_allclose(
+    src._next_context_mass(src.stationary), src.stationary, rtol=0, atol=1e-15
+  )
   # block marginals are consistent: summing out the last symbol of m+1 gives m
   for m in range(src.order + 1):
-    np.testing.assert_allclose(src.block_marginal(m + 1).reshape(-1, src.n_symbols).sum(1),
-                               src.block_marginal(m), atol=1e-15)
+    np.testing.assert_allclose(
+      src.block_marginal(m + 1).reshape(-1, src.n_symbols).sum(1), src.block_marginal(m), atol=1e-15
+    )
 
 
-@pytest.mark.parametrize("kwargs,rows,cols", [({}, 1024, 2000),  # ~2M tokens
-                                               (dict(n_symbols=8, seed=3), 256, 800),
-                                               (dict(n_symbols=16, order=1, seed=3), 256, 800)])
+@pytest.mark.parametrize(
+  "kwargs,rows,cols",
+  [
+    ({}, 1024, 2000),  # ~2M tokens
+    (dict(n_symbols=8, seed=3), 256, 800),
+    (dict(n_symbols=16, order=1, seed=3), 256, 800),
+  ],
+)
 def test_entropy_rate_matches_monte_carlo(kwargs, rows, cols):
   s = MarkovSource(**kwargs)
   tokens = s.batch(0, rows, cols)["inputs"]  # independent rows, each started at stationarity
-  nll = -s.logprob(tokens)[:, s.order:]
+  nll = -s.logprob(tokens)[:, s.order :]
   mc, se = _mean_and_se(nll.mean(axis=1))
   assert abs(mc - s.entropy_rate) < 4 * se, (mc, se, s.entropy_rate)
   # The test has teeth: weighting contexts uniformly (what solving P pi = pi instead of
@@ -77,8 +93,9 @@ def test_optimal_loss_matches_monte_carlo(n_symbols, order, seq_len):
   assert abs(mc - exact) < 4 * se, (mc, se, exact)
   if order > 1:  # the early positions matter: the entropy rate alone would be rejected
     assert abs(s.entropy_rate - exact) > 8 * se
-  expected = (sum(s.conditional_entropy(t) for t in range(1, order))
-              + (seq_len - order + 1) * s.entropy_rate) / seq_len
+  expected = (
+    sum(s.conditional_entropy(t) for t in range(1, order)) + (seq_len - order + 1) * s.entropy_rate
+  ) / seq_len
   assert abs(exact - expected) < 1e-12
 
 
@@ -109,6 +126,7 @@ def test_power_iteration_on_a_periodic_chain_raises():
 
 # ---- MarkovSource: batches ------------------------------------------------------------------
 
+
 def test_markov_batch_format(src):
   b = src.batch(5, 8, 32)
   assert b["inputs"].shape == b["targets"].shape == b["weights"].shape == (8, 32)
@@ -134,6 +152,7 @@ def test_markov_determinism_and_slicing(src):
 
 
 # ---- ClassifySource -------------------------------------------------------------------------
+
 
 def _marker_counts(source, inputs):
   """Per-row count of each class's marker tokens, recounted from the inputs: [b, C]."""
@@ -186,6 +205,7 @@ def test_classify_determinism_and_slicing(src):
 
 # ---- MLM masking ----------------------------------------------------------------------------
 
+
 def test_mlm_mask_statistics(src):
   b = ClassifySource(src).batch(0, 2000, 64)
   x, m = b["inputs"], b["attention_mask"]
@@ -217,8 +237,7 @@ def test_mlm_batch_determinism_and_slicing(src):
   assert set(a) == {"inputs", "targets", "weights", "attention_mask", "token_type_ids"}
   np.testing.assert_array_equal(a["targets"], src.batch(2, 8, 32)["inputs"])
   assert a["weights"].sum() > 0 and (a["attention_mask"] == 1).all()
-  parts = [mlm_batch(src, 2, 8, 32, process_index=i, process_count=2, **MLM_KW)
-           for i in range(2)]
+  parts = [mlm_batch(src, 2, 8, 32, process_index=i, process_count=2, **MLM_KW) for i in range(2)]
   for key in a:
     np.testing.assert_array_equal(a[key], mlm_batch(src, 2, 8, 32, **MLM_KW)[key])
     np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), a[key])

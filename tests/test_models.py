@@ -13,8 +13,20 @@ import models
 
 B, L = 2, 8
 SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=16)
-LOGICAL_NAMES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm", "type_vocab",
-                 "pos", "layers", "labels", None}
+LOGICAL_NAMES = {
+  "vocab",
+  "embed",
+  "mlp",
+  "heads",
+  "kv_heads",
+  "head_dim",
+  "norm",
+  "type_vocab",
+  "pos",
+  "layers",
+  "labels",
+  None,
+}
 
 
 def small(preset="tiny", **overrides):
@@ -68,8 +80,9 @@ def test_decoder_logits_shape_and_dtype(preset):
   assert np.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("head,shape", [("mlm", (B, L, 64)), ("classify", (B, 3)),
-                                        ("none", (B, L, 32))])
+@pytest.mark.parametrize(
+  "head,shape", [("mlm", (B, L, 64)), ("classify", (B, 3)), ("none", (B, L, 32))]
+)
 def test_encoder_head_shapes(head, shape):
   model, variables = init(small("tiny-encoder", head=head, num_labels=3))
   out = model.apply(variables, random_ids(), token_type_ids=jnp.ones((B, L), jnp.int32))
@@ -96,8 +109,9 @@ def test_rotary_sees_only_relative_positions():
   ids = random_ids()
   positions = jnp.broadcast_to(jnp.arange(L), (B, L))
   logits = model.apply(variables, ids, positions=positions)
-  np.testing.assert_allclose(model.apply(variables, ids, positions=positions + 5), logits,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    model.apply(variables, ids, positions=positions + 5), logits, atol=1e-5
+  )
   assert not np.allclose(model.apply(variables, ids, positions=positions * 2), logits)
 
 
@@ -131,8 +145,9 @@ def test_encoder_ignores_padding(head):
 def test_jit_matches_no_jit():
   model, variables = init(small("llama-1b"))
   ids = random_ids()
-  np.testing.assert_allclose(jax.jit(model.apply)(variables, ids), model.apply(variables, ids),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    jax.jit(model.apply)(variables, ids), model.apply(variables, ids), atol=1e-5
+  )
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-encoder"])
@@ -151,32 +166,41 @@ def test_scan_matches_unrolled(preset):
 
   ids = random_ids()
   out, state = model.apply(variables, ids, mutable=["intermediates"])
-  scanned_out, scanned_state = scanned_model.apply({"params": scanned_params}, ids,
-                                                   mutable=["intermediates"])
+  scanned_out, scanned_state = scanned_model.apply(
+    {"params": scanned_params}, ids, mutable=["intermediates"]
+  )
   np.testing.assert_allclose(scanned_out, out, atol=1e-5)
   stacked = scanned_state["intermediates"]["layers"]["hidden_states"][0]
   for i in range(cfg.n_layers):
-    np.testing.assert_allclose(stacked[i], state["intermediates"][f"layers_{i}"][
-        "hidden_states"][0], atol=1e-5)
+    np.testing.assert_allclose(
+      stacked[i], state["intermediates"][f"layers_{i}"]["hidden_states"][0], atol=1e-5
+    )
 
 
 @functools.cache
 def _loss_and_grads(scan, dropout_rate, policy):
-  model, variables = init(small("llama-1b", scan_layers=scan, dropout_rate=dropout_rate,
-                                remat_policy=policy))
+  model, variables = init(
+    small("llama-1b", scan_layers=scan, dropout_rate=dropout_rate, remat_policy=policy)
+  )
 
   def loss(params):
     # With dropout, the recomputed forward must redraw the same masks from the same key.
     # ("rbg" only because threefry compiles slowly on CPU.)
-    logits = model.apply({"params": params}, random_ids(), deterministic=False,
-                         rngs={"dropout": jax.random.key(1, impl="rbg")})
+    logits = model.apply(
+      {"params": params},
+      random_ids(),
+      deterministic=False,
+      rngs={"dropout": jax.random.key(1, impl="rbg")},
+    )
     return jnp.mean(logits**2)
 
   return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
 
-@pytest.mark.parametrize("policy,scan,dropout_rate", [
-    ("full", False, 0.1), ("save_qkv_out", False, 0.1), ("dots_no_batch", True, 0.0)])
+@pytest.mark.parametrize(
+  "policy,scan,dropout_rate",
+  [("full", False, 0.1), ("save_qkv_out", False, 0.1), ("dots_no_batch", True, 0.0)],
+)
 def test_remat_matches_plain(policy, scan, dropout_rate):
   value, grads = _loss_and_grads(scan, dropout_rate, "none")
   remat_value, remat_grads = _loss_and_grads(scan, dropout_rate, policy)
@@ -189,8 +213,9 @@ def test_dropout_is_applied_only_when_not_deterministic():
   ids = random_ids()
   plain = models.build(small()).apply(variables, ids)
   np.testing.assert_allclose(model.apply(variables, ids), plain, atol=1e-6)
-  dropped = model.apply(variables, ids, deterministic=False,
-                        rngs={"dropout": jax.random.key(1, impl="rbg")})
+  dropped = model.apply(
+    variables, ids, deterministic=False, rngs={"dropout": jax.random.key(1, impl="rbg")}
+  )
   assert not np.allclose(dropped, plain)
 
 
@@ -200,16 +225,18 @@ def test_explicit_attention_matches_fused(preset):
   fused_model, variables = init(small(preset))
   fused = fused_model.apply(variables, ids, attention_mask=mask)
   recorded, state = models.build(small(preset, record_attention=True)).apply(
-      variables, ids, attention_mask=mask, mutable=["intermediates"])
+    variables, ids, attention_mask=mask, mutable=["intermediates"]
+  )
   injected = models.build(small(preset), attn_dot_general_cls=lambda: lax.dot_general).apply(
-      variables, ids, attention_mask=mask)
+    variables, ids, attention_mask=mask
+  )
   np.testing.assert_allclose(recorded, fused, atol=1e-5)
   np.testing.assert_allclose(injected, fused, atol=1e-5)
 
   probs = state["intermediates"]["layers_0"]["attn"]["attention_probs"][0]
   assert probs.shape == (B, SMALL["n_heads"], L, L)
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
-  np.testing.assert_array_equal(probs[1, :, :, L - 3:], 0.0)  # Padded keys get no weight.
+  np.testing.assert_array_equal(probs[1, :, :, L - 3 :], 0.0)  # Padded keys get no weight.
   if preset == "llama-1b":
     # Causal, except rows whose keys are all masked (example 0's left padding): those are
     # uniform, as in jax.nn.dot_product_attention, and no real position reads them.
@@ -234,8 +261,13 @@ class ScaledDotGeneral(nn.Module):
   @nn.compact
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     scale = self.param("scale", nn.initializers.ones_init(), ())
-    out = lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                          preferred_element_type=preferred_element_type)
+    out = lax.dot_general(
+      lhs,
+      rhs,
+      dimension_numbers,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
     return out * scale
 
 
@@ -248,27 +280,32 @@ def _scale_paths(params):
 def _bump(params, path):
   """Doubles the parameter at `path`."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: x * 2 if tuple(k.key for k in p) == path else x, params)
+    lambda p, x: x * 2 if tuple(k.key for k in p) == path else x, params
+  )
 
 
 ATTN, MLP = ["query", "key", "value", "out"], ["wi", "wo"]
 
 
-@pytest.mark.parametrize("preset,overrides,per_layer,heads", [
+@pytest.mark.parametrize(
+  "preset,overrides,per_layer,heads",
+  [
     ("tiny", {}, ATTN + MLP, [("lm_head",)]),
     ("tiny", {"tie_embeddings": False}, ATTN + MLP, [("lm_head",)]),
     ("llama-1b", {}, ATTN + MLP + ["wg"], [("lm_head",)]),
     ("tiny-encoder", {}, ATTN + MLP, [("mlm_head", "transform"), ("mlm_head", "decoder")]),
     ("tiny-encoder", {"head": "classify"}, ATTN + MLP, [("pooler",), ("classifier",)]),
-])
+  ],
+)
 def test_dot_general_reaches_every_projection(preset, overrides, per_layer, heads):
   cfg = small(preset, **overrides)
   calls = []
 
   def counting_dot_general(lhs, rhs, dims, precision=None, preferred_element_type=None):
     calls.append(rhs.shape)
-    return lax.dot_general(lhs, rhs, dims, precision=precision,
-                           preferred_element_type=preferred_element_type)
+    return lax.dot_general(
+      lhs, rhs, dims, precision=precision, preferred_element_type=preferred_element_type
+    )
 
   model = models.build(cfg, dot_general_cls=lambda: counting_dot_general)
   model.apply(init(cfg)[1], random_ids())
@@ -278,8 +315,11 @@ def test_dot_general_reaches_every_projection(preset, overrides, per_layer, head
   # one of them reaches the output.
   model, variables = init(cfg, dot_general_cls=ScaledDotGeneral)
   paths = _scale_paths(variables["params"])
-  expected = [(f"layers_{i}", "attn" if p in ATTN else "mlp", p)
-              for i in range(cfg.n_layers) for p in per_layer] + heads
+  expected = [
+    (f"layers_{i}", "attn" if p in ATTN else "mlp", p)
+    for i in range(cfg.n_layers)
+    for p in per_layer
+  ] + heads
   assert paths == sorted(p + ("ScaledDotGeneral_0", "scale") for p in expected)
   apply = jax.jit(model.apply)
   base = apply(variables, random_ids())
@@ -293,8 +333,11 @@ def test_attention_dot_general_is_injected():
   model, variables = init(cfg, attn_dot_general_cls=ScaledDotGeneral)
   paths = _scale_paths(variables["params"])
   # Two per layer: query-key logits (_0) and probabilities-value (_1).
-  assert paths == sorted((f"layers_{i}", "attn", f"ScaledDotGeneral_{j}", "scale")
-                         for i in range(cfg.n_layers) for j in range(2))
+  assert paths == sorted(
+    (f"layers_{i}", "attn", f"ScaledDotGeneral_{j}", "scale")
+    for i in range(cfg.n_layers)
+    for j in range(2)
+  )
   apply = jax.jit(model.apply)
   base = apply(variables, random_ids())
   for path in paths:
@@ -316,37 +359,61 @@ def test_preset_param_counts_match_transformers():
   tf = pytest.importorskip("transformers")
   bert = tf.BertConfig()  # Defaults are bert-base-uncased.
   assert models.count_params(models.get_preset("bert-base")) == _hf_count(
-      lambda: tf.BertForMaskedLM(bert))
+    lambda: tf.BertForMaskedLM(bert)
+  )
   assert models.count_params(models.get_preset("bert-base", head="none")) == _hf_count(
-      lambda: tf.BertModel(bert, add_pooling_layer=False))
+    lambda: tf.BertModel(bert, add_pooling_layer=False)
+  )
   classify = models.count_params(models.get_preset("bert-base", head="classify"))
   assert classify == _hf_count(lambda: tf.BertForSequenceClassification(bert))
   assert 109e6 < classify < 111e6  # "BERT_BASE ... Total Parameters=110M".
-  assert models.count_params(models.get_preset("gpt2-small")) == _hf_count(
-      lambda: tf.GPT2LMHeadModel(tf.GPT2Config())) == 124_439_808
+  assert (
+    models.count_params(models.get_preset("gpt2-small"))
+    == _hf_count(lambda: tf.GPT2LMHeadModel(tf.GPT2Config()))
+    == 124_439_808
+  )
   tinyllama = tf.LlamaConfig(
-      vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-      rms_norm_eps=1e-5, tie_word_embeddings=False)
-  assert models.count_params(models.get_preset("llama-1b")) == _hf_count(
-      lambda: tf.LlamaForCausalLM(tinyllama)) == 1_100_048_384
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+  )
+  assert (
+    models.count_params(models.get_preset("llama-1b"))
+    == _hf_count(lambda: tf.LlamaForCausalLM(tinyllama))
+    == 1_100_048_384
+  )
 
 
 def test_larger_presets_match_transformers():
   tf = pytest.importorskip("transformers")
   assert models.count_params(models.get_preset("bert-large")) == _hf_count(
-      lambda: tf.BertForMaskedLM(tf.BertConfig(hidden_size=1024, num_hidden_layers=24,
-                                               num_attention_heads=16, intermediate_size=4096)))
+    lambda: tf.BertForMaskedLM(
+      tf.BertConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+      )
+    )
+  )
   assert models.count_params(models.get_preset("gpt2-medium")) == _hf_count(
-      lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=1024, n_layer=24, n_head=16)))
+    lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=1024, n_layer=24, n_head=16))
+  )
 
 
 # Config errors name the problem and the fix.
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: models.ModelConfig(d_model=130, n_heads=4),
-     r"d_model=130 is not divisible by n_heads=4: .*set head_dim explicitly"),
+@pytest.mark.parametrize(
+  "make,match",
+  [
+    (
+      lambda: models.ModelConfig(d_model=130, n_heads=4),
+      r"d_model=130 is not divisible by n_heads=4: .*set head_dim explicitly",
+    ),
     (lambda: models.ModelConfig(n_heads=4, n_kv_heads=3), r"n_kv_heads=3.*choose n_kv_heads"),
     (lambda: models.ModelConfig(activation="swish"), r"activation='swish'.*'gelu_tanh'.*'silu'"),
     (lambda: models.ModelConfig(remat_policy="some"), r"remat_policy='some'.*'dots'"),
@@ -355,7 +422,8 @@ def test_larger_presets_match_transformers():
     (lambda: models.ModelConfig(positions="rotary", head_dim=7), r"even head_dim"),
     (lambda: models.get_preset("gpt5"), r"unknown preset 'gpt5'.*'gpt2-small'"),
     (lambda: models.get_preset("tiny", d_modle=64), r"\['d_modle'\].*valid fields"),
-])
+  ],
+)
 def test_bad_config_raises_informative_error(make, match):
   with pytest.raises(ValueError, match=match):
     make()
@@ -370,16 +438,23 @@ def test_too_long_input_raises():
 # Sharding metadata and dtypes.
 
 
-@pytest.mark.parametrize("preset,overrides", [
-    ("tiny", {}), ("llama-1b", {}), ("tiny-encoder", {}),
-    ("tiny-encoder", {"head": "classify"}), ("tiny", {"scan_layers": True}),
+@pytest.mark.parametrize(
+  "preset,overrides",
+  [
+    ("tiny", {}),
+    ("llama-1b", {}),
+    ("tiny-encoder", {}),
+    ("tiny-encoder", {"head": "classify"}),
+    ("tiny", {"scan_layers": True}),
     ("llama-1b", {"scan_layers": True, "remat_policy": "full"}),
-])
+  ],
+)
 def test_every_param_is_logically_partitioned(preset, overrides):
   cfg = small(preset, **overrides)
   boxed = jax.eval_shape(models.build(cfg).init, jax.random.key(0), random_ids())
   for path, leaf in jax.tree_util.tree_leaves_with_path(
-      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+    boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+  ):
     assert isinstance(leaf, nn.Partitioned), path
     assert len(leaf.names) == leaf.value.ndim and set(leaf.names) <= LOGICAL_NAMES, path
     in_scan = cfg.scan_layers and path[1].key == "layers"

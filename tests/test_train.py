@@ -73,6 +73,7 @@ def test_classify_pretrain_then_finetune(tmp_path):
 
 def test_init_from_copies_matching_params(tmp_path):
   from parallel import Checkpointer
+
   c = classify.get_config("tiny")
   c.pretrain.train.update(steps=5, checkpoint_every=5)
   c.pretrain.eval.update(every=5, steps=1)
@@ -96,13 +97,16 @@ def test_init_from_copies_matching_params(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, pre[k], fine[k])
 
 
-@pytest.mark.parametrize("override, message", [
+@pytest.mark.parametrize(
+  "override, message",
+  [
     (dict(model=dict(d_model=130)), "divisible"),
     (dict(model=dict(vocab_size=200)), "vocab"),
     (dict(model=dict(preset="nope")), "preset"),
     (dict(mesh=dict(data=16)), "devices"),
     (dict(train=dict(batch_size=30, microbatches=4)), "microbatch"),
-])
+  ],
+)
 def test_bad_input_fails_before_compiling(tmp_path, monkeypatch, override, message):
   c = tiny_lm(steps=2)
   for section, values in override.items():
@@ -110,6 +114,7 @@ def test_bad_input_fails_before_compiling(tmp_path, monkeypatch, override, messa
 
   def no_compile(*a, **k):
     raise AssertionError("compiled before rejecting bad input")
+
   monkeypatch.setattr(jax, "jit", no_compile)
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(c, str(tmp_path))

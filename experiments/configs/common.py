@@ -23,14 +23,34 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
   # 64 printable symbols with an exactly known entropy rate.
   c.data.markov = ml_collections.ConfigDict(dict(n_symbols=64, order=2, seed=0))
 
-  c.train = ml_collections.ConfigDict(dict(
-      steps=10_000, batch_size=256, seq_len=128, microbatches=1, log_every=50,
-      checkpoint_every=1000, keep_checkpoints=3, async_checkpoint=True,
-      stop_after_steps=0))  # >0: end this invocation after that many steps (time-sliced jobs)
+  c.train = ml_collections.ConfigDict(
+    dict(
+      steps=10_000,
+      batch_size=256,
+      seq_len=128,
+      microbatches=1,
+      log_every=50,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      async_checkpoint=True,
+      stop_after_steps=0,
+    )
+  )  # >0: end this invocation after that many steps (time-sliced jobs)
   c.eval = ml_collections.ConfigDict(dict(every=1000, steps=16, batch_size=256))
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=3e-4, warmup_steps=500, schedule="cosine", final_lr_fraction=0.1,
-      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      name="adamw",
+      lr=3e-4,
+      warmup_steps=500,
+      schedule="cosine",
+      final_lr_fraction=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      grad_clip=1.0,
+    )
+  )
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(rules="fsdp_tp"))  # a parallel.RULES preset

@@ -9,19 +9,22 @@ checkpoint; batches are a function of (seed, step), so the result equals an
 uninterrupted run.
 """
 
+import dataclasses
 import json
 import os
 import time
 
 from absl import app, flags, logging
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
+import optax
 
 import models
 import parallel
-from experiments import optim, tasks
+from experiments import optim, tasks, throughput
 from experiments.metrics import MetricWriter
 from experiments.tokenizer import ByteTokenizer
 
@@ -84,48 +87,108 @@ def check_batch(config: ml_collections.ConfigDict, mesh):
     )
 
 
-def _global(batch: dict, sharding) -> dict:
-  """This process's NumPy slice -> one global jax.Array per key (multi-host safe)."""
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """What a config describes, built and checked before anything compiles."""
+
+  config: ml_collections.ConfigDict
+  model_config: models.ModelConfig
+  model: nn.Module
+  task: tasks.Task
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+
+  @property
+  def batch_sharding(self):
+    return parallel.batch_sharding(self.mesh, self.rules)
+
+  def batch(self, step: int, split: str = "train") -> dict:
+    """The global batch at `step`: this process's NumPy slice -> one jax.Array per key."""
+    local = self.task.batch(step, split)
+    return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), local
+    )
+
+  def init(self, rng: jax.Array) -> dict:
+    """The train state {"step", "params", "opt", "rng"}, with logically partitioned leaves."""
+    example = jax.tree.map(lambda x: jnp.asarray(x[:1]), self.task.batch(0, "train"))
+    kwargs = {k: example[k] for k in ("attention_mask", "token_type_ids") if k in example}
+    init_rng, train_rng = jax.random.split(rng)
+    params = self.model.init({"params": init_rng}, example["inputs"], **kwargs)["params"]
+    opt = self.tx.init(params)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt, "rng": train_rng}
+
+  def shard_shapes(self):
+    """(abstract state with shardings, shardings): the restore target, no allocation."""
+    return parallel.shard_shapes(self.init, self.mesh, self.rules, self.rng)
+
+  def init_state(self):
+    return parallel.init_sharded(self.init, self.mesh, self.rules, self.rng)
+
+  @property
+  def rng(self):
+    return jax.random.PRNGKey(self.config.seed)
+
+  def jit_steps(self, shardings):
+    """The jitted train step (donating its state) and eval step, with explicit shardings."""
+    model, task = self.model, self.task
+    loss = lambda p, b, r: task.loss(model, p, b, r, True)  # noqa: E731
+    step = parallel.make_train_step(loss, self.tx, self.config.train.microbatches)
+    train_step = parallel.jit_with_mesh(
+      step,
+      self.mesh,
+      self.rules,
+      in_shardings=(shardings, self.batch_sharding),
+      out_shardings=(shardings, None),
+      donate_argnums=0,
+    )
+    eval_step = parallel.jit_with_mesh(
+      lambda p, b: task.loss(model, p, b, None, False)[1],
+      self.mesh,
+      self.rules,
+      in_shardings=(shardings["params"], self.batch_sharding),
+      out_shardings=None,
+    )
+    return train_step, eval_step
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains and evaluates the model `config` describes; returns the last eval row."""
-  init_from = config.get("init_from") or ""
-  if config.get("pretrain"):  # e.g. MLM pretraining before classification: same loop, own workdir
-    init_from = os.path.join(workdir, "pretrain")
-    train_and_evaluate(config.pretrain, init_from)
+def build(
+  config: ml_collections.ConfigDict, workdir: str | None = None, devices=None
+) -> Experiment:
+  """Checks the config (and the workdir it would use) and builds the experiment; no compiling.
 
-  # Everything that can be wrong with the input is checked before anything compiles.
+  `devices` (default: all) is what the mesh spans, e.g. `jax.devices()[:1]` for a reference.
+  """
   tokenizer = ByteTokenizer()
   mc = model_config(config, tokenizer)
-  check_workdir(workdir, config)
-  mesh = parallel.make_mesh(**config.mesh)
+  if workdir:
+    check_workdir(workdir, config)
+  mesh = parallel.make_mesh(**config.mesh, devices=devices)
   rules = parallel.get_rules(config.sharding.rules)
   check_batch(config, mesh)
   task = tasks.make_task(config, tokenizer, jax.process_index(), jax.process_count())
-  model = models.build(mc)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  return Experiment(config, mc, models.build(mc), task, mesh, rules, tx, schedule)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+  """Trains and evaluates the model `config` describes; returns the last eval row.
+
+  `devices` (default: all) are the devices the mesh spans.
+  """
+  init_from = config.get("init_from") or ""
+  if config.get("pretrain"):  # e.g. MLM pretraining before classification: same loop, own workdir
+    init_from = os.path.join(workdir, "pretrain")
+    train_and_evaluate(config.pretrain, init_from, devices)
+
+  exp = build(config, workdir, devices)  # everything wrong with the input is caught here
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-
-  example = jax.tree.map(lambda x: x[:1], task.batch(0, "train"))
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-
-  def init(rng):
-    kwargs = {
-      k: jnp.asarray(example[k]) for k in ("attention_mask", "token_type_ids") if k in example
-    }
-    params = model.init({"params": rng}, jnp.asarray(example["inputs"]), **kwargs)["params"]
-    return {
-      "step": jnp.zeros((), jnp.int32),
-      "params": params,
-      "opt": tx.init(params),
-      "rng": train_rng,
-    }
 
   ckpt = parallel.Checkpointer(
     os.path.join(workdir, "checkpoints"),
@@ -133,38 +196,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     keep=config.train.keep_checkpoints,
     async_save=config.train.async_checkpoint,
   )
-  state, shardings = parallel.init_sharded(init, mesh, rules, init_rng)
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(parallel.abstract_with_shardings(state, shardings))
-  elif init_from:
-    state["params"] = parallel.load_params(os.path.join(init_from, "checkpoints"), state["params"])
+    abstract, shardings = exp.shard_shapes()
+    state = ckpt.restore(abstract)
+  else:
+    state, shardings = exp.init_state()
+    if init_from:
+      state["params"] = parallel.load_params(
+        os.path.join(init_from, "checkpoints"), state["params"]
+      )
   start = int(state["step"])
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info(
     "Model %s: %s parameters; mesh %s; starting at step %d",
-    mc.kind,
-    f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}",
-    dict(mesh.shape),
+    exp.model_config.kind,
+    f"{n_params:,}",
+    dict(exp.mesh.shape),
     start,
   )
-
-  batch_sh = parallel.batch_sharding(mesh, rules)
-  loss = lambda p, b, r: task.loss(model, p, b, r, True)  # noqa: E731
-  train_step = parallel.jit_with_mesh(
-    parallel.make_train_step(loss, tx, config.train.microbatches),
-    mesh,
-    rules,
-    in_shardings=(shardings, batch_sh),
-    out_shardings=(shardings, None),
-    donate_argnums=0,
-  )
-  eval_step = parallel.jit_with_mesh(
-    lambda p, b: task.loss(model, p, b, None, False)[1],
-    mesh,
-    rules,
-    in_shardings=(shardings["params"], batch_sh),
-    out_shardings=None,
-  )
-  eval_batches = [_global(task.batch(i, "eval"), batch_sh) for i in range(config.eval.steps)]
+  train_step, eval_step = exp.jit_steps(shardings)
+  task, schedule = exp.task, exp.schedule
+  eval_batches = [exp.batch(i, "eval") for i in range(config.eval.steps)]
   writer = MetricWriter(workdir, start, config.train.steps, enabled=is_main)
 
   def evaluate(step, write=True):
@@ -176,22 +228,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Metrics are fetched one log step late, so the host never stalls the device; tokens/s
   # is measured between those fetches, i.e. between completed steps, not dispatches.
   pending, clock = None, [time.perf_counter(), start]
+  flops_per_step = throughput.step_flops(exp, config.train.batch_size, config.train.seq_len)
+  peak = parallel.flops.peak_flops_per_device()
 
   def flush():
     nonlocal pending
     if pending is not None:
       step, metrics, lr = pending
       metrics, now = jax.device_get(metrics), time.perf_counter()
-      tps = task.tokens_per_step * (step - clock[1]) / (now - clock[0])
+      step_time = (now - clock[0]) / (step - clock[1])
+      speed = throughput.throughput_metrics(
+        flops_per_step, task.tokens_per_step, step_time, exp.mesh.size, peak
+      )
       writer.write(
-        step,
-        {**{k: float(v) for k, v in metrics.items()}, "learning_rate": lr, "tokens_per_sec": tps},
+        step, {**{k: float(v) for k, v in metrics.items()}, "learning_rate": lr, **speed}
       )
       pending, clock[:] = None, [now, step]
 
   t, last_eval = config.train, {}
   for step in range(start, t.steps):
-    state, metrics = train_step(state, _global(task.batch(step, "train"), batch_sh))
+    state, metrics = train_step(state, exp.batch(step))
     done = step + 1
     if step == start:  # compilation is not throughput
       jax.block_until_ready(metrics)
@@ -229,6 +285,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 
 def main(argv):
   del argv
+  from parallel import launch  # not in parallel/__init__: `python -m parallel.launch` runs it
+
+  launch.initialize_from_env()  # multi-process runs join before anything touches devices
   logging.set_verbosity(logging.INFO)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

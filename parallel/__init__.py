@@ -4,6 +4,7 @@
 `models`, `compress` or `experiments`.
 """
 
+from parallel import flops
 from parallel.checkpoint import Checkpointer, load_params
 from parallel.mesh import MESH_AXES, RULES, get_rules, make_mesh, resolve_mesh_shape
 from parallel.sharding import (
@@ -11,11 +12,24 @@ from parallel.sharding import (
   batch_sharding,
   init_sharded,
   logical_to_shardings,
+  shard_shapes,
 )
 from parallel.step import jit_with_mesh, make_train_step
 
 __all__ = [
-  "Checkpointer", "load_params", "MESH_AXES", "RULES", "get_rules", "make_mesh",
-  "resolve_mesh_shape", "abstract_with_shardings", "batch_sharding", "init_sharded",
-  "logical_to_shardings", "jit_with_mesh", "make_train_step",
+  "flops",
+  "Checkpointer",
+  "load_params",
+  "MESH_AXES",
+  "RULES",
+  "get_rules",
+  "make_mesh",
+  "resolve_mesh_shape",
+  "abstract_with_shardings",
+  "batch_sharding",
+  "init_sharded",
+  "logical_to_shardings",
+  "shard_shapes",
+  "jit_with_mesh",
+  "make_train_step",
 ]

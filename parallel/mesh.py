@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import math
 
 import jax
+from jax.experimental import mesh_utils
 import numpy as np
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -83,19 +84,44 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tup
         f"divide by the fixed axes' product {known}."
       )
     shape[shape.index(-1)] = n_devices // known
-  if math.prod(shape) > n_devices:
+  if math.prod(shape) != n_devices:
     raise ValueError(
-      f"mesh (data, fsdp, tensor) = {tuple(shape)} needs {math.prod(shape)} "
-      f"devices but only {n_devices} are available; shrink the mesh or use -1."
+      f"mesh (data, fsdp, tensor) = {tuple(shape)} uses {math.prod(shape)} devices but "
+      f"{n_devices} are available: make the product equal the device count, or set one axis "
+      "to -1 to take the remaining devices."
     )
   return tuple(shape)
 
 
 def make_mesh(
-  data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+  data: int = -1,
+  fsdp: int = 1,
+  tensor: int = 1,
+  dcn: dict | None = None,
+  devices: Sequence[jax.Device] | None = None,
 ) -> jax.sharding.Mesh:
-  """A ("data", "fsdp", "tensor") mesh over the first data*fsdp*tensor devices."""
+  """A ("data", "fsdp", "tensor") mesh over all devices (one axis may be -1: the rest).
+
+  `dcn` = {"data": d, ...} makes a hybrid mesh for multi-slice TPU or multi-node GPU: each
+  mesh axis is (dcn size) x (size within a slice/node), with the slow data-center network
+  only crossed by the dcn part (usually data parallelism). Within a slice the sizes
+  data/fsdp/tensor above are per slice.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
-  n = math.prod(shape)
-  return jax.sharding.Mesh(np.asarray(devices[:n]).reshape(shape), MESH_AXES)
+  dcn = {"data": 1, "fsdp": 1, "tensor": 1, **dict(dcn or {})}
+  dcn_shape = tuple(int(dcn[a]) for a in MESH_AXES)
+  granules = math.prod(dcn_shape)
+  if granules < 1 or len(devices) % granules:
+    raise ValueError(
+      f"mesh.dcn {dcn_shape} does not divide the {len(devices)} devices into equal slices/nodes."
+    )
+  ici_shape = resolve_mesh_shape(data, fsdp, tensor, len(devices) // granules)
+  if granules > 1:  # TPU slices are granules; on GPU/CPU each process (node) is one
+    grid = mesh_utils.create_hybrid_device_mesh(
+      ici_shape, dcn_shape, devices, process_is_granule=devices[0].platform != "tpu"
+    )
+  elif devices[0].platform == "tpu":  # ordered along the torus' physical links
+    grid = mesh_utils.create_device_mesh(ici_shape, devices)
+  else:  # process-major order, so each process holds a contiguous block of the batch
+    grid = np.asarray(devices).reshape(ici_shape)
+  return jax.sharding.Mesh(grid, MESH_AXES)

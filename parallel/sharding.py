@@ -50,6 +50,14 @@ def logical_to_shardings(boxed_tree: PyTree, mesh: jax.sharding.Mesh, rules) -> 
   return jax.tree_util.tree_map_with_path(check, values, mesh_specs, is_leaf=lambda x: x is None)
 
 
+def shard_shapes(init_fn: Callable[..., PyTree], mesh: jax.sharding.Mesh, rules, *args):
+  """(ShapeDtypeStructs carrying their shardings, NamedShardings) of `init_fn(*args)`: no FLOPs."""
+  with nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(init_fn, *args)
+    shardings = logical_to_shardings(boxed, mesh, rules)
+  return abstract_with_shardings(nn.unbox(boxed), shardings), shardings
+
+
 def init_sharded(
   init_fn: Callable[..., PyTree], mesh: jax.sharding.Mesh, rules, *args
 ) -> tuple[PyTree, PyTree]:
@@ -57,9 +65,8 @@ def init_sharded(
 
   Returns (unboxed tree, tree of NamedShardings).
   """
+  _, shardings = shard_shapes(init_fn, mesh, rules, *args)
   with nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = logical_to_shardings(abstract, mesh, rules)
     tree = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
   return tree, shardings
 

@@ -1,4 +1,7 @@
-"""End-to-end: the real train loop on shrunk real configs."""
+"""End-to-end: the real train loop on shrunk real configs.
+
+These test the loop itself on one device (fast); tests/test_parallel.py covers meshes.
+"""
 
 import json
 import os
@@ -10,6 +13,10 @@ import pytest
 from experiments import train
 from experiments.configs import classify, lm
 from experiments.metrics import read_metrics
+
+
+def run(config, workdir):
+  return train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
 
 
 def tiny_lm(steps=200, **train_overrides):
@@ -25,7 +32,7 @@ def evals(workdir):
 
 def test_lm_learns(tmp_path):
   c = tiny_lm(steps=300)
-  final = train.train_and_evaluate(c, str(tmp_path))
+  final = run(c, str(tmp_path))
   rows = evals(tmp_path)
   assert [r["step"] for r in rows] == [50, 100, 150, 200, 250, 300]
   first, last = rows[0]["excess_loss"], rows[-1]["excess_loss"]
@@ -39,11 +46,11 @@ def test_lm_learns(tmp_path):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-  full = train.train_and_evaluate(tiny_lm(steps=150), str(tmp_path / "full"))
+  full = run(tiny_lm(steps=150), str(tmp_path / "full"))
   # The first invocation stops at step 100 (after its checkpoint), the second resumes.
-  train.train_and_evaluate(tiny_lm(steps=150, stop_after_steps=100), str(tmp_path / "split"))
+  run(tiny_lm(steps=150, stop_after_steps=100), str(tmp_path / "split"))
   assert max(r["step"] for r in read_metrics(tmp_path / "split")) == 100
-  resumed = train.train_and_evaluate(tiny_lm(steps=150), str(tmp_path / "split"))
+  resumed = run(tiny_lm(steps=150), str(tmp_path / "split"))
   assert resumed["eval_loss"] == pytest.approx(full["eval_loss"], abs=1e-6)
   a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
   assert [r["step"] for r in a] == [r["step"] for r in b]
@@ -54,8 +61,8 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_microbatches_equal_full_batch(tmp_path):
-  a = train.train_and_evaluate(tiny_lm(steps=20), str(tmp_path / "a"))
-  b = train.train_and_evaluate(tiny_lm(steps=20, microbatches=4), str(tmp_path / "b"))
+  a = run(tiny_lm(steps=20), str(tmp_path / "a"))
+  b = run(tiny_lm(steps=20, microbatches=4), str(tmp_path / "b"))
   assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-5)
 
 
@@ -65,7 +72,7 @@ def test_classify_pretrain_then_finetune(tmp_path):
   c.pretrain.eval.update(every=100, steps=1)
   c.train.update(steps=150, checkpoint_every=150)
   c.eval.update(every=150, steps=4)
-  final = train.train_and_evaluate(c, str(tmp_path))
+  final = run(c, str(tmp_path))
   assert evals(tmp_path / "pretrain")  # the MLM stage ran in its own workdir
   # Chance is 0.5; the Bayes rate is 0.9. A model that learned the rule lands between.
   assert 0.7 < final["accuracy"] <= final["bayes_accuracy"] + 0.05, final
@@ -81,7 +88,7 @@ def test_init_from_copies_matching_params(tmp_path):
   c.eval.update(every=1, steps=1)
   c.optim.lr = 0.0  # so the fine-tuned params still equal their initialization
   c.optim.warmup_steps = 0
-  train.train_and_evaluate(c, str(tmp_path))
+  run(c, str(tmp_path))
 
   def params(workdir):
     ckpt = Checkpointer(str(workdir / "checkpoints"), save_every=1)
@@ -117,7 +124,7 @@ def test_bad_input_fails_before_compiling(tmp_path, monkeypatch, override, messa
 
   monkeypatch.setattr(jax, "jit", no_compile)
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(c, str(tmp_path))
+    run(c, str(tmp_path))
 
 
 def test_unknown_preset_in_config_arg():
@@ -126,8 +133,8 @@ def test_unknown_preset_in_config_arg():
 
 
 def test_workdir_with_other_model_is_refused(tmp_path):
-  train.train_and_evaluate(tiny_lm(steps=2), str(tmp_path))
+  run(tiny_lm(steps=2), str(tmp_path))
   c = tiny_lm(steps=2)
   c.model.n_layers = 3
   with pytest.raises(ValueError, match="n_layers: 2 -> 3"):
-    train.train_and_evaluate(c, str(tmp_path))
+    run(c, str(tmp_path))

@@ -52,7 +52,10 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
     )
   )
 
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  # The mesh covers all devices: -1 takes the devices the other axes leave.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Multi-slice TPU / multi-node GPU: how many slices (nodes) each axis spans.
+  c.mesh.dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(rules="fsdp_tp"))  # a parallel.RULES preset
   return c
 

@@ -1,0 +1,174 @@
+"""Benchmarks the train step of a config: compile time, step time, tokens/s, TFLOP/s, MFU, memory.
+
+    python -m experiments.bench --config experiments/configs/lm.py:tiny --steps 20
+    python -m experiments.bench --config experiments/configs/lm.py:llama-1b --steps 20 \
+        --config.dtype=bfloat16 --config.model.attention_impl=cudnn \
+        --config.train.batch_size=8 --config.train.seq_len=2048 \
+        --config.model.scan_layers=True --config.model.remat_policy=dots_no_batch
+
+The step is the train loop's own (experiments.train.build -> init_state -> jit_steps).
+Timing: each step is blocked with `jax.block_until_ready` and the median is reported, so
+one slow step (a GC pause, a late autotune) does not skew it. The input pipeline is not
+timed: one device-resident batch is reused. cuDNN attention may not support a padding mask;
+the decoder LM passes none, so `attention_impl=cudnn` works there (with a bf16/fp16 dtype).
+"""
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+from absl import app, flags
+import jax
+import ml_collections
+
+from experiments import throughput, train
+from parallel import flops
+
+
+def _peak_bytes(devices) -> int | None:
+  """Largest `peak_bytes_in_use` over this process's `devices`; None where there are no stats (CPU).
+
+  Other hosts' devices are not addressable here, so their stats cannot be read.
+  """
+  local = [d for d in devices if d.process_index == jax.process_index()]
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in local]
+  peaks = [p for p in peaks if p is not None]
+  return max(peaks) if peaks else None
+
+
+def _max_rss_bytes() -> int:
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def run(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 2) -> dict:
+  """Compiles the config's train step, runs `warmup` + `steps` steps; returns the numbers."""
+  exp = train.build(config)
+  state, shardings = exp.init_state()
+  train_step, _ = exp.jit_steps(shardings)
+  batch = exp.batch(0)
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+
+  t0 = time.perf_counter()
+  lowered = train_step.lower(state, batch)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  # XLA's own count for one device's program: it includes remat recomputation and
+  # elementwise ops, and counts custom calls (e.g. cuDNN attention) as zero.
+  xla_flops = (compiled.cost_analysis() or {}).get("flops")
+
+  for _ in range(warmup):  # first runs allocate and may autotune
+    state, metrics = jax.block_until_ready(compiled(state, batch))
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = jax.block_until_ready(compiled(state, batch))
+    times.append(time.perf_counter() - start)
+
+  step_time = statistics.median(times)
+  devices = exp.mesh.devices.flatten().tolist()
+  n_devices = len(devices)
+  peak = flops.peak_flops_per_device(devices[0])
+  flops_per_step = throughput.step_flops(exp, config.train.batch_size, config.train.seq_len)
+  mc = exp.model_config
+  return {
+    "preset": config.model.preset,
+    "task": config.task,
+    "kind": mc.kind,
+    "dtype": config.dtype,
+    "batch_size": config.train.batch_size,
+    "seq_len": config.train.seq_len,
+    "microbatches": config.train.microbatches,
+    "scan_layers": mc.scan_layers,
+    "remat_policy": mc.remat_policy,
+    "attention_impl": mc.attention_impl,
+    "n_params": int(n_params),
+    "device_kind": devices[0].device_kind,
+    "n_devices": n_devices,
+    "mesh": dict(exp.mesh.shape),
+    "lower_s": t1 - t0,
+    "compile_s": t2 - t1,
+    "warmup_steps": warmup,
+    "steps": steps,
+    "timing": "median of per-step times, each step blocked with jax.block_until_ready",
+    "step_time_s": step_time,
+    "step_times_s": times,
+    "tokens_per_step": exp.task.tokens_per_step,
+    "flops_per_step": flops_per_step,
+    "xla_flops_per_device": xla_flops,
+    "peak_flops_per_device": peak,
+    **throughput.throughput_metrics(
+      flops_per_step, exp.task.tokens_per_step, step_time, n_devices, peak
+    ),
+    "peak_bytes_in_use": _peak_bytes(devices),
+    "max_rss_bytes": _max_rss_bytes(),
+    "final_loss": float(metrics["loss"]),
+    "jax_version": jax.__version__,
+  }
+
+
+def summary(r: dict) -> str:
+  """A readable multi-line summary of `run`'s result."""
+
+  def opt(value, fmt):
+    return "n/a" if value is None else fmt.format(value)
+
+  lines = [
+    (
+      f"model      {r['preset']} ({r['kind']}, {r['n_params']:,} params), dtype {r['dtype']}, "
+      f"scan_layers={r['scan_layers']}, remat={r['remat_policy']}, "
+      f"attention={r['attention_impl'] or 'default'}"
+    ),
+    f"devices    {r['n_devices']} x {r['device_kind']}, mesh {r['mesh']}",
+    (
+      f"batch      {r['batch_size']} x {r['seq_len']} = {r['tokens_per_step']:,} tokens/step, "
+      f"{r['microbatches']} microbatch(es)"
+    ),
+    f"compile    lower {r['lower_s']:.2f}s + compile {r['compile_s']:.2f}s",
+    (
+      f"step       {r['step_time_s'] * 1e3:.2f} ms (median of {r['steps']} after "
+      f"{r['warmup_steps']} warm-up; min {min(r['step_times_s']) * 1e3:.2f}, "
+      f"max {max(r['step_times_s']) * 1e3:.2f})"
+    ),
+    (
+      f"throughput {r['tokens_per_sec']:,.0f} tokens/s, "
+      f"{r['tflops_per_device']:.4g} TFLOP/s per device "
+      f"({r['flops_per_step']:.4g} model FLOPs/step; XLA counts "
+      f"{opt(r['xla_flops_per_device'], '{:.4g}')} per device)"
+    ),
+    (
+      f"MFU        {opt(r['mfu'], '{:.1%}')} "
+      f"(peak {opt(r['peak_flops_per_device'], '{:.4g}')} FLOP/s per device)"
+    ),
+    (
+      f"memory     device peak {opt(r['peak_bytes_in_use'], '{:,} B')}, "
+      f"host max RSS {r['max_rss_bytes'] / 2**20:,.0f} MiB"
+    ),
+    f"loss       {r['final_loss']:.4f} after the last step",
+  ]
+  return "\n".join(lines)
+
+
+# --config (with its --config.x=y overrides) is defined once, by experiments.train.
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after the warm-up).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON result.")
+
+
+def main(argv):
+  del argv
+  result = run(flags.FLAGS.config, _STEPS.value, _WARMUP.value)
+  if jax.process_index() == 0:
+    print(summary(result))
+    with open(_OUT.value, "w") as f:
+      json.dump(result, f, indent=2)
+    print(f"wrote {os.path.abspath(_OUT.value)}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,170 @@
+"""Multi-process runs on one machine: `python -m parallel.launch` over loopback.
+
+Two processes with 4 CPU devices each must train exactly like one process with 8: the same
+global batches, the same losses, the same checkpoints. The runs share the machine's cores, so
+they start together and each test reads the results.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from parallel import launch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TRAIN = [
+  *(sys.executable, "-m", "experiments.train", "--config", "experiments/configs/lm.py:tiny"),
+  *("--config.train.steps=20", "--config.train.checkpoint_every=10"),
+  *("--config.train.log_every=5", "--config.eval.every=10", "--config.eval.batch_size=64"),
+]
+LAUNCH = [sys.executable, "-m", "parallel.launch", "-n", "2"]
+# name -> (data, fsdp, tensor); every mesh is compared with the 1-process data-parallel run.
+MESHES = {"data8": (8, 1, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
+RUN_TIMEOUT = 600  # seconds; the runs take about 1.5 minutes together on 2 cores
+
+
+def clean_env(**extra) -> dict:
+  """Our environment without multi-process variables (a developer shell may have them)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TRIMFORMER_")}
+  env.update(JAX_PLATFORMS="cpu", **extra)
+  return env
+
+
+def mesh_flags(data, fsdp, tensor):
+  return [
+    f"--config.mesh.data={data}",
+    f"--config.mesh.fsdp={fsdp}",
+    f"--config.mesh.tensor={tensor}",
+  ]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """workdir per run: "ref" (1 process, 8 devices) and each MESHES entry (2 processes x 4)."""
+  root = tmp_path_factory.mktemp("launch")
+  commands = {"ref": TRAIN + mesh_flags(8, 1, 1)}  # conftest gives this process 8 devices
+  for name, mesh in MESHES.items():
+    commands[name] = [*LAUNCH, "--devices-per-process", "4", "--", *TRAIN, *mesh_flags(*mesh)]
+  procs = {}
+  for name, cmd in commands.items():
+    with open(root / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
+      cmd = [*cmd, "--workdir", str(root / name)]
+      procs[name] = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=log, stderr=log)
+  deadline = time.monotonic() + RUN_TIMEOUT
+  for name, p in procs.items():
+    try:
+      p.wait(timeout=max(1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      p.kill()  # the launcher's own children die with it: see the failing-child test
+      p.wait()
+  codes = {name: p.returncode for name, p in procs.items()}
+  return root, codes
+
+
+def rows(root, name, code):
+  log = (root / f"{name}.log").read_text(errors="replace")
+  assert code == 0, f"{name} exited with {code}:\n{log[-4000:]}"
+  with open(root / name / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_two_processes_train_like_one(runs, mesh):
+  root, codes = runs
+  ref, multi = rows(root, "ref", codes["ref"]), rows(root, mesh, codes[mesh])
+  assert [(r["step"], "loss" in r) for r in multi] == [(r["step"], "loss" in r) for r in ref]
+  assert [r["step"] for r in ref if "loss" in r] == [5, 10, 15, 20]
+  assert [r["step"] for r in ref if "eval_loss" in r] == [10, 20]
+  for a, b in zip(ref, multi):
+    for k in ("loss", "eval_loss"):
+      if k in a:
+        assert b[k] == pytest.approx(a[k], abs=1e-5), (mesh, a["step"], k)
+  # Every process saved its shards; process 0 alone wrote the run's files.
+  assert sorted(os.listdir(root / mesh / "checkpoints")) == ["10", "20"]
+  config = json.loads((root / mesh / "config.json").read_text())
+  assert config["mesh"]["tensor"] == MESHES[mesh][2]
+  log = (root / f"{mesh}.log").read_text(errors="replace")
+  assert "[0] " in log and "[1] " in log
+
+
+def test_failing_child_stops_the_job(tmp_path):
+  # Process 0 blocks in jax.distributed.initialize waiting for process 1, which dies first.
+  child = f"""
+import os, sys, time
+from parallel import launch
+i, out = os.environ["TRIMFORMER_PROCESS_ID"], {str(tmp_path)!r}
+open(os.path.join(out, i), "w").write(str(os.getpid()))
+if i == "1":
+  while not os.path.exists(os.path.join(out, "0")):
+    time.sleep(0.05)
+  time.sleep(1)  # process 0 is now waiting for us in initialize
+  print("dying", flush=True)
+  sys.exit(3)
+launch.initialize_from_env()
+"""
+  start = time.monotonic()
+  p = subprocess.run(
+    [*LAUNCH, "--", sys.executable, "-c", child],
+    cwd=REPO,
+    env=clean_env(),
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert p.returncode == 3, p.stderr
+  assert time.monotonic() - start < 60
+  assert "process 1 failed (exit code 3)" in p.stderr
+  assert "[1] dying" in p.stdout
+  with pytest.raises(ProcessLookupError):  # the waiting process 0 was stopped, not orphaned
+    os.kill(int((tmp_path / "0").read_text()), 0)
+
+
+def test_timeout_stops_the_job():
+  p = subprocess.run(
+    [*LAUNCH, "--timeout", "1", "--", sys.executable, "-c", "import time; time.sleep(60)"],
+    cwd=REPO,
+    env=clean_env(),
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert p.returncode == 124 and "timed out" in p.stderr, p.stderr
+
+
+def test_initialize_from_env_is_a_noop_without_env(monkeypatch):
+  for k in list(os.environ):
+    if k.startswith(("TRIMFORMER_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_")):
+      monkeypatch.delenv(k)
+  assert launch.initialize_from_env() is False
+  monkeypatch.setenv("SLURM_JOB_ID", "1")
+  monkeypatch.setenv("SLURM_NTASKS", "1")  # a single-task allocation is not multi-process
+  assert launch.initialize_from_env() is False
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  monkeypatch.setenv(launch.DISTRIBUTED, "off")
+  assert launch.initialize_from_env() is False
+  assert not jax.distributed.is_initialized()
+
+
+def test_initialize_from_env_wants_all_three_variables(monkeypatch):
+  monkeypatch.setenv(launch.COORDINATOR, "127.0.0.1:1234")
+  monkeypatch.delenv(launch.NUM_PROCESSES, raising=False)
+  with pytest.raises(ValueError, match="TRIMFORMER_NUM_PROCESSES"):
+    launch.initialize_from_env()
+
+
+def test_child_env_replaces_the_device_count(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1 --xla_force_host_platform_device_count=8")
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  env = launch.child_env(1, 2, 1234, devices_per_process=4)
+  assert env["XLA_FLAGS"].split() == ["--xla_foo=1", "--xla_force_host_platform_device_count=4"]
+  assert env["JAX_PLATFORMS"] == "cpu"
+  assert (env["TRIMFORMER_COORDINATOR"], env["TRIMFORMER_PROCESS_ID"]) == ("127.0.0.1:1234", "1")
+  assert "JAX_PLATFORMS" not in launch.child_env(0, 2, 1234, devices_per_process=None)

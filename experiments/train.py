@@ -24,6 +24,7 @@ import optax
 
 import models
 import parallel
+from parallel import launch  # not re-exported: `python -m parallel.launch` runs it
 from experiments import optim, tasks, throughput
 from experiments.metrics import MetricWriter
 from experiments.tokenizer import ByteTokenizer
@@ -71,8 +72,9 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict):
     )
 
 
-def check_batch(config: ml_collections.ConfigDict, mesh):
-  t, n_proc = config.train, jax.process_count()
+def check_batch(config: ml_collections.ConfigDict, mesh, n_feeds: int):
+  """Batch sizes must split over the data-parallel shards, feeding processes, microbatches."""
+  t, n_proc = config.train, n_feeds
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   for name, bs in (("train.batch_size", t.batch_size), ("eval.batch_size", config.eval.batch_size)):
     if bs % batch_shards or bs % n_proc:
@@ -167,8 +169,10 @@ def build(
     check_workdir(workdir, config)
   mesh = parallel.make_mesh(**config.mesh, devices=devices)
   rules = parallel.get_rules(config.sharding.rules)
-  check_batch(config, mesh)
-  task = tasks.make_task(config, tokenizer, jax.process_index(), jax.process_count())
+  # Each process feeds the batch rows its devices hold (not always block process_index).
+  feed = parallel.sharding.process_batch_slice(parallel.batch_sharding(mesh, rules))
+  check_batch(config, mesh, feed[1])
+  task = tasks.make_task(config, tokenizer, *feed)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
   return Experiment(config, mc, models.build(mc), task, mesh, rules, tx, schedule)
 
@@ -187,8 +191,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:  # atomic: other processes may be reading it
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
 
   ckpt = parallel.Checkpointer(
     os.path.join(workdir, "checkpoints"),
@@ -236,10 +242,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     if pending is not None:
       step, metrics, lr = pending
       metrics, now = jax.device_get(metrics), time.perf_counter()
-      step_time = (now - clock[0]) / (step - clock[1])
-      speed = throughput.throughput_metrics(
-        flops_per_step, task.tokens_per_step, step_time, exp.mesh.size, peak
-      )
+      speed = {}  # none for a log step that is the first step (its time is compilation)
+      if step > clock[1]:
+        step_time = (now - clock[0]) / (step - clock[1])
+        speed = throughput.throughput_metrics(
+          flops_per_step, task.tokens_per_step, step_time, exp.mesh.size, peak
+        )
       writer.write(
         step, {**{k: float(v) for k, v in metrics.items()}, "learning_rate": lr, **speed}
       )
@@ -285,8 +293,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 
 def main(argv):
   del argv
-  from parallel import launch  # not in parallel/__init__: `python -m parallel.launch` runs it
-
   launch.initialize_from_env()  # multi-process runs join before anything touches devices
   logging.set_verbosity(logging.INFO)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -120,8 +120,11 @@ def _pump(i: int, stream, lock: threading.Lock):
     text = b"".join(p if p == b"\r" else prefix + p for p in parts if p)
     if text:
       with lock:
-        out.write(text)
-        out.flush()
+        try:
+          out.write(text)
+          out.flush()
+        except OSError:  # our stdout is gone (e.g. `| head`): keep draining, or the child blocks
+          pass
     if not chunk:
       return
 
@@ -228,7 +231,11 @@ def main(argv=None) -> int:
     parser.error("no command given: python -m parallel.launch -n N -- <command ...>")
   if args.num_processes < 1:
     parser.error("-n must be at least 1")
-  return launch(command, args.num_processes, args.devices_per_process, args.timeout)
+  try:
+    return launch(command, args.num_processes, args.devices_per_process, args.timeout)
+  except FileNotFoundError as e:  # the command itself does not exist
+    print(f"[launch] cannot start {command[0]!r}: {e.strerror}", file=sys.stderr)
+    return 127
 
 
 if __name__ == "__main__":

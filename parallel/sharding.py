@@ -82,3 +82,28 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules) -> NamedSharding:
   """Sharding of a [batch, ...] input: the leading axis over the rules' "batch" axes."""
   spec = nn.logical_to_mesh_axes(("batch",), rules)
   return NamedSharding(mesh, spec)
+
+
+def process_batch_slice(sharding: NamedSharding) -> tuple[int, int]:
+  """(index, count): this process feeds slice `index` of `count` equal slices of the batch.
+
+  What a process must feed to `jax.make_array_from_process_local_data` is the rows its
+  devices hold, which is not always slice `jax.process_index()` of `jax.process_count()`:
+  with the batch replicated over an axis that spans processes (tensor parallelism across
+  hosts) several processes hold, and must feed, the same rows; a TPU mesh in physical
+  order need not hand process i the i-th block.
+  """
+  n = len(sharding.device_set)  # a nominal batch size that every batch sharding divides
+  held = {
+    (idx[0].start or 0, n if idx[0].stop is None else idx[0].stop)
+    for idx in sharding.addressable_devices_indices_map((n,)).values()
+  }
+  lo, hi = min(a for a, _ in held), max(b for _, b in held)
+  rows = hi - lo
+  if sum(b - a for a, b in held) != rows or n % rows or lo % rows:
+    raise ValueError(
+      f"Process {jax.process_index()} holds batch rows {sorted(held)} of a nominal {n}: not "
+      "one contiguous aligned block, so it cannot feed one slice of the global batch. Order "
+      "the mesh's devices so that each process's devices hold neighbouring batch shards."
+    )
+  return lo // rows, n // rows

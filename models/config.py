@@ -149,18 +149,6 @@ PRESETS: dict[str, ModelConfig] = {
     activation="gelu",
     head="mlm",
   ),
-  "bert-large": ModelConfig(
-    kind="encoder",
-    vocab_size=30522,
-    d_model=1024,
-    n_layers=24,
-    n_heads=16,
-    d_ff=4096,
-    max_len=512,
-    norm_eps=1e-12,
-    activation="gelu",
-    head="mlm",
-  ),
   # GPT-2 (Radford et al., 2019), Table 2: 117M = 12 x 768, 345M = 24 x 1024;
   # BPE vocab 50257, context 1024, head dim 64, tied input/output embeddings.
   "gpt2-small": ModelConfig(
@@ -188,6 +176,10 @@ PRESETS: dict[str, ModelConfig] = {
     tie_embeddings=False,
   ),
 }
+# BERT-large: BERT-base at 24 x 1024, 16 heads (same paper, same section).
+PRESETS["bert-large"] = dataclasses.replace(
+  PRESETS["bert-base"], d_model=1024, n_layers=24, n_heads=16, d_ff=4096
+)
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:

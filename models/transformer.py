@@ -109,6 +109,24 @@ def _check_length(cfg: ModelConfig, length: int):
     )
 
 
+def to_vocab(cfg: ModelConfig, x_BxLxE, embedding_VxE, dot_general_cls, name: str):
+  """Logits over the vocabulary: tied to the embedding table, or a kernel of its own.
+
+  Called from a parent's compact method, so the layer (named `name`) is the parent's child.
+  """
+  if cfg.tie_embeddings:
+    return Unembed(cfg.compute_dtype, dot_general_cls, name=name)(x_BxLxE, embedding_VxE)
+  dense = Dense(
+    cfg.vocab_size,
+    ("embed", "vocab"),
+    use_bias=False,
+    dtype=cfg.compute_dtype,
+    dot_general_cls=dot_general_cls,
+    name=name,
+  )
+  return dense(x_BxLxE)
+
+
 class Decoder(nn.Module):
   """GPT-style causal LM: embeddings, pre-LN blocks, final norm, (tied) LM head."""
 
@@ -141,19 +159,7 @@ class Decoder(nn.Module):
       self.attn_dot_general_cls,
     )
     x_BxLxE = Norm(cfg.norm, cfg.norm_eps, name="final_norm")(x_BxLxE)
-    if cfg.tie_embeddings:
-      logits_BxLxV = Unembed(cfg.compute_dtype, self.dot_general_cls, name="lm_head")(
-        x_BxLxE, tok_embed.embedding
-      )
-    else:
-      logits_BxLxV = Dense(
-        cfg.vocab_size,
-        ("embed", "vocab"),
-        use_bias=False,
-        dtype=cfg.compute_dtype,
-        dot_general_cls=self.dot_general_cls,
-        name="lm_head",
-      )(x_BxLxE)
+    logits_BxLxV = to_vocab(cfg, x_BxLxE, tok_embed.embedding, self.dot_general_cls, "lm_head")
     return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32), LOGITS)
 
 
@@ -175,19 +181,7 @@ class MlmHead(nn.Module):
       name="transform",
     )(x_BxLxE)
     h_BxLxE = Norm(cfg.norm, cfg.norm_eps, name="norm")(ACTIVATIONS[cfg.activation](h_BxLxE))
-    if cfg.tie_embeddings:
-      logits_BxLxV = Unembed(cfg.compute_dtype, self.dot_general_cls, name="decoder")(
-        h_BxLxE, embedding_VxE
-      )
-    else:
-      logits_BxLxV = Dense(
-        cfg.vocab_size,
-        ("embed", "vocab"),
-        use_bias=False,
-        dtype=cfg.compute_dtype,
-        dot_general_cls=self.dot_general_cls,
-        name="decoder",
-      )(h_BxLxE)
+    logits_BxLxV = to_vocab(cfg, h_BxLxE, embedding_VxE, self.dot_general_cls, "decoder")
     zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",))
     bias_V = self.param("bias", zeros, (cfg.vocab_size,), jnp.float32)
     return logits_BxLxV.astype(jnp.float32) + bias_V

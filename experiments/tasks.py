@@ -14,6 +14,7 @@ import ml_collections
 import optax
 
 from experiments import data as data_lib
+from experiments import encoder_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +109,7 @@ def make_task(
   if config.task == "mlm":
 
     def batch(s, split):
-      return data_lib.mlm_batch(
+      return encoder_data.mlm_batch(
         source,
         s,
         *sizes(split),
@@ -122,7 +123,7 @@ def make_task(
     return Task("mlm", batch, mlm_loss, _ratios, t.batch_size * t.seq_len)
 
   if config.task == "classify":
-    cls_source = data_lib.ClassifySource(source=source, **d.classify)
+    cls_source = encoder_data.ClassifySource(source=source, **d.classify)
 
     def summarize(sums):
       row = _ratios(sums)

@@ -198,7 +198,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
   ckpt = parallel.Checkpointer(
     os.path.join(workdir, "checkpoints"),
-    save_every=config.train.checkpoint_every,
     keep=config.train.keep_checkpoints,
     async_save=config.train.async_checkpoint,
   )
@@ -270,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       clock[:] = [time.perf_counter(), done]  # eval time does not count against throughput
     stop = t.stop_after_steps and done - start >= t.stop_after_steps
     if done % t.checkpoint_every == 0 or done == t.steps or stop:
-      ckpt.save(done, state, force=True)
+      ckpt.save(done, state)
     writer.advance()
     if stop:
       logging.info(

@@ -16,14 +16,13 @@ PyTree = Any
 
 
 class Checkpointer:
-  """A thin CheckpointManager: save every `save_every` steps, keep the last `keep`."""
+  """A thin CheckpointManager that keeps the last `keep` checkpoints; the caller picks the steps."""
 
-  def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every,
         max_to_keep=keep,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
@@ -33,8 +32,8 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: PyTree, *, force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  def save(self, step: int, state: PyTree) -> bool:
+    return self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def restore(self, target: PyTree, step: int | None = None) -> PyTree:
     """Restores onto `target`: ShapeDtypeStructs whose shardings say where each shard goes."""

@@ -3,15 +3,8 @@
 import numpy as np
 import pytest
 
-from experiments.data import (
-  ALPHABET,
-  CLASS_CHARS,
-  ClassifySource,
-  MarkovSource,
-  _entropy,
-  mlm_batch,
-  mlm_mask,
-)
+from experiments.data import ALPHABET, MarkovSource, _entropy
+from experiments.encoder_data import CLASS_CHARS, ClassifySource, mlm_batch, mlm_mask
 from experiments.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()

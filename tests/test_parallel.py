@@ -62,8 +62,15 @@ def test_sharded_encoder_classifier_equals_one_device():
 
 def test_scanned_remat_llama_style_sharded_equals_one_device():
   llama = dict(
-    norm="rmsnorm", positions="rotary", gated_mlp=True, activation="silu", use_bias=False,
-    n_kv_heads=2, tie_embeddings=False, scan_layers=True, remat_policy="full",
+    norm="rmsnorm",
+    positions="rotary",
+    gated_mlp=True,
+    activation="silu",
+    use_bias=False,
+    n_kv_heads=2,
+    tie_embeddings=False,
+    scan_layers=True,
+    remat_policy="full",
   )
   losses, _, _ = run_steps(tiny((2, 2, 2), **llama))
   np.testing.assert_allclose(losses, reference(**llama), atol=1e-5, rtol=0)
@@ -82,7 +89,8 @@ def test_params_and_optimizer_state_carry_the_rules_shardings():
   for moment in (adam.mu, adam.nu):
     jax.tree.map(
       lambda m, p: np.testing.assert_equal(m.sharding.spec, p.sharding.spec),
-      moment, state["params"],
+      moment,
+      state["params"],
     )
   assert state["step"].sharding.is_fully_replicated
 

@@ -91,7 +91,7 @@ def test_init_from_copies_matching_params(tmp_path):
   run(c, str(tmp_path))
 
   def params(workdir):
-    ckpt = Checkpointer(str(workdir / "checkpoints"), save_every=1)
+    ckpt = Checkpointer(str(workdir / "checkpoints"))
     p = ckpt.manager.restore(ckpt.latest_step())["params"]
     ckpt.close()
     return p

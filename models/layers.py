@@ -57,7 +57,11 @@ class Dense(nn.Module):
     )
     dot_general = make_dot_general(self.dot_general_cls)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if jnp.issubdtype(kernel.dtype, jnp.floating):
+      kernel = kernel.astype(self.dtype)
+    # else: integer codes of a converted (quantized) checkpoint, for a dot_general that
+    # knows their scales.
+    y = dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
     if self.use_bias:
       bias = self.param(
         "bias",

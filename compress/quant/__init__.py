@@ -1,0 +1,65 @@
+"""Quantization: pure quantizers, a quantized dot_general (QAT, calibration, int8 serving),
+the optax side, and conversion to an integer checkpoint.
+
+    policy = quant.Policy.of((r"lm_head", None), (r".", quant.QuantConfig(bits=8, act_bits=8)))
+    model = models.build(cfg, dot_general_cls=functools.partial(quant.QuantDot, policy))
+"""
+
+from compress.quant.quantizers import (
+  CALIBRATORS,
+  calibrate,
+  check_bits,
+  dequantize,
+  fake_quant,
+  int_range,
+  lsq_fake_quant,
+  lsq_grad_scale,
+  lsq_init,
+  lsq_range,
+  quantize,
+  scale_zero,
+  storage_dtype,
+  tile,
+)
+from compress.quant.dot_general import MODES, Policy, QuantConfig, QuantDot, report
+from compress.quant.convert import convert, disk_bytes, load, save
+from compress.quant.optim import (
+  STEP_NAMES,
+  decay_mask,
+  is_step,
+  keep_on_grid,
+  labels,
+  split_optimizer,
+)
+
+__all__ = [
+  "STEP_NAMES",
+  "decay_mask",
+  "is_step",
+  "keep_on_grid",
+  "labels",
+  "split_optimizer",
+  "CALIBRATORS",
+  "MODES",
+  "Policy",
+  "QuantConfig",
+  "QuantDot",
+  "calibrate",
+  "check_bits",
+  "convert",
+  "dequantize",
+  "disk_bytes",
+  "fake_quant",
+  "int_range",
+  "load",
+  "lsq_fake_quant",
+  "lsq_grad_scale",
+  "lsq_init",
+  "lsq_range",
+  "quantize",
+  "report",
+  "save",
+  "scale_zero",
+  "storage_dtype",
+  "tile",
+]

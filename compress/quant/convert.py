@@ -1,0 +1,157 @@
+"""Conversion for serving: integer weight codes + scales, saved really smaller on disk.
+
+    serving = convert(convert_model.apply, variables, example_ids)   # int8/int4 kernels
+    save(directory, serving)                                        # int4 packed 2 per byte
+    serving = load(directory)
+    logits = serve_model.apply(serving, ids)                        # int8 x int8 -> int32 dots
+
+`convert` runs the model once in QuantDot's "convert" mode: every quantized layer computes
+its weight codes and scales; each layer's float `kernel` is replaced by its codes (int8,
+or native int4 for <= 4 bits) and the scales go to the "quant" collection. A tied output
+layer keeps its float table (the embedding lookup needs it) and quantizes it on the fly.
+
+`storage_bits` additionally stores the remaining float matrices (embedding tables, float
+heads) per row at that width; `load` dequantizes them, so they serve in float with that
+rounding (the one difference from the fake-quant model, which keeps them exact).
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from compress.quant import quantizers as qz
+
+
+def _get(tree, keys):
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, keys, value):
+  """A copy of nested dict `tree` with `keys` set to value (only the path is copied)."""
+  if not keys:
+    return value
+  return {**tree, keys[0]: _set(tree[keys[0]], keys[1:], value)}
+
+
+def _paths(tree, prefix=()):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _paths(v, prefix + (k,))
+  else:
+    yield prefix, tree
+
+
+def convert(apply_fn, variables: dict, *args, **kwargs) -> dict:
+  """Serving variables from trained ones, by one forward in "convert" mode.
+
+  `apply_fn` is the model built with QuantDot(mode="convert") (same policy as in
+  training); `args`/`kwargs` are any valid input (e.g. one token), only traced shapes
+  matter. Returns {"params": kernels as integer codes, "quant": scales, ...}.
+  """
+  variables = jax.tree.map(lambda x: x, variables)  # shallow copy of plain dicts
+  _, out = apply_fn(variables, *args, mutable=["quant"], **kwargs)
+  params, quant = variables["params"], {}
+  for keys, value in _paths(out["quant"]):
+    if keys[-1] != "w_int":
+      quant = _set_new(quant, keys, value)
+      continue
+    kernel_keys = keys[:-2] + ("kernel",)  # .../layer/QuantDot_0/w_int -> .../layer/kernel
+    try:
+      kernel = _get(params, kernel_keys)
+    except (KeyError, TypeError):
+      continue  # a tied table: stays float, quantized on the fly with its stored scale
+    if kernel.shape == value.shape:
+      params = _set(params, kernel_keys, value)
+  return {**variables, "params": params, "quant": quant}
+
+
+def _set_new(tree, keys, value):
+  if len(keys) == 1:
+    return {**tree, keys[0]: value}
+  return {**tree, keys[0]: _set_new(tree.get(keys[0], {}), keys[1:], value)}
+
+
+def _pack_int4(x) -> np.ndarray:
+  """int4 codes -> uint8, two per byte (low nibble first), flattened; padded if odd."""
+  flat = np.asarray(x.astype(jnp.int8)).reshape(-1).astype(np.int16)
+  flat = np.concatenate([flat, np.zeros(flat.size % 2, np.int16)]) & 0xF
+  return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+
+
+def _unpack_int4(packed, shape) -> jax.Array:
+  packed = jnp.asarray(packed)
+  nibbles = jnp.stack([packed & 0xF, packed >> 4], axis=-1).reshape(-1).astype(jnp.int8)
+  nibbles = jnp.where(nibbles > 7, nibbles - 16, nibbles)  # sign-extend
+  return nibbles[: int(np.prod(shape))].reshape(shape).astype(jnp.int4)
+
+
+def save(directory: str, serving: dict, storage_bits: int | None = None):
+  """Writes serving variables: int4 packed two per byte, other arrays as they are.
+
+  `storage_bits` (2..8): float matrices (ndim >= 2) are stored as per-row symmetric codes
+  plus float32 row scales; `load` dequantizes them.
+  """
+  if storage_bits is not None:
+    qz.check_bits(storage_bits, "storage_bits")
+  directory = os.path.abspath(directory)
+  arrays, meta = {}, {"int4": {}, "stored": {}}
+  for keys, x in _paths(serving):
+    name = "/".join(keys)
+    x = jax.device_get(x)
+    if x.dtype == jnp.int4:
+      arrays[name] = _pack_int4(x)
+      meta["int4"][name] = list(x.shape)
+    elif storage_bits is not None and jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2:
+      lo, hi = qz.calibrate(x, (-1,), bits=storage_bits, symmetric=True)
+      scale, _ = qz.scale_zero(lo, hi, storage_bits, True)
+      codes = qz.quantize(x, scale, None, storage_bits, True).astype(jnp.int8)
+      if storage_bits <= 4:
+        arrays[name + "#codes"] = _pack_int4(codes)
+      else:
+        arrays[name + "#codes"] = np.asarray(codes)
+      arrays[name + "#scale"] = np.asarray(scale, np.float32)
+      meta["stored"][name] = {"shape": list(x.shape), "bits": storage_bits, "dtype": str(x.dtype)}
+    else:
+      arrays[name] = np.asarray(x)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.join(directory, "arrays"), arrays, force=True)
+  with open(os.path.join(directory, "format.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+
+
+def load(directory: str) -> dict:
+  """Serving variables as `save` wrote them (int4 unpacked, stored matrices dequantized)."""
+  directory = os.path.abspath(directory)
+  with open(os.path.join(directory, "format.json")) as f:
+    meta = json.load(f)
+  with ocp.StandardCheckpointer() as ckpt:
+    arrays = ckpt.restore(os.path.join(directory, "arrays"))
+  out = {}
+  for name, x in arrays.items():
+    base, _, part = name.partition("#")
+    if part == "scale":
+      continue
+    if part == "codes":
+      info = meta["stored"][base]
+      codes = x if info["bits"] > 4 else _unpack_int4(x, info["shape"])
+      value = qz.dequantize(codes, jnp.asarray(arrays[base + "#scale"]))
+      value = value.astype(info["dtype"])
+    elif name in meta["int4"]:
+      value = _unpack_int4(x, meta["int4"][name])
+    else:
+      value = jnp.asarray(x)
+    out = _set_new(out, tuple(base.split("/")), value)
+  return out
+
+
+def disk_bytes(directory: str) -> int:
+  """Total size of the files under `directory`."""
+  return sum(
+    os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(directory) for f in files
+  )

@@ -1,0 +1,207 @@
+"""Quantizers as pure functions: integer grids, ranges, scales, fake quantization, LSQ.
+
+A tensor x is quantized over *groups*: the axes in `reduce_axes` share one scale (and
+zero point), the other axes index the groups. Per-tensor = reduce every axis;
+per-channel = reduce the contracting axes of a weight; sub-channel = first split an
+axis into tiles (`tile`), then reduce the tile axis.
+
+Grids (Jacob et al.; Esser et al. for LSQ), for b bits:
+  symmetric   q in [-(2^(b-1) - 1), 2^(b-1) - 1],  x_hat = s * q,        s = amax / q_max
+  asymmetric  q in [-2^(b-1), 2^(b-1) - 1],        x_hat = s * (q - z),  z an integer, so 0
+              is exactly representable (x = 0 -> q = z -> x_hat = 0)
+  LSQ         v_bar = clip(round(v / s), -Q_N, Q_P), v_hat = v_bar * s, s learned, its gradient
+              scaled by g = 1 / sqrt(N * Q_P)
+"""
+
+from collections.abc import Sequence
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CALIBRATORS = ("absmax", "percentile", "mse")
+
+
+def check_bits(bits: int, what: str = "bits"):
+  if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+    raise ValueError(f"{what}={bits!r}: quantization supports integer bit widths from 2 to 8.")
+
+
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+  """(q_min, q_max) of the integer grid; the symmetric grid drops -2^(b-1) to stay symmetric."""
+  check_bits(bits)
+  q_max = 2 ** (bits - 1) - 1
+  return (-q_max if symmetric else -q_max - 1), q_max
+
+
+def storage_dtype(bits: int):
+  """The narrowest native integer type holding a `bits`-bit grid: int4 or int8."""
+  check_bits(bits)
+  return jnp.int4 if bits <= 4 else jnp.int8
+
+
+def tile(x: jax.Array, axis: int, size: int) -> jax.Array:
+  """Splits `axis` (length K) into (K // size, size): sub-channel groups of `size` elements."""
+  axis = axis % x.ndim
+  k = x.shape[axis]
+  if size <= 0 or k % size:
+    raise ValueError(
+      f"tile size {size} does not divide axis {axis} of length {k} (shape {x.shape}): "
+      f"choose a tile size that divides {k}, e.g. one of {[d for d in (32, 64, 128) if k % d == 0]}."
+    )
+  return x.reshape(x.shape[:axis] + (k // size, size) + x.shape[axis + 1 :])
+
+
+def _reduce_last(x: jax.Array, reduce_axes: Sequence[int]) -> jax.Array:
+  """x with its group axes first (in order) and the reduced axes flattened into the last."""
+  reduce_axes = sorted(a % x.ndim for a in reduce_axes)
+  keep = [a for a in range(x.ndim) if a not in reduce_axes]
+  y = jnp.transpose(x, keep + reduce_axes)
+  return y.reshape(y.shape[: len(keep)] + (-1,))
+
+
+def _keepdims(stat: jax.Array, x: jax.Array, reduce_axes: Sequence[int]) -> jax.Array:
+  """A per-group statistic (group axes only) reshaped to broadcast against x."""
+  reduce_axes = {a % x.ndim for a in reduce_axes}
+  return stat.reshape(tuple(1 if a in reduce_axes else n for a, n in enumerate(x.shape)))
+
+
+def scale_zero(lo, hi, bits: int, symmetric: bool):
+  """(scale, zero point) mapping the range [lo, hi] onto the grid; zero is None if symmetric.
+
+  The range is widened to contain 0 (so 0 is exact). An all-zero group gets scale 1.
+  """
+  q_min, q_max = int_range(bits, symmetric)
+  lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+  if symmetric:
+    scale = jnp.maximum(-lo, hi) / q_max
+    return jnp.where(scale > 0, scale, 1.0), None
+  scale = (hi - lo) / (q_max - q_min)
+  scale = jnp.where(scale > 0, scale, 1.0)
+  zero = jnp.clip(jnp.round(q_min - lo / scale), q_min, q_max)
+  return scale, zero
+
+
+def quantize(x, scale, zero, bits: int, symmetric: bool) -> jax.Array:
+  """Integer codes (as float32 values on the grid) of x: clip(round(x / s) + z, q_min, q_max)."""
+  q_min, q_max = int_range(bits, symmetric)
+  q = jnp.round(x.astype(jnp.float32) / scale)
+  if zero is not None:
+    q = q + zero
+  return jnp.clip(q, q_min, q_max)
+
+
+def dequantize(q, scale, zero=None) -> jax.Array:
+  q = q.astype(jnp.float32)
+  return scale * (q if zero is None else q - zero)
+
+
+def fake_quant(x, scale, zero, bits: int, symmetric: bool) -> jax.Array:
+  """dequantize(quantize(x)) forward; straight-through gradient backward.
+
+  The gradient is the identity inside the representable range [s (q_min - z), s (q_max - z)]
+  and zero outside (the clipped STE). Stop the gradient of `scale` yourself when it is a
+  function of x (dynamic ranges), as QAT does.
+  """
+  q_min, q_max = int_range(bits, symmetric)
+  z = 0.0 if zero is None else zero
+  clipped = jnp.clip(x, scale * (q_min - z), scale * (q_max - z)).astype(jnp.float32)
+  x_hat = dequantize(quantize(x, scale, zero, bits, symmetric), scale, zero)
+  return (clipped + lax.stop_gradient(x_hat - clipped)).astype(x.dtype)
+
+
+# Calibrators: a tensor -> the range [lo, hi] of each group (shaped to broadcast against x).
+
+
+def _absmax_range(x, reduce_axes, symmetric):
+  x = x.astype(jnp.float32)
+  if symmetric:
+    amax = jnp.max(jnp.abs(x), axis=tuple(reduce_axes), keepdims=True)
+    return -amax, amax
+  lo = jnp.min(x, axis=tuple(reduce_axes), keepdims=True)
+  return lo, jnp.max(x, axis=tuple(reduce_axes), keepdims=True)
+
+
+def _percentile_range(x, reduce_axes, symmetric, percentile):
+  flat = _reduce_last(x.astype(jnp.float32), reduce_axes)
+  if symmetric:
+    amax = _keepdims(jnp.percentile(jnp.abs(flat), percentile, axis=-1), x, reduce_axes)
+    return -amax, amax
+  lo = jnp.percentile(flat, 100.0 - percentile, axis=-1)
+  hi = jnp.percentile(flat, percentile, axis=-1)
+  return _keepdims(lo, x, reduce_axes), _keepdims(hi, x, reduce_axes)
+
+
+def _mse_range(x, reduce_axes, symmetric, bits, candidates=32):
+  """The absmax range shrunk by the factor in (0.2, 1] that minimizes ||x - fake_quant(x)||^2."""
+  lo, hi = _absmax_range(x, reduce_axes, symmetric)
+  x = x.astype(jnp.float32)
+
+  def err(ratio):
+    scale, zero = scale_zero(lo * ratio, hi * ratio, bits, symmetric)
+    x_hat = dequantize(quantize(x, scale, zero, bits, symmetric), scale, zero)
+    return jnp.sum(jnp.square(x - x_hat), axis=tuple(reduce_axes), keepdims=True)
+
+  ratios = jnp.linspace(1.0, 0.2, candidates)
+  errs = lax.map(err, ratios)  # one candidate at a time: memory stays at one tensor
+  best = ratios[jnp.argmin(errs, axis=0)]  # ties -> the widest range
+  return lo * best, hi * best
+
+
+def calibrate(
+  x, reduce_axes, *, bits: int, symmetric: bool, method: str = "absmax", percentile=99.99
+):
+  """The range [lo, hi] per group of x by `method`: "absmax", "percentile" or "mse"."""
+  reduce_axes = tuple(a % x.ndim for a in reduce_axes)
+  if method == "absmax":
+    return _absmax_range(x, reduce_axes, symmetric)
+  if method == "percentile":
+    return _percentile_range(x, reduce_axes, symmetric, percentile)
+  if method == "mse":
+    return _mse_range(x, reduce_axes, symmetric, bits)
+  raise ValueError(f"calibrator {method!r}: choose one of {CALIBRATORS}.")
+
+
+# LSQ (Esser et al. 2019): a learned step size per group.
+
+
+def lsq_range(bits: int) -> tuple[int, int]:
+  """(Q_N, Q_P) of LSQ's signed grid: v_bar in [-Q_N, Q_P]."""
+  check_bits(bits)
+  return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+
+
+def lsq_init(v, reduce_axes, bits: int) -> jax.Array:
+  """LSQ's initial step: 2 * mean(|v|) / sqrt(Q_P) per group."""
+  _, q_p = lsq_range(bits)
+  mean = jnp.mean(jnp.abs(v.astype(jnp.float32)), axis=tuple(reduce_axes), keepdims=True)
+  return jnp.maximum(2.0 * mean / math.sqrt(q_p), 1e-8)
+
+
+def lsq_grad_scale(v, step, bits: int) -> float:
+  """g = 1 / sqrt(N * Q_P), N the number of elements sharing one step."""
+  _, q_p = lsq_range(bits)
+  return 1.0 / math.sqrt((v.size // max(step.size, 1)) * q_p)
+
+
+def _scale_grad(x, g):
+  """x forward, g * dL/dx backward."""
+  return x * g + lax.stop_gradient(x - x * g)
+
+
+def _round_ste(x):
+  return x + lax.stop_gradient(jnp.round(x) - x)
+
+
+def lsq_fake_quant(v, step, bits: int, grad_scale: float | None = None) -> jax.Array:
+  """v_hat = clip(round(v / s), -Q_N, Q_P) * s with LSQ's gradients.
+
+  dv_hat/dv = 1 inside the range, 0 outside; dv_hat/ds = round(v/s) - v/s inside, -Q_N or
+  Q_P outside, times g (default 1 / sqrt(N * Q_P)).
+  """
+  q_n, q_p = lsq_range(bits)
+  g = lsq_grad_scale(v, step, bits) if grad_scale is None else grad_scale
+  s = _scale_grad(step, g)
+  v_bar = _round_ste(jnp.clip(v.astype(jnp.float32) / s, -q_n, q_p))
+  return (v_bar * s).astype(v.dtype)

@@ -1,8 +1,13 @@
-"""The optimizer from config: AdamW with warmup + cosine/linear/constant decay and clipping."""
+"""The optimizer from config: AdamW with warmup + cosine/linear/constant decay and clipping.
 
-import jax
+Compression transforms chain onto it here: LSQ's learned step sizes get their own Adam
+(no weight decay, lr x quant.step_lr_scale).
+"""
+
 import ml_collections
 import optax
+
+from compress import quant
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -19,24 +24,29 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
 
 
-def _decay_mask(params):
-  """Weight decay on matrices only: not on biases, norm scales (the usual BERT/GPT recipe)."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-
 def make_optimizer(
-  cfg: ml_collections.ConfigDict, total_steps: int
+  config: ml_collections.ConfigDict, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  cfg = config.optim
   schedule = make_schedule(cfg, total_steps)
   if cfg.name != "adamw":
     raise ValueError(
       f"optim.name={cfg.name!r}: only 'adamw' is built in; chain your own "
       "optax transform in experiments/optim.py."
     )
-  tx = optax.chain(
-    optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
-    optax.adamw(
-      schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask
-    ),
+  # Weight decay on matrices only: not on biases, norm scales (the usual BERT/GPT recipe),
+  # nor on quantization step sizes.
+  adamw = optax.adamw(
+    schedule,
+    b1=cfg.b1,
+    b2=cfg.b2,
+    eps=cfg.eps,
+    weight_decay=cfg.weight_decay,
+    mask=quant.decay_mask,
   )
-  return tx, schedule
+  q = config.get("quant")
+  if q is not None and q.method != "none" and q.lsq:
+    step_lr = lambda count: schedule(count) * q.step_lr_scale  # noqa: E731
+    adamw = quant.split_optimizer(adamw, optax.adam(step_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+  clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity()
+  return optax.chain(clip, adamw), schedule

@@ -21,7 +21,7 @@ from experiments import encoder_data
 class Task:
   name: str
   batch: Callable[[int, str], dict]  # (step, split) -> this process's slice, NumPy
-  loss: Callable  # (model, params, batch, rng, train) -> (loss_sum, sums)
+  loss: Callable  # (model, variables, batch, rng, train) -> (loss_sum, sums)
   summarize: Callable[[dict], dict]  # summed eval sums -> eval row
   tokens_per_step: int  # global tokens per train step (for tokens/s)
 
@@ -38,9 +38,10 @@ def token_sums(logits_BxLxV, targets_BxL, weights_BxL) -> dict:
   }
 
 
-def _apply(model, params, batch, rng, train, **kwargs):
+def _apply(model, variables, batch, rng, train, **kwargs):
+  """The model on a batch; `variables` is {"params": ..., other collections}."""
   return model.apply(
-    {"params": params},
+    variables,
     batch["inputs"],
     deterministic=not train,
     rngs={"dropout": rng} if train else {},
@@ -48,22 +49,22 @@ def _apply(model, params, batch, rng, train, **kwargs):
   )
 
 
-def lm_loss(model, params, batch, rng, train):
-  logits = _apply(model, params, batch, rng, train)
+def lm_loss(model, variables, batch, rng, train):
+  logits = _apply(model, variables, batch, rng, train)
   sums = token_sums(logits, batch["targets"], batch["weights"])
   return sums["loss"], sums
 
 
-def mlm_loss(model, params, batch, rng, train):
-  logits = _apply(model, params, batch, rng, train, attention_mask=batch["attention_mask"])
+def mlm_loss(model, variables, batch, rng, train):
+  logits = _apply(model, variables, batch, rng, train, attention_mask=batch["attention_mask"])
   sums = token_sums(logits, batch["targets"], batch["weights"])
   return sums["loss"], sums
 
 
-def classify_loss(model, params, batch, rng, train):
+def classify_loss(model, variables, batch, rng, train):
   logits_BxC = _apply(
     model,
-    params,
+    variables,
     batch,
     rng,
     train,

@@ -21,11 +21,13 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import optax
+from jax.sharding import PartitionSpec as P
 
+from compress import quant
 import models
 import parallel
 from parallel import launch  # not re-exported: `python -m parallel.launch` runs it
-from experiments import optim, tasks, throughput
+from experiments import compression, optim, tasks, throughput
 from experiments.metrics import MetricWriter
 from experiments.tokenizer import ByteTokenizer
 
@@ -64,6 +66,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict):
   }
   if old.get("task") != config.task:
     diff["task"] = (old.get("task"), config.task)
+  if "quant" in config and old.get("quant", {}) != config.quant.to_dict():
+    diff["quant"] = (old.get("quant"), config.quant.to_dict())
   if diff:
     changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
     raise ValueError(
@@ -101,6 +105,12 @@ class Experiment:
   rules: tuple
   tx: optax.GradientTransformation
   schedule: optax.Schedule
+  policy: object = None  # compress.quant.Policy when the run quantizes
+
+  def model_in(self, quant_mode: str) -> nn.Module:
+    """The same model with its QuantDots in another mode ("calibrate", "convert", "serve")."""
+    dgs = compression.dot_generals(self.config, self.policy, quant_mode)
+    return models.build(self.model_config, **dgs)
 
   @property
   def batch_sharding(self):
@@ -114,13 +124,16 @@ class Experiment:
     )
 
   def init(self, rng: jax.Array) -> dict:
-    """The train state {"step", "params", "opt", "rng"}, with logically partitioned leaves."""
+    """The train state {"step", "params", "opt", "rng"} (+ "collections": the model's other
+    variables, e.g. quantization ranges), with logically partitioned leaves."""
     example = jax.tree.map(lambda x: jnp.asarray(x[:1]), self.task.batch(0, "train"))
     kwargs = {k: example[k] for k in ("attention_mask", "token_type_ids") if k in example}
     init_rng, train_rng = jax.random.split(rng)
-    params = self.model.init({"params": init_rng}, example["inputs"], **kwargs)["params"]
+    variables = dict(self.model.init({"params": init_rng}, example["inputs"], **kwargs))
+    params = variables.pop("params")
     opt = self.tx.init(params)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt, "rng": train_rng}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt, "rng": train_rng}
+    return {**state, "collections": variables} if variables else state
 
   def shard_shapes(self):
     """(abstract state with shardings, shardings): the restore target, no allocation."""
@@ -136,7 +149,7 @@ class Experiment:
   def jit_steps(self, shardings):
     """The jitted train step (donating its state) and eval step, with explicit shardings."""
     model, task = self.model, self.task
-    loss = lambda p, b, r: task.loss(model, p, b, r, True)  # noqa: E731
+    loss = lambda p, b, r, c: task.loss(model, {"params": p, **c}, b, r, True)  # noqa: E731
     step = parallel.make_train_step(loss, self.tx, self.config.train.microbatches)
     train_step = parallel.jit_with_mesh(
       step,
@@ -147,13 +160,62 @@ class Experiment:
       donate_argnums=0,
     )
     eval_step = parallel.jit_with_mesh(
-      lambda p, b: task.loss(model, p, b, None, False)[1],
+      lambda p, c, b: task.loss(model, {"params": p, **c}, b, None, False)[1],
       self.mesh,
       self.rules,
-      in_shardings=(shardings["params"], self.batch_sharding),
+      in_shardings=(shardings["params"], shardings.get("collections", {}), self.batch_sharding),
       out_shardings=None,
     )
     return train_step, eval_step
+
+  def reinit_steps(self, state: dict, shardings: dict) -> dict:
+    """LSQ step sizes re-initialized from the current weights (after init_from) and a batch."""
+    model = self.model
+
+    def fn(p, c, b, rng):
+      kwargs = {k: b[k] for k in ("attention_mask", "token_type_ids") if k in b}
+      kept = quant.without_steps(p)
+      _, new = model.apply(
+        {"params": kept, **c}, b["inputs"], mutable=["params"], rngs={"params": rng}, **kwargs
+      )
+      return new["params"]
+
+    jitted = parallel.jit_with_mesh(
+      fn,
+      self.mesh,
+      self.rules,
+      in_shardings=(
+        shardings["params"],
+        shardings.get("collections", {}),
+        self.batch_sharding,
+        None,
+      ),
+      out_shardings=shardings["params"],
+    )
+    return jitted(state["params"], state.get("collections", {}), self.batch(0), self.rng)
+
+  def calibrate(self, state: dict, shardings: dict) -> dict:
+    """Static activation ranges from `quant.calib_batches` train batches (QuantDot's
+    "calibrate" mode: a float forward recording each quantized input's range)."""
+    model = self.model_in("calibrate")
+
+    def step(p, c, b):
+      variables = {"params": p, **c}
+      kwargs = {k: b[k] for k in ("attention_mask", "token_type_ids") if k in b}
+      _, updated = model.apply(variables, b["inputs"], mutable=["quant"], **kwargs)
+      return {**c, **updated}
+
+    c_shardings = shardings["collections"]
+    jitted = parallel.jit_with_mesh(
+      step,
+      self.mesh,
+      self.rules,
+      in_shardings=(shardings["params"], c_shardings, self.batch_sharding),
+      out_shardings=c_shardings,
+    )
+    batches = (self.batch(i) for i in range(self.config.quant.calib_batches))
+    calib = lambda st, b: {**st, "collections": jitted(st["params"], st["collections"], b)}  # noqa: E731
+    return quant.calibrate_model(calib, state, batches)
 
 
 def build(
@@ -173,8 +235,10 @@ def build(
   feed = parallel.sharding.process_batch_slice(parallel.batch_sharding(mesh, rules))
   check_batch(config, mesh, feed[1])
   task = tasks.make_task(config, tokenizer, *feed)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
-  return Experiment(config, mc, models.build(mc), task, mesh, rules, tx, schedule)
+  policy = compression.quant_policy(config)
+  tx, schedule = optim.make_optimizer(config, config.train.steps)
+  model = models.build(mc, **compression.dot_generals(config, policy))
+  return Experiment(config, mc, model, task, mesh, rules, tx, schedule, policy)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
@@ -182,12 +246,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
   `devices` (default: all) are the devices the mesh spans.
   """
+  exp = build(config, workdir, devices)  # everything wrong with the input is caught here
   init_from = config.get("init_from") or ""
   if config.get("pretrain"):  # e.g. MLM pretraining before classification: same loop, own workdir
     init_from = os.path.join(workdir, "pretrain")
     train_and_evaluate(config.pretrain, init_from, devices)
-
-  exp = build(config, workdir, devices)  # everything wrong with the input is caught here
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
@@ -210,6 +273,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       state["params"] = parallel.load_params(
         os.path.join(init_from, "checkpoints"), state["params"]
       )
+      if exp.policy is not None and config.quant.lsq:  # steps fit the loaded weights
+        state["params"] = exp.reinit_steps(state, shardings)
+    if compression.needs_ranges(config):
+      state = exp.calibrate(state, shardings)
+  if exp.policy is not None:
+    compression.report(exp.policy, state.get("collections", {}))
   start = int(state["step"])
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info(
@@ -225,7 +294,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   writer = MetricWriter(workdir, start, config.train.steps, enabled=is_main)
 
   def evaluate(step, write=True):
-    row = task.summarize(tasks.sum_eval([eval_step(state["params"], b) for b in eval_batches]))
+    c = state.get("collections", {})
+    row = task.summarize(tasks.sum_eval([eval_step(state["params"], c, b) for b in eval_batches]))
     if write:
       writer.write(step, row)
     return row
@@ -277,8 +347,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       )
       break
   flush()
-  if not last_eval:  # resumed after the final step: its eval row is already written
-    last_eval = evaluate(start, write=False)
+  if not last_eval:  # no training (PTQ), or resumed after the final step (row written)
+    last_eval = evaluate(start, write=t.steps == 0)
+  if exp.policy is not None and config.quant.export:
+
+    def evaluate_serving(model, variables):
+      variables = jax.device_put(variables, jax.sharding.NamedSharding(exp.mesh, P()))
+      step = jax.jit(lambda v, b: task.loss(model, v, b, None, False)[1])
+      with jax.set_mesh(exp.mesh):
+        return task.summarize(tasks.sum_eval([step(variables, b) for b in eval_batches]))
+
+    served = compression.export(exp, state, workdir, evaluate_serving)
+    writer.write(max(start, t.steps), served)
+    last_eval = {**last_eval, **served}
   ckpt.close()
   writer.close()
   return last_eval

@@ -50,11 +50,12 @@ class Checkpointer:
 
 
 def load_params(directory: str, target: PyTree, step: int | None = None) -> PyTree:
-  """Initializes from another run: its checkpointed params overwrite `target`'s matching subtrees.
+  """Initializes from another run: its checkpointed params overwrite `target`'s matching leaves.
 
-  Top-level subtrees present in both with equal shapes (e.g. the embeddings and layers of
-  an MLM-pretrained encoder) are restored straight into `target`'s shardings; the rest of
-  `target` (e.g. a new classification head) keeps its initialization.
+  Leaves present in both, at the same path with the same shape (e.g. the embeddings and
+  layers of an MLM-pretrained encoder, or a float model's weights under QAT), are restored
+  straight into `target`'s shardings; the rest of `target` (a new classification head,
+  learned quantization step sizes) keeps its initialization.
   """
   manager = ocp.CheckpointManager(
     os.path.abspath(directory),
@@ -67,19 +68,20 @@ def load_params(directory: str, target: PyTree, step: int | None = None) -> PyTr
       f"No checkpoint to initialize from in {directory}: run that "
       "experiment first, or unset init_from."
     )
-  saved = manager.item_metadata(step)["params"]
-  shape = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)  # noqa: E731
-  common = {k: v for k, v in target.items() if k in saved and shape(saved[k]) == shape(v)}
+  saved = _leaves(manager.item_metadata(step)["params"])
+  wanted = _leaves(target)
+  common = {
+    k: v for k, v in wanted.items() if k in saved and tuple(saved[k].shape) == tuple(v.shape)
+  }
   if not common:
     raise ValueError(
       f"The checkpoint in {directory} shares no parameters with this model "
-      f"(saved: {sorted(saved)}; here: {sorted(target)})."
+      f"(saved: {sorted(saved)[:8]}...; here: {sorted(wanted)[:8]}...)."
     )
-  item = {
-    "params": jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), common
-    )
+  abstract = {
+    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in common.items()
   }
+  item = {"params": _nest(abstract)}
   restored = manager.restore(
     step,
     args=ocp.args.PyTreeRestore(
@@ -88,9 +90,34 @@ def load_params(directory: str, target: PyTree, step: int | None = None) -> PyTr
       partial_restore=True,
     ),
   )
-  skipped = sorted(set(target) - set(common))
+  loaded = _leaves(restored["params"])
+  fresh = sorted({k.split("/")[0] for k in wanted if k not in common})
   logging.info(
-    "Initialized %s from %s step %d; kept fresh: %s", sorted(common), directory, step, skipped
+    "Initialized %d of %d parameter arrays from %s step %d; kept fresh (in): %s",
+    len(common),
+    len(wanted),
+    directory,
+    step,
+    fresh,
   )
   manager.close()
-  return {**target, **restored["params"]}
+  return _nest({**wanted, **loaded})
+
+
+def _leaves(tree) -> dict:
+  """{"a/b/c": leaf} of a nested dict."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    out["/".join(str(getattr(k, "key", k)) for k in path)] = leaf
+  return out
+
+
+def _nest(flat: dict) -> dict:
+  out = {}
+  for key, leaf in flat.items():
+    *parents, last = key.split("/")
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = leaf
+  return out

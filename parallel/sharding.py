@@ -27,8 +27,17 @@ def logical_to_shardings(boxed_tree: PyTree, mesh: jax.sharding.Mesh, rules) -> 
   error naming the leaf, its shape and the fix (we do not silently replicate: a
   surprise replication is a surprise out-of-memory at scale).
   """
+  # A box around an empty node (optax's MaskedNode, in the state of a masked transform
+  # initialized from boxed params) has nothing to shard: drop the box.
+  boxed_tree = jax.tree.map(
+    lambda x: x.value if isinstance(x, nn.Partitioned) and not jax.tree.leaves(x.value) else x,
+    boxed_tree,
+    is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
   specs = nn.get_partition_spec(boxed_tree)
-  mesh_specs = nn.logical_to_mesh(specs, rules)
+  # Leaf by leaf: empty pytree nodes that are tuples (MaskedNode) stay nodes.
+  is_spec = lambda x: isinstance(x, P)  # noqa: E731
+  mesh_specs = jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, rules), specs, is_leaf=is_spec)
   values = nn.unbox(boxed_tree)
 
   def check(path, leaf, spec):

@@ -1,6 +1,8 @@
 """The train step: one pure function `(state, batch) -> (state, metrics)`.
 
-The state is a plain dict {"step", "params", "opt", "rng"}. A loss function returns
+The state is a plain dict {"step", "params", "opt", "rng"}, plus "collections" when the
+model has non-trainable variables (e.g. a quantizer's calibrated ranges): they are passed
+to the loss and carried along unchanged. A loss function returns
 *sums* (loss summed over tokens, the token weight, other counts), never means: sums add
 up across microbatches and across shards, so the mean taken once at the end is exact
 whatever the padding, the microbatching or the mesh.
@@ -15,8 +17,9 @@ import jax.numpy as jnp
 import optax
 
 PyTree = Any
-# loss_fn(params, batch, rng) -> (loss_sum, sums); sums holds "weight" and any other sums.
-LossFn = Callable[[PyTree, dict, jax.Array], tuple[jax.Array, dict]]
+# loss_fn(params, batch, rng, collections) -> (loss_sum, sums); sums holds "weight" and any
+# other sums. `collections` is state["collections"] ({} when the state has none).
+LossFn = Callable[[PyTree, dict, jax.Array, PyTree], tuple[jax.Array, dict]]
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatches: int = 1):
@@ -24,10 +27,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatc
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: dict, batch: dict) -> tuple[dict, dict]:
-    params = state["params"]
+    params, collections = state["params"], state.get("collections", {})
     rng = jax.random.fold_in(state["rng"], state["step"])
     if microbatches == 1:
-      (_, sums), grads = grad_fn(params, batch, rng)
+      (_, sums), grads = grad_fn(params, batch, rng, collections)
     else:
       mbs = jax.tree.map(
         lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch
@@ -35,10 +38,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatc
 
       def accumulate(carry, i_mb):
         i, mb = i_mb
-        (_, s), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        (_, s), g = grad_fn(params, mb, jax.random.fold_in(rng, i), collections)
         return jax.tree.map(jnp.add, carry, (g, s)), None
 
-      (_, sums0), grads0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], mbs), rng)
+      mb0 = jax.tree.map(lambda x: x[0], mbs)
+      (_, sums0), grads0 = jax.eval_shape(grad_fn, params, mb0, rng, collections)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads0, sums0))
       (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), mbs))
     weight = jnp.maximum(sums["weight"], 1.0)

@@ -21,7 +21,7 @@ from compress.quant.quantizers import (
   storage_dtype,
   tile,
 )
-from compress.quant.dot_general import MODES, Policy, QuantConfig, QuantDot, report
+from compress.quant.dot_general import MODES, calibrate_model, Policy, QuantConfig, QuantDot, report
 from compress.quant.convert import convert, disk_bytes, load, save
 from compress.quant.optim import (
   STEP_NAMES,
@@ -33,6 +33,8 @@ from compress.quant.optim import (
 )
 
 __all__ = [
+  "without_steps",
+  "calibrate_model",
   "STEP_NAMES",
   "decay_mask",
   "is_step",

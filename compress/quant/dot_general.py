@@ -101,19 +101,30 @@ class Policy:
 
 
 def report(policy: Policy, quant_vars: dict) -> tuple[list[tuple[str, str]], list[str]]:
-  """([(layer, rule pattern)], [patterns that matched nothing]) from an initialized model's
-  "quant" collection (each QuantDot records the rule it matched at init)."""
+  """([(layer, rule pattern)], [patterns that matched nothing]) from a model's "quant"
+  collection, concrete or abstract (each QuantDot records its rule there at init)."""
   matched, used = [], set()
-  flat = jax.tree_util.tree_flatten_with_path(quant_vars)[0]
-  for path, value in flat:
+  for path, _ in jax.tree_util.tree_flatten_with_path(quant_vars)[0]:
     keys = [str(getattr(k, "key", k)) for k in path]
-    if keys[-1] != "rule":
-      continue
-    index = int(jnp.ravel(value)[0])
-    used.add(index)
-    matched.append(("/".join(keys[:-2]), policy.rules[index][0]))
+    if keys[-1] == "rule":
+      layer = "/".join(keys[:-2])
+      index, _ = policy.match(layer)
+      used.add(index)
+      matched.append((layer, policy.rules[index][0]))
   unused = [p for i, (p, _) in enumerate(policy.rules) if i not in used]
   return matched, unused
+
+
+def calibrate_model(calibrate_fn, variables, batches):
+  """Runs `calibrate_fn(variables, batch) -> variables` over `batches` (an iterable, at
+  least one batch): e.g. a jitted apply of the model in "calibrate" mode, mutable "quant".
+  """
+  n = 0
+  for batch in batches:
+    variables, n = calibrate_fn(variables, batch), n + 1
+  if n == 0:
+    raise ValueError("calibration got no batches: give it at least one (e.g. 8 to 64).")
+  return variables
 
 
 def _shift(axes, at):
@@ -188,7 +199,10 @@ class QuantDot(nn.Module):
     tile_size = cfg.granularity if (weight and isinstance(cfg.granularity, int)) else None
     rhs_t, rdims, ldims = rhs, (rc, rb), (lc, lb)
     if tile_size is not None:
-      rhs_t = qz.tile(rhs.astype(jnp.int8) if rhs.dtype == jnp.int4 else rhs, rc[-1], tile_size)
+      try:
+        rhs_t = qz.tile(rhs.astype(jnp.int8) if rhs.dtype == jnp.int4 else rhs, rc[-1], tile_size)
+      except ValueError as e:
+        raise ValueError(f"{layer}: {e}") from None
       rdims = _tiled_dims((rc, rb), rc[-1], tile_size)
       ldims = _tiled_dims((lc, lb), lc[-1], tile_size)
     w_reduce = tuple(range(rhs_t.ndim)) if cfg.granularity == "tensor" else rdims[0]

@@ -18,11 +18,19 @@ STEP_NAMES = ("w_step", "a_step", "b_step")  # LSQ's learned step sizes (QuantDo
 
 
 def _name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  """"a/b/c" from the dict keys of a path (skipping e.g. the `.value` of flax's boxes)."""
+  return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
 def is_step(path) -> bool:
   return _name(path).rsplit("/", 1)[-1] in STEP_NAMES
+
+
+def without_steps(params: dict) -> dict:
+  """The nested params dict minus the LSQ step sizes (to re-initialize them)."""
+  if not isinstance(params, dict):
+    return params
+  return {k: without_steps(v) for k, v in params.items() if k not in STEP_NAMES}
 
 
 def labels(params):

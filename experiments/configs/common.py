@@ -5,6 +5,7 @@ import dataclasses
 import ml_collections
 
 import models
+from experiments import compression
 
 
 def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
@@ -57,6 +58,7 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
   # Multi-slice TPU / multi-node GPU: how many slices (nodes) each axis spans.
   c.mesh.dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(rules="fsdp_tp"))  # a parallel.RULES preset
+  c.quant = compression.quant_section()  # method "none": float; "qat" / "ptq" quantize
   return c
 
 

@@ -122,3 +122,34 @@ def test_tile_not_dividing_is_named_before_compiling(monkeypatch):
   exp = train.build(c, devices=jax.devices()[:1])
   with pytest.raises(ValueError, match="layers_0/attn/query: tile size 48 does not divide"):
     exp.shard_shapes()
+
+
+@pytest.mark.parametrize(
+  "mesh, rules", [((8, 1, 1), "dp"), ((1, 8, 1), "fsdp"), ((2, 1, 4), "tp"), ((2, 2, 2), "fsdp_tp")]
+)
+@pytest.mark.parametrize("tile", [0, 16])
+def test_scales_shard_with_their_weights_under_every_preset(mesh, rules, tile):
+  """Every weight scale is split over the same mesh axes as its kernel's kept axes."""
+  c = lm.get_config("tiny")
+  c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  c.sharding.rules = rules
+  c.quant.update(method="qat", tile=tile, lsq=True)
+  abstract, _ = train.build(c).shard_shapes()
+  flat = jax.tree_util.tree_flatten_with_path(abstract["collections"]["quant"])[0]
+  scales = {"/".join(k.key for k in p[:-2]): x for p, x in flat if p[-1].key == "w_scale"}
+  assert len(scales) == 2 * 6  # q, k, v, out, wi, wo in each of 2 layers; lm_head stays float
+  params = jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
+  kernels = {"/".join(k.key for k in p[:-1]): x for p, x in params if p[-1].key == "kernel"}
+  steps = {"/".join(k.key for k in p[:-2]): x for p, x in params if p[-1].key == "w_step"}
+
+  def spec(x):
+    return tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+
+  for layer, scale in scales.items():
+    k = spec(kernels[layer])
+    n_in = 2 if layer.endswith("attn/out") else 1  # out contracts heads x head_dim
+    expected = (None,) * n_in + k[n_in:]
+    if tile:  # the last contracting axis K -> (K / tile, tile): the tile count splits like K
+      expected = (None,) * (n_in - 1) + (k[n_in - 1], None) + k[n_in:]
+    assert spec(scale) == expected, (layer, spec(scale), k)
+    assert spec(steps[layer]) == expected, layer

@@ -39,7 +39,9 @@ class QuantConfig:
   """How one layer is quantized. `bits`/`act_bits` None: that operand stays float.
 
   granularity: "tensor", "channel" (one scale per output channel) or an int: sub-channel
-  tiles of that many elements along the contracting axis, per output channel.
+  tiles of that many elements along the last contracting axis, per output channel (a layer
+  contracting several axes, like the attention output's heads x head_dim, groups
+  tile x the other contracting axes: 4 heads x 32 for tile 32).
   act_granularity: "tensor" or "token" (one scale per row; dynamic only).
   act_static: activation ranges calibrated once (`calibrate` mode) instead of per call.
   lsq: learned step sizes (LSQ) for weights and activations, on the signed grid.

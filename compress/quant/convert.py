@@ -91,11 +91,22 @@ def _unpack_int4(packed, shape) -> jax.Array:
   return nibbles[: int(np.prod(shape))].reshape(shape).astype(jnp.int4)
 
 
+def _storable(keys, x) -> bool:
+  """Float weight matrices (embedding tables, float kernels) may be stored at storage_bits;
+  scales, step sizes, biases and norms never are."""
+  return (
+    keys[0] == "params"
+    and keys[-1] in ("embedding", "kernel")
+    and jnp.issubdtype(x.dtype, jnp.floating)
+    and x.ndim >= 2
+  )
+
+
 def save(directory: str, serving: dict, storage_bits: int | None = None):
   """Writes serving variables: int4 packed two per byte, other arrays as they are.
 
-  `storage_bits` (2..8): float matrices (ndim >= 2) are stored as per-row symmetric codes
-  plus float32 row scales; `load` dequantizes them.
+  `storage_bits` (2..8): float weight matrices (embedding tables, kernels left float) are
+  stored as per-row symmetric codes plus float32 row scales; `load` dequantizes them.
   """
   if storage_bits is not None:
     qz.check_bits(storage_bits, "storage_bits")
@@ -107,7 +118,7 @@ def save(directory: str, serving: dict, storage_bits: int | None = None):
     if x.dtype == jnp.int4:
       arrays[name] = _pack_int4(x)
       meta["int4"][name] = list(x.shape)
-    elif storage_bits is not None and jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2:
+    elif storage_bits is not None and _storable(keys, x):
       lo, hi = qz.calibrate(x, (-1,), bits=storage_bits, symmetric=True)
       scale, _ = qz.scale_zero(lo, hi, storage_bits, True)
       codes = qz.quantize(x, scale, None, storage_bits, True).astype(jnp.int8)

@@ -47,8 +47,14 @@ def split_optimizer(
 
 
 def decay_mask(params):
-  """Weight decay on matrices, never on step sizes, biases or norm scales."""
-  return jax.tree_util.tree_map_with_path(lambda p, x: x.ndim >= 2 and not is_step(p), params)
+  """Weight decay on weight matrices: not on biases (even the (heads, head_dim) ones of
+  attention), norm scales or step sizes."""
+
+  def decay(path, x):
+    name = _name(path).rsplit("/", 1)[-1]
+    return x.ndim >= 2 and name not in ("bias", "scale") and not is_step(path)
+
+  return jax.tree_util.tree_map_with_path(decay, params)
 
 
 def keep_on_grid(

@@ -18,7 +18,7 @@ STEP_NAMES = ("w_step", "a_step", "b_step")  # LSQ's learned step sizes (QuantDo
 
 
 def _name(path) -> str:
-  """"a/b/c" from the dict keys of a path (skipping e.g. the `.value` of flax's boxes)."""
+  """The "a/b/c" of the dict keys of a path (skipping e.g. the `.value` of flax's boxes)."""
   return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 

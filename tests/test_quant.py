@@ -1,0 +1,838 @@
+"""Properties of compress.quant: integer grids, calibrators, STE and LSQ gradients, the
+quantized dot (QAT forward = integer serving forward), conversion, checkpoint size, the
+policy report, input errors and the optax side.
+
+Models are compiled once per case (train, convert and serve in one jit) and their params are
+drawn with numpy from `jax.eval_shape` (jax's RNG is slow to compile on CPU).
+"""
+
+import functools
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from jax import lax
+
+import models
+from compress import quant
+from compress.quant import Policy, QuantConfig, QuantDot
+from compress.quant import quantizers as qz
+from models.layers import Dense
+
+B, L = 2, 8
+
+
+def f32(x):
+  """A float32 device array (device_put: jnp.asarray would compile a conversion per shape)."""
+  return jax.device_put(np.asarray(x, np.float32))
+
+
+def random_ids(vocab, seed=0, shape=(B, L)):
+  return jax.device_put(np.random.RandomState(seed).randint(0, vocab, shape).astype(np.int32))
+
+
+def quant_model(cfg, policy, mode):
+  """A model whose dense layers and attention einsums all go through QuantDot(mode)."""
+  return models.build(
+    cfg,
+    dot_general_cls=functools.partial(QuantDot, policy, mode),
+    attn_dot_general_cls=functools.partial(QuantDot, policy, mode, "act_act"),
+  )
+
+
+def draw(shapes, std=0.1, seed=0):
+  """Params with the structure of `shapes`, drawn with numpy. Biases are nonzero, norm scales
+  are not one; LSQ steps are positive: weight steps absmax / 127 per group, activation 0.05."""
+  rng = np.random.RandomState(seed)
+  flat = {tuple(k.key for k in p): x for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
+  out = {}
+  for keys, x in flat.items():
+    noise = rng.normal(size=x.shape).astype(np.float32)
+    out[keys] = 1 + 0.1 * noise if keys[-1] == "scale" else std * noise
+  for keys, x in flat.items():
+    if keys[-1] == "w_step":
+      kernel = out[keys[:-2] + ("kernel",)]
+      axes = tuple(a for a in range(x.ndim) if x.shape[a] == 1 and kernel.shape[a] > 1)
+      out[keys] = np.max(np.abs(kernel), axis=axes, keepdims=True) / 127
+    elif keys[-1] in ("a_step", "b_step"):
+      out[keys] = np.full(x.shape, 0.05, np.float32)
+  leaves = [f32(out[keys]) for keys in flat]
+  return jax.tree.unflatten(jax.tree.structure(shapes), leaves)
+
+
+def param_shapes(model, ids):
+  return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), ids))["params"]
+
+
+def leaves(tree):
+  """{"a/b/c": leaf} of a nested dict."""
+  return {"/".join(str(k.key) for k in p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# Quantizers (run eagerly: the bit widths share compiled ops, one jit per width costs more).
+
+
+def numpy_out(f):
+  """f with its outputs as numpy arrays (the tests then compute in numpy: no compiles)."""
+  return functools.wraps(f)(lambda *a, **kw: jax.tree.map(np.asarray, f(*a, **kw)))
+
+
+@numpy_out
+def quantize_all(x, axes, symmetric, method="absmax", bits=tuple(range(2, 9))):
+  """{bits: range, scale, zero, codes, fake_quant, dequantized codes} of x per group."""
+  out = {}
+  for b in bits:
+    lo, hi = qz.calibrate(x, axes, bits=b, symmetric=symmetric, method=method, percentile=99.0)
+    scale, zero = qz.scale_zero(lo, hi, b, symmetric)
+    q = qz.quantize(x, scale, zero, b, symmetric)
+    fake, deq = qz.fake_quant(x, scale, zero, b, symmetric), qz.dequantize(q, scale, zero)
+    out[b] = dict(lo=lo, hi=hi, scale=scale, zero=zero, q=q, fake=fake, deq=deq)
+  return out
+
+
+def quantize_np(x, axes, symmetric, method="absmax", bits=tuple(range(2, 9))):
+  """quantize_all, with the symmetric grid's zero point as zeros."""
+  out = quantize_all(x, axes, symmetric, method, bits)
+  for r in out.values():
+    r["zero"] = np.zeros_like(r["scale"]) if r["zero"] is None else r["zero"]
+  return out
+
+
+def groups(x, granularity):
+  """(x laid out for `granularity`, reduce axes): per tensor, per column, tiles of 4 rows."""
+  if granularity == "tensor":
+    return x, (0, 1)
+  if granularity == "channel":
+    return x, (0,)
+  return qz.tile(x, 0, 4), (1,)
+
+
+# The grid and calibrator tests share data shaped (64, 256), so their eager ops compile once.
+SHAPE = (64, 256)
+
+
+def column_data(seed=0, shape=SHAPE):
+  """Columns with very different ranges, one all positive, one all negative (numpy)."""
+  rng = np.random.RandomState(seed)
+  x = rng.normal(size=shape) * np.geomspace(0.1, 10, shape[1])
+  x[:, 0] = np.abs(x[:, 0]) + 0.5
+  x[:, 1] = -np.abs(x[:, 1]) - 0.2
+  return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "tile"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_codes_and_fake_quant_lie_on_the_grid(granularity, symmetric):
+  x, axes = groups(f32(column_data()), granularity)
+  assert x.shape == ((16, 4, 256) if granularity == "tile" else SHAPE)
+  for bits, r in quantize_np(x, axes, symmetric).items():
+    q_min, q_max = qz.int_range(bits, symmetric)
+    assert (q_min, q_max) == (-(2 ** (bits - 1)) + symmetric, 2 ** (bits - 1) - 1)
+    group_shape = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
+    assert r["scale"].shape == r["zero"].shape == group_shape
+    assert np.all(r["scale"] > 0)
+    np.testing.assert_array_equal(r["zero"], np.round(r["zero"]))
+    q = r["q"]
+    np.testing.assert_array_equal(q, np.round(q))
+    assert q.min() >= q_min and q.max() <= q_max, bits
+    if symmetric:  # absmax ranges use the whole grid
+      assert np.abs(q).max() == q_max, bits
+    else:
+      assert (q.min(), q.max()) == (q_min, q_max), bits
+    codes = r["fake"] / r["scale"] + r["zero"]  # fake_quant(x) = s (q - z)
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-4)
+    np.testing.assert_allclose(codes, q, atol=1e-4)
+    assert np.abs(r["fake"] - np.asarray(x)).max() > 0  # not the identity
+
+
+@numpy_out
+def fake_quant_asymmetric(x, lo, hi):
+  """{bits: (zero point, fake_quant(x))} on the asymmetric grid of the range [lo, hi]."""
+  out = {}
+  for bits in range(2, 9):
+    scale, zero = qz.scale_zero(lo, hi, bits, False)
+    out[bits] = zero, qz.fake_quant(x, scale, zero, bits, False)
+  return out
+
+
+@pytest.mark.parametrize("lo,hi", [(-0.37, 2.9), (0.5, 3.0), (-4.0, -1.25), (1e-3, 1e-3)])
+def test_asymmetric_grid_represents_zero_exactly(lo, hi):
+  """The range is widened to hold 0 and the zero point is an integer: 0 -> code z -> 0.0."""
+  x = np.linspace(lo, hi, np.prod(SHAPE)).reshape(SHAPE)
+  x[::5] = 0.0
+  x = f32(x)
+  per_tensor = [f32(np.full((1, 1), v)) for v in (lo, hi)]
+  for bits, (zero, x_hat) in fake_quant_asymmetric(x, *per_tensor).items():
+    q_min, q_max = qz.int_range(bits, False)
+    assert zero == np.round(zero) and q_min <= zero <= q_max
+    if lo > 0 or hi < 0:  # all positive / all negative: one end of the grid is 0
+      assert zero == (q_min if lo > 0 else q_max)
+    np.testing.assert_array_equal(x_hat[::5], 0.0)
+    if bits == 8 and not lo < 0 < hi:  # the data are all far from 0 in steps: none is flushed
+      assert np.all(x_hat[1::5] != 0)
+
+
+def test_asymmetric_zero_is_exact_per_channel():
+  x = column_data()
+  x[::5] = 0.0  # zeros in every column; columns 0 and 1 are otherwise one-signed
+  r = quantize_np(f32(x), (0,), False, bits=(2, 4, 8))
+  for bits in (2, 4, 8):
+    assert r[bits]["lo"][0, 0] == 0.0 and r[bits]["hi"][0, 1] == 0.0
+    np.testing.assert_array_equal(r[bits]["fake"][::5], 0.0)
+    np.testing.assert_array_equal(r[bits]["deq"][::5], 0.0)
+
+
+def heavy_tailed(shape, seed=0):
+  return np.random.RandomState(seed).standard_t(3, size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("method", quant.CALIBRATORS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_error_inside_the_range_is_at_most_half_a_step(method, symmetric):
+  x = heavy_tailed(SHAPE)
+  for bits, r in quantize_np(f32(x), (0,), symmetric, method, bits=(2, 4, 8)).items():
+    q_min, q_max = qz.int_range(bits, symmetric)
+    low, high = r["scale"] * (q_min - r["zero"]), r["scale"] * (q_max - r["zero"])
+    inside = (x >= low) & (x <= high)
+    assert inside.mean() > 0.8, (bits, inside.mean())
+    err = np.abs(x - r["deq"])
+    half = np.broadcast_to(r["scale"] / 2, x.shape)
+    assert np.all(err[inside] <= half[inside] * (1 + 1e-5) + 1e-7), (bits, err.max())
+    assert (err / half)[inside].max() > 0.8  # the bound is tight
+    # Outside, a value goes to the nearest end of the grid.
+    ends = np.broadcast_to(np.where(x < low, low, high), x.shape)
+    np.testing.assert_allclose(r["deq"][~inside], ends[~inside], rtol=1e-6)
+    if method == "absmax":  # the grid spans the data, up to the zero point's rounding
+      assert np.all(err <= half * (1 + 1e-5) + 1e-7)
+    elif method == "percentile":
+      assert 0 < (~inside).sum() <= 0.06 * x.size  # 99th percentile: 1-3% clipped
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_ste_gradient_is_one_inside_the_range_and_zero_outside(symmetric):
+  bits, scale = 4, jnp.float32(0.25)
+  zero = None if symmetric else jnp.float32(-3.0)  # asymmetric range [-1.25, 2.5]
+  q_min, q_max = qz.int_range(bits, symmetric)
+  z = 0.0 if symmetric else -3.0
+  x = np.linspace(-3.0, 3.0, 41).astype(np.float32) + 0.013  # never on a range end
+
+  def loss(x):
+    return jnp.sum(qz.fake_quant(x, lax.stop_gradient(scale), zero, bits, symmetric))
+
+  grad = np.asarray(jax.jit(jax.grad(loss))(f32(x)))
+  inside = (x > 0.25 * (q_min - z)) & (x < 0.25 * (q_max - z))
+  assert 0 < inside.sum() < x.size
+  np.testing.assert_array_equal(grad, np.where(inside, 1.0, 0.0))
+
+
+def test_per_channel_beats_per_tensor_on_outlier_channels():
+  rng = np.random.RandomState(0)
+  w = 0.02 * rng.normal(size=SHAPE)
+  outliers = [3, 17]
+  w[:, outliers] *= 50
+  w = f32(w)
+
+  def sq_err(axes):
+    return np.square(np.asarray(w) - quantize_np(w, axes, True, bits=(4,))[4]["fake"])
+
+  per_tensor, per_channel = sq_err((0, 1)), sq_err((0,))
+  assert per_channel.mean() < per_tensor.mean() / 4, (per_channel.mean(), per_tensor.mean())
+  normal = np.setdiff1d(np.arange(256), outliers)  # the outliers no longer set their scale
+  assert per_channel[:, normal].mean() < per_tensor[:, normal].mean() / 20
+  # Relative to each channel's own power, per channel is accurate everywhere.
+  relative_channel = per_channel.mean(0) / np.mean(np.square(np.asarray(w)), axis=0)
+  relative_tensor = per_tensor.mean(0) / np.mean(np.square(np.asarray(w)), axis=0)
+  assert np.max(relative_channel) < 0.05 < np.min(relative_tensor[normal])
+
+
+@pytest.mark.parametrize("data", ["student-t", "outlier"])
+def test_clipping_calibrators_shrink_the_range_and_mse_wins_on_heavy_tails(data):
+  rng = np.random.RandomState(0)
+  if data == "student-t":
+    x = rng.standard_t(3, size=SHAPE)
+  else:
+    x = rng.normal(size=SHAPE)
+    x[7, 3] = 40.0  # one huge outlier
+  x = f32(x)
+  for symmetric in (True, False):
+    for axes in ((0,), (0, 1)):  # per channel, per tensor
+      r = {m: quantize_np(x, axes, symmetric, m, bits=(4,))[4] for m in quant.CALIBRATORS}
+      for m in ("percentile", "mse"):
+        assert r[m]["lo"].shape == r["absmax"]["lo"].shape
+        assert np.all(r[m]["lo"] >= r["absmax"]["lo"]) and np.all(r[m]["hi"] <= r["absmax"]["hi"])
+        assert np.all(r[m]["hi"] > 0) and np.all(r[m]["lo"] < 0)
+      err = {m: np.mean(np.square(np.asarray(x) - r[m]["deq"]), axis=axes) for m in r}
+      assert np.all(err["mse"] <= err["absmax"])  # per group: absmax is one of its candidates
+    # Per tensor, clipping the tail pays: observed 0.57-0.65 (t), 0.18-0.29 (outlier).
+    assert err["mse"] < 0.75 * err["absmax"], err
+    assert np.all(r["mse"]["hi"] < 0.5 * r["absmax"]["hi"]) or not symmetric
+
+
+# LSQ.
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_lsq_gradients_match_the_paper(per_channel):
+  bits = 3
+  q_n, q_p = qz.lsq_range(bits)
+  assert (q_n, q_p) == (4, 3)
+  rng = np.random.RandomState(0)
+  v = f32(rng.uniform(-2.0, 2.0, size=(16, 3)))
+  step = f32([[0.15, 0.3, 0.6]] if per_channel else 0.3)
+  n = 16 if per_channel else v.size
+  g = 1 / np.sqrt(n * q_p)
+  assert qz.lsq_grad_scale(v, step, bits) == pytest.approx(g)
+
+  def loss(v, step):
+    v_hat = qz.lsq_fake_quant(v, step, bits)
+    return jnp.sum(v_hat), v_hat
+
+  grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(v, step)
+  (_, v_hat), (grad_v, grad_s) = jax.tree.map(np.asarray, grads)
+  r = np.asarray(v) / np.asarray(step)
+  np.testing.assert_allclose(v_hat, np.clip(np.round(r), -q_n, q_p) * np.asarray(step), atol=1e-6)
+  inside = (r > -q_n) & (r < q_p)
+  assert 0 < inside.sum() < v.size and (r < -q_n).any() and (r > q_p).any()
+  np.testing.assert_allclose(grad_v, np.where(inside, 1.0, 0.0), atol=1e-6)
+  per_element = np.where(inside, np.round(r) - r, np.where(r < 0, -q_n, q_p))
+  expected = g * per_element.sum(axis=0, keepdims=True) if per_channel else g * per_element.sum()
+  assert grad_s.shape == step.shape
+  np.testing.assert_allclose(grad_s, expected, rtol=1e-5, atol=1e-6)
+
+
+# QuantDot in a layer: the fake-quant forward (computed exactly, in integers) and STE backward.
+
+K, N = 64, 8
+
+
+@pytest.mark.parametrize(
+  "config",
+  [
+    QuantConfig(),
+    QuantConfig(granularity=16),
+    QuantConfig(bits=4, act_bits=6, granularity=16, act_granularity="token"),
+    QuantConfig(act_symmetric=False, granularity=16),
+  ],
+  ids=["channel", "tile16", "int4-tile16-token", "asymmetric-act-tile16"],
+)
+def test_quantized_dense_is_fake_quant_forward_and_ste_backward(config):
+  layer = Dense(
+    N,
+    ("embed", "mlp"),
+    use_bias=False,
+    dot_general_cls=functools.partial(QuantDot, Policy.of((".*", config))),
+  )
+  rng = np.random.RandomState(0)
+  x = f32(rng.normal(size=(B, 3, K)))
+  kernel = f32(0.1 * rng.normal(size=(K, N)) * rng.uniform(0.2, 2, size=N))
+  probe = f32(rng.normal(size=(B, 3, N)))  # a loss that weighs each output
+
+  def quantized(kernel, x):
+    return layer.apply({"params": {"kernel": kernel}}, x)
+
+  def reference(kernel, x):
+    reduce = (0, 1, 2) if config.act_granularity == "tensor" else (2,)
+    bits, symmetric = config.act_bits, config.act_symmetric
+    lo, hi = qz.calibrate(x, reduce, bits=bits, symmetric=symmetric)
+    scale, zero = jax.tree.map(lax.stop_gradient, qz.scale_zero(lo, hi, bits, symmetric))
+    x_hat = qz.fake_quant(x, scale, zero, bits, symmetric)
+    w, axes = (kernel, (0,)) if config.granularity == "channel" else (qz.tile(kernel, 0, 16), (1,))
+    lo, hi = qz.calibrate(w, axes, bits=config.bits, symmetric=True)
+    scale = lax.stop_gradient(qz.scale_zero(lo, hi, config.bits, True)[0])
+    w_hat = qz.fake_quant(w, scale, None, config.bits, True).reshape(kernel.shape)
+    return lax.dot_general(x_hat, w_hat, (((2,), (0,)), ((), ())))
+
+  @jax.jit
+  def run(kernel, x):
+    out = {}
+    for name, f in [("quantized", quantized), ("reference", reference)]:
+      y, vjp = jax.vjp(f, kernel, x)
+      out[name] = (y, *vjp(probe))
+    return out, x @ kernel
+
+  out, exact = jax.tree.map(np.asarray, run(kernel, x))
+  y, grad_kernel, grad_x = out["quantized"]
+  y_ref, grad_kernel_ref, grad_x_ref = out["reference"]
+  top = np.abs(y_ref).max()
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * top)
+  assert np.abs(y - exact).max() > 1e-3 * top  # it really is quantized
+  np.testing.assert_allclose(grad_kernel, grad_kernel_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad_x, grad_x_ref, rtol=1e-5, atol=1e-5)
+  # The kernel's gradient is taken at the quantized input, not the float one.
+  float_grad = np.einsum("blk,bln->kn", np.asarray(x), np.asarray(probe))
+  assert np.abs(grad_kernel - float_grad).max() > 1e-3 * np.abs(float_grad).max()
+
+
+@pytest.mark.parametrize("calibrator", ["absmax", "percentile"])
+def test_static_ranges_are_calibrated_over_batches_and_used_in_training(calibrator):
+  config = QuantConfig(act_static=True, act_symmetric=False, act_calibrator=calibrator)
+  rng = np.random.RandomState(0)
+  params = {"kernel": f32(0.1 * rng.normal(size=(K, N)))}
+  params["bias"] = f32(rng.normal(size=N))
+  batches = [(rng.normal(size=(B, 3, K)) * c + m).astype(np.float32) for c, m in [(1, 1), (3, 0)]]
+  x = f32(rng.normal(size=(B, 3, K)) * 4)  # partly outside the range
+
+  calibrate = jax.jit(
+    lambda v, x: dense(config, "calibrate", N, use_bias=True).apply(v, x, mutable=["quant"])[1]
+  )
+  variables = {"params": params}
+  for batch in map(f32, batches):
+    variables = {**variables, **calibrate(variables, batch)}
+  state = variables["quant"]["QuantDot_0"]
+  if calibrator == "absmax":  # the range over all batches
+    lo, hi = min(b.min() for b in batches), max(b.max() for b in batches)
+  else:  # the mean of the per-batch ranges (percentile 99.99)
+    lo = np.mean([np.percentile(b, 0.01) for b in batches])
+    hi = np.mean([np.percentile(b, 99.99) for b in batches])
+  assert float(state["a_n"]) == 2.0
+  np.testing.assert_allclose([state["a_lo"], state["a_hi"]], [lo, hi], rtol=1e-5)
+
+  @jax.jit
+  def train_and_reference(variables, x):
+    y = dense(config, "train", N, use_bias=True).apply(variables, x)
+    state, kernel = variables["quant"]["QuantDot_0"], variables["params"]["kernel"]
+    scale, zero = qz.scale_zero(state["a_lo"], state["a_hi"], 8, False)
+    x_hat = qz.fake_quant(x, scale, zero, 8, False)
+    w_scale, _ = qz.scale_zero(*qz.calibrate(kernel, (0,), bits=8, symmetric=True), 8, True)
+    w_hat = qz.fake_quant(kernel, w_scale, None, 8, True)
+    return y, x_hat @ w_hat + variables["params"]["bias"], x_hat
+
+  y, expected, x_hat = jax.tree.map(np.asarray, train_and_reference(variables, x))
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+  assert np.abs(x_hat - np.asarray(x)).max() > 1.0  # x was clipped to the static range
+
+
+# Whole models: the QAT forward and the converted integer model agree bit for bit.
+
+CONFIGS = {
+  "int8": QuantConfig(),
+  "tile32": QuantConfig(granularity=32),
+  "int4-tile32-token": QuantConfig(bits=4, granularity=32, act_granularity="token"),
+  "lsq": QuantConfig(lsq=True),
+  "static-asym": QuantConfig(act_static=True, act_symmetric=False),
+}
+TINY = dict(max_len=16)
+
+
+def qat_and_serve(cfg, policy, ids):
+  """(float params, serving variables, QAT logits, serving logits), in one jit."""
+  params = draw(param_shapes(quant_model(cfg, policy, "train"), ids))
+  static = any(c is not None and c.act_static for _, c in policy.rules)
+
+  @jax.jit
+  def run(params, ids):
+    variables = {"params": params}
+    if static:
+      _, state = quant_model(cfg, policy, "calibrate").apply(variables, ids, mutable=["quant"])
+      variables = {**variables, **state}
+    serving = quant.convert(quant_model(cfg, policy, "convert").apply, variables, ids[:1, :1])
+    qat = quant_model(cfg, policy, "train").apply(variables, ids)
+    served = quant_model(cfg, policy, "serve").apply(serving, ids)
+    return serving, qat, served
+
+  return params, *run(params, ids)
+
+
+def check_serving(cfg, policy, ids):
+  params, serving, qat, served = qat_and_serve(cfg, policy, ids)
+  assert np.isfinite(qat).all() and np.abs(qat).max() > 0.1
+  # Serving runs on the integer codes, so this also shows the QAT forward is quantized.
+  np.testing.assert_allclose(served, qat, rtol=0, atol=1e-5)  # observed: 0.0
+
+  # Quantized layers hold integer codes (int4 up to 4 bits) and their scales; the rest is float.
+  kernels = {k: v for k, v in leaves(serving["params"]).items() if k.endswith("kernel")}
+  scales = {k for k in leaves(serving["quant"]) if k.endswith("w_scale")}
+  n_quantized = 0
+  for name, kernel in kernels.items():
+    layer = name.rsplit("/", 1)[0]
+    config = policy.match(layer)[1]
+    if config is None:
+      assert kernel.dtype == jnp.float32, name
+      np.testing.assert_array_equal(kernel, leaves(params)[name])
+      continue
+    n_quantized += 1
+    assert kernel.dtype == qz.storage_dtype(config.bits), name
+    assert f"{layer}/QuantDot_0/w_scale" in scales, name
+    q_min, q_max = (-128, 127) if config.lsq else qz.int_range(config.bits, True)
+    codes = np.asarray(kernel).astype(np.int8)
+    assert codes.min() >= q_min and codes.max() <= q_max and codes.max() > q_max // 2, name
+  assert n_quantized >= 6
+  for name, x in leaves(serving["params"]).items():
+    if not name.endswith("kernel"):
+      assert x.dtype == jnp.float32, name
+  return serving
+
+
+# Each configuration on its own layers, so one compile covers them all; the attention einsums
+# (path ".../attn") are static asymmetric, LSQ and per token in the three models.
+MIXED_DECODER = Policy.of(
+  ("lm_head|decoder", None),
+  ("attn/query", CONFIGS["int8"]),
+  ("attn/key", CONFIGS["tile32"]),
+  ("attn/value", CONFIGS["lsq"]),
+  ("attn/out", CONFIGS["int4-tile32-token"]),
+  ("attn$", CONFIGS["static-asym"]),
+  ("mlp/wi", CONFIGS["static-asym"]),
+  (".*", CONFIGS["int8"]),
+)
+MIXED_ENCODER = Policy.of(
+  ("lm_head|decoder", None),
+  ("attn/(query|key)", CONFIGS["lsq"]),
+  ("attn/value", CONFIGS["static-asym"]),
+  ("attn/out", CONFIGS["tile32"]),
+  ("attn$", CONFIGS["lsq"]),
+  ("mlp/wi", CONFIGS["int4-tile32-token"]),
+  ("mlp/wo", CONFIGS["int8"]),
+  (".*", CONFIGS["static-asym"]),  # mlm_head/transform
+)
+MIXED_SCANNED = Policy.of(
+  ("attn/(query|key|value)", CONFIGS["lsq"]),
+  ("attn/out", CONFIGS["static-asym"]),
+  ("attn$", CONFIGS["int4-tile32-token"]),
+  ("mlp/wi", CONFIGS["tile32"]),
+  ("mlp/wo", CONFIGS["int4-tile32-token"]),
+  ("lm_head", CONFIGS["int8"]),  # the tied table, quantized on the fly
+)
+
+
+def test_decoder_serving_equals_qat():
+  cfg = models.get_preset("tiny", tie_embeddings=False, n_layers=1, **TINY)
+  serving = check_serving(cfg, MIXED_DECODER, random_ids(cfg.vocab_size))
+  assert serving["params"]["lm_head"]["kernel"].dtype == jnp.float32
+  # Static ranges calibrated for a dense layer and both attention einsums.
+  attn = serving["quant"]["layers_0"]["attn"]
+  wi = serving["quant"]["layers_0"]["mlp"]["wi"]["QuantDot_0"]
+  for dot in (wi, attn["QuantDot_0"], attn["QuantDot_1"]):
+    assert float(dot["a_n"]) == 1.0 and float(dot["a_lo"]) <= 0 < float(dot["a_hi"])
+  assert float(wi["a_lo"]) < 0 and float(attn["QuantDot_0"]["b_lo"]) < 0
+  assert float(attn["QuantDot_1"]["a_lo"]) == 0.0 < float(attn["QuantDot_1"]["a_hi"]) <= 1.0
+
+
+def test_encoder_serving_equals_qat():
+  cfg = models.get_preset("tiny-encoder", head="mlm", n_layers=1, **TINY)
+  serving = check_serving(cfg, MIXED_ENCODER, random_ids(cfg.vocab_size))
+  einsums = serving["params"]["layers_0"]["attn"]
+  assert {"a_step", "b_step"} <= set(einsums["QuantDot_0"]) and "QuantDot_1" in einsums
+
+
+def test_scanned_decoder_serving_equals_qat():
+  cfg = models.get_preset("tiny", scan_layers=True, **TINY)
+  serving = check_serving(cfg, MIXED_SCANNED, random_ids(cfg.vocab_size))
+  assert serving["params"]["embed"]["embedding"].dtype == jnp.float32  # tied: stays float
+  assert serving["quant"]["lm_head"]["QuantDot_0"]["w_scale"].shape == (cfg.vocab_size, 1)
+  assert serving["params"]["layers"]["attn"]["query"]["kernel"].shape[0] == cfg.n_layers
+  assert serving["quant"]["layers"]["attn"]["out"]["QuantDot_0"]["a_lo"].shape == (cfg.n_layers,)
+
+
+# Conversion to disk: int8 / int4 checkpoints are really smaller, and load back.
+
+# One head, d_ff = d_model and 256-entry tables: every matrix holds 256 x 256 entries, so save and
+# load (eager: one compile per op and shape) stay fast.
+CHECKPOINT = dict(d_model=256, d_ff=256, n_heads=1, vocab_size=256, max_len=256, n_layers=1)
+TABLES = {"params/embed/embedding", "params/pos_embed/embedding"}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """Per bit width: serving variables, their saved size, what loads back and both logits."""
+  root = tmp_path_factory.mktemp("checkpoints")
+  cfg = models.get_preset("tiny", **CHECKPOINT)
+  ids = random_ids(cfg.vocab_size)
+  out = {}
+  for bits in (8, 4):
+    policy = Policy.of((".*", QuantConfig(bits=bits)))  # every dense layer and the tied head
+
+    def build(mode):
+      return models.build(cfg, dot_general_cls=functools.partial(QuantDot, policy, mode))
+
+    if not out:
+      params = draw(param_shapes(build("train"), ids), std=0.02)
+    serving = jax.jit(lambda p, i: quant.convert(build("convert").apply, {"params": p}, i))(
+      params, ids[:1, :1]
+    )
+    quant.save(root / f"int{bits}", serving, storage_bits=bits)
+    loaded = quant.load(root / f"int{bits}")
+    serve = jax.jit(build("serve").apply)
+    with open(root / f"int{bits}" / "format.json") as f:
+      stored = set(json.load(f)["stored"])
+    out[bits] = dict(
+      serving=serving,
+      loaded=loaded,
+      stored=stored,
+      size=quant.disk_bytes(root / f"int{bits}"),
+      logits=np.asarray(serve(serving, ids)),
+      loaded_logits=np.asarray(serve(loaded, ids)),
+    )
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(root / "float32", params)
+  out["float32"] = quant.disk_bytes(root / "float32")
+  return out
+
+
+@pytest.mark.parametrize("bits,limit,tolerance", [(8, 0.30, 0.06), (4, 0.17, 0.2)])
+def test_quantized_checkpoint_is_small_and_loads_back(checkpoints, bits, limit, tolerance):
+  c = checkpoints[bits]
+  assert c["size"] <= limit * checkpoints["float32"], c["size"] / checkpoints["float32"]
+  assert c["size"] >= 0.3 * limit * checkpoints["float32"]  # observed: 27.7% and 13.5%
+  assert TABLES <= c["stored"]
+  serving, loaded = leaves(c["serving"]), leaves(c["loaded"])
+  assert serving.keys() == loaded.keys()
+  n_int = 0
+  for name, x in serving.items():
+    y = loaded[name]
+    assert (y.dtype, y.shape) == (x.dtype, x.shape), name
+    if jnp.issubdtype(x.dtype, jnp.integer):
+      n_int += x.dtype == qz.storage_dtype(bits)
+      x, y = np.asarray(x).astype(np.int8), np.asarray(y).astype(np.int8)  # int4 as int8
+    x, y = np.asarray(x), np.asarray(y)
+    if name in c["stored"]:  # per-row codes: within half a step of the row's grid
+      half = np.max(np.abs(x), axis=-1, keepdims=True) / (2 * qz.int_range(bits, True)[1])
+      assert np.all(np.abs(y - x) <= half * (1 + 1e-5) + 1e-12), name
+      assert not np.array_equal(y, x), name
+    else:
+      np.testing.assert_array_equal(y, x, err_msg=name)
+  assert n_int == 6  # query, key, value, out, wi, wo
+  logits, loaded_logits = c["logits"], c["loaded_logits"]
+  assert np.isfinite(loaded_logits).all()
+  # The tables serve rounded to `bits` per row: relative RMS change of the logits, observed
+  # 0.030 (int8) and 0.115 (int4).
+  change = np.sqrt(np.mean(np.square(loaded_logits - logits)) / np.mean(np.square(logits)))
+  assert 0 < change <= tolerance, change
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_storage_bits_rounds_only_the_float_tables(checkpoints, bits):
+  """Weight scales, biases and norms load back exact: the tables are the one difference."""
+  c = checkpoints[bits]
+  assert c["stored"] == TABLES  # every kernel is already integer
+  serving, loaded = leaves(c["serving"]), leaves(c["loaded"])
+  exact = [name for name in serving if name.rsplit("/", 1)[-1] in ("w_scale", "bias", "scale")]
+  assert len([name for name in exact if name.endswith("w_scale")]) == 7  # + the tied head's
+  for name in exact:
+    np.testing.assert_array_equal(loaded[name], serving[name], err_msg=name)
+
+
+# The policy and its report.
+
+SMALL = dict(
+  vocab_size=64, d_model=64, n_heads=2, d_ff=128, max_len=16, n_layers=1, tie_embeddings=False
+)
+LSQ_RULE = r"attn/(query|value)"
+REPORT_POLICY = Policy.of(
+  (r"lm_head", None),
+  (r"layers_0/mlp", QuantConfig(bits=4)),
+  (r"no_such_layer", QuantConfig()),
+  (LSQ_RULE, QuantConfig(lsq=True)),
+  (r".*", QuantConfig()),
+)
+
+
+def test_report_lists_each_layers_rule_and_the_unused_rules():
+  cfg = models.get_preset("tiny", **SMALL)
+  model = quant_model(cfg, REPORT_POLICY, "train")
+  key = jax.random.key(0, impl="unsafe_rbg")  # threefry is slow to compile on CPU
+
+  @jax.jit
+  def init(key, ids):  # what the test reads (the rest of the init compiles away)
+    variables = nn.unbox(model.init(key, ids))
+    layer = variables["params"]["layers_0"]
+    wi, w_step = layer["mlp"]["wi"]["kernel"], layer["attn"]["query"]["QuantDot_0"]["w_step"]
+    return variables["quant"], wi, w_step, jax.tree.map(jnp.shape, layer["attn"]["key"])
+
+  quant_collection, wi, w_step, key_params = init(key, random_ids(cfg.vocab_size))
+  matched, unused = quant.report(REPORT_POLICY, quant_collection)
+  rules = {
+    "layers_0/attn/query": LSQ_RULE,
+    "layers_0/attn/key": r".*",
+    "layers_0/attn/value": LSQ_RULE,
+    "layers_0/attn/out": r".*",
+    "layers_0/mlp/wi": r"layers_0/mlp",
+    "layers_0/mlp/wo": r"layers_0/mlp",
+    "lm_head": r"lm_head",
+  }
+  einsums = [("layers_0/attn", r".*")] * 2  # query-key and probabilities-value
+  assert sorted(matched) == sorted([*rules.items(), *einsums])
+  assert unused == [r"no_such_layer"]
+
+  # The float layer records its rule but has no weight scale; every quantized layer has one.
+  quant_vars = leaves(quant_collection)
+  assert quant_vars["lm_head/QuantDot_0/rule"] == 0
+  scales = {k.rsplit("/", 2)[0]: v for k, v in quant_vars.items() if k.endswith("w_scale")}
+  assert sorted(scales) == sorted(layer for layer in rules if layer != "lm_head")
+  expected = np.abs(wi).max(0, keepdims=True) / 7  # wi: 4 bits, per channel
+  np.testing.assert_allclose(scales["layers_0/mlp/wi"], expected, rtol=1e-6)
+  np.testing.assert_array_equal(scales["layers_0/attn/query"], w_step)  # LSQ: the learned step
+  assert w_step.shape == (1, SMALL["n_heads"], SMALL["d_model"] // SMALL["n_heads"])
+  assert key_params.keys() == {"kernel", "bias"}  # no LSQ, no params of its own
+
+
+# Bad input.
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: QuantConfig(bits=1),
+    lambda: QuantConfig(bits=9),
+    lambda: QuantConfig(act_bits=0),
+    lambda: QuantConfig(bits=4.0),
+    lambda: qz.int_range(16, True),
+    lambda: quant.keep_on_grid(bits=1),
+  ],
+  ids=["bits=1", "bits=9", "act_bits=0", "bits=4.0", "int_range", "keep_on_grid"],
+)
+def test_bit_widths_outside_2_to_8_are_rejected(make):
+  with pytest.raises(ValueError, match="2 to 8"):
+    make()
+
+
+def test_invalid_configs_are_rejected():
+  with pytest.raises(ValueError, match="token"):
+    QuantConfig(act_granularity="token", act_static=True)
+  with pytest.raises(ValueError, match="token"):
+    QuantConfig(act_granularity="token", lsq=True)
+  with pytest.raises(ValueError, match="granularity"):
+    QuantConfig(granularity="row")
+  with pytest.raises(ValueError, match="calibrator"):
+    QuantConfig(calibrator="minmax")
+  with pytest.raises(TypeError, match="QuantConfig"):
+    Policy.of((".*", dict(bits=8)))
+
+
+def dense(config, mode="train", features=8, use_bias=True):
+  policy = Policy.of((".*", config))
+  return Dense(
+    features,
+    ("embed", "mlp"),
+    use_bias=use_bias,
+    dot_general_cls=functools.partial(QuantDot, policy, mode),
+  )
+
+
+def test_tile_that_does_not_divide_the_contracting_axis_is_rejected():
+  with pytest.raises(ValueError, match="does not divide"):
+    qz.tile(np.zeros((48, 3)), 0, 32)
+  layer, x = dense(QuantConfig(granularity=32)), np.zeros((2, 48), np.float32)
+  with pytest.raises(ValueError, match="does not divide axis 0 of length 48"):
+    jax.eval_shape(layer.init, jax.random.key(0), x)
+  jax.eval_shape(dense(QuantConfig(granularity=16)).init, jax.random.key(0), x)  # 16 divides
+
+
+def test_serving_an_unconverted_model_is_rejected():
+  x = np.zeros((2, 16), np.float32)
+  params = {"kernel": np.ones((16, 8), np.float32), "bias": np.zeros(8, np.float32)}
+  with pytest.raises(ValueError, match="convert"):
+    jax.eval_shape(functools.partial(dense(QuantConfig(), "serve").apply, {"params": params}), x)
+  with pytest.raises(ValueError, match="mode"):
+    jax.eval_shape(functools.partial(dense(QuantConfig(), "eval").apply, {"params": params}), x)
+
+
+# The optax side.
+
+
+def lsq_model_params():
+  """Parameter shapes of a decoder with LSQ layers (step sizes among the params)."""
+  cfg = models.get_preset("tiny", **SMALL)
+  policy = Policy.of((r"lm_head", None), (r"attn", QuantConfig(lsq=True)), (r".*", QuantConfig()))
+  return param_shapes(quant_model(cfg, policy, "train"), random_ids(cfg.vocab_size))
+
+
+def test_decay_mask_and_labels_single_out_matrices_and_step_sizes():
+  tree = lsq_model_params()
+  shapes = leaves(tree)
+  kinds = {name: name.rsplit("/", 1)[-1] for name in shapes}
+  assert set(kinds.values()) == {
+    "kernel",
+    "bias",
+    "scale",
+    "embedding",
+    "w_step",
+    "a_step",
+    "b_step",
+  }
+  assert any(kind == "w_step" and shapes[name].ndim == 3 for name, kind in kinds.items())
+  assert shapes["layers_0/attn/query/bias"].ndim == 2  # (heads, head_dim): a bias all the same
+  mask, labels = leaves(quant.decay_mask(tree)), leaves(quant.labels(tree))
+  for name, kind in kinds.items():
+    assert labels[name] == ("steps" if kind in quant.STEP_NAMES else "weights"), name
+    assert mask[name] is (kind in ("kernel", "embedding")), name
+
+
+def small_tree(seed=0):
+  """Params shaped like a dense layer with LSQ steps, a 1-D bias, a norm and a table."""
+  shapes = {
+    "embed": {"embedding": (16, 8)},
+    "wi": {"kernel": (8, 2, 4), "bias": (8,), "QuantDot_0": {"w_step": (1, 2, 4), "a_step": ()}},
+    "wo": {"kernel": (8, 8), "bias": (8,)},
+    "norm": {"scale": (8,)},
+  }
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(
+    lambda shape: f32(rng.normal(size=shape) + 0.5),
+    shapes,
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
+
+
+def test_split_optimizer_leaves_step_sizes_unchanged():
+  params = small_tree()
+
+  def update(tx, grads):
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return optax.apply_updates(params, updates)
+
+  @jax.jit
+  def run(grads):
+    split = quant.split_optimizer(optax.adamw(1e-2, mask=quant.decay_mask), optax.sgd(0.0))
+    decay = quant.split_optimizer(
+      optax.adamw(1e-2, weight_decay=0.1, mask=quant.decay_mask), optax.sgd(0.0)
+    )
+    return update(split, grads), update(decay, jax.tree.map(jnp.zeros_like, grads))
+
+  new, decayed = map(leaves, jax.tree.map(np.asarray, run(small_tree(seed=1))))
+  for name, old in leaves(jax.tree.map(np.asarray, params)).items():
+    kind = name.rsplit("/", 1)[-1]
+    if kind in quant.STEP_NAMES:
+      np.testing.assert_array_equal(new[name], old, err_msg=name)
+      np.testing.assert_array_equal(decayed[name], old, err_msg=name)
+    else:
+      assert np.all(new[name] != old), name  # adam moves every entry by about the lr
+      # Zero gradients: only the decoupled weight decay acts, on matrices only.
+      factor = 1 - 1e-3 if kind in ("kernel", "embedding") else 1.0
+      np.testing.assert_allclose(decayed[name], old * factor, rtol=1e-6, err_msg=name)
+
+
+def test_keep_on_grid_holds_kernels_on_a_4_bit_grid():
+  params = small_tree()
+
+  @jax.jit
+  def run(grads):
+    results = []
+    for tx in (optax.chain(optax.adam(0.1), quant.keep_on_grid(bits=4)), optax.adam(0.1)):
+      p, state = params, tx.init(params)
+      for g in grads:
+        updates, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+      results.append(p)
+    return results
+
+  results = run([small_tree(seed) for seed in range(1, 5)])
+  on_grid, plain = map(leaves, jax.tree.map(np.asarray, results))
+  kernels = [name for name in on_grid if name.endswith("kernel")]
+  assert len(kernels) == 2
+  for name, w in on_grid.items():
+    if name not in kernels:
+      np.testing.assert_array_equal(w, plain[name], err_msg=name)  # not selected: plain adam
+      continue
+    codes = w / (np.abs(w).max() / 7)  # the per-tensor symmetric 4-bit grid
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-3, err_msg=name)
+    assert np.abs(codes).max() == pytest.approx(7) and len(np.unique(np.round(codes))) <= 15
+    plain_codes = plain[name] / (np.abs(plain[name]).max() / 7)
+    assert np.abs(plain_codes - np.round(plain_codes)).max() > 0.1  # adam alone is off grid
+  with pytest.raises(ValueError, match="params"):
+    quant.keep_on_grid(bits=4).update(small_tree(), optax.EmptyState())

@@ -93,6 +93,11 @@ def check_batch(config: ml_collections.ConfigDict, mesh, n_feeds: int):
     )
 
 
+def model_inputs(batch: dict) -> dict:
+  """The model's keyword inputs present in a batch (beyond the token ids)."""
+  return {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """What a config describes, built and checked before anything compiles."""
@@ -127,7 +132,7 @@ class Experiment:
     """The train state {"step", "params", "opt", "rng"} (+ "collections": the model's other
     variables, e.g. quantization ranges), with logically partitioned leaves."""
     example = jax.tree.map(lambda x: jnp.asarray(x[:1]), self.task.batch(0, "train"))
-    kwargs = {k: example[k] for k in ("attention_mask", "token_type_ids") if k in example}
+    kwargs = model_inputs(example)
     init_rng, train_rng = jax.random.split(rng)
     variables = dict(self.model.init({"params": init_rng}, example["inputs"], **kwargs))
     params = variables.pop("params")
@@ -173,7 +178,7 @@ class Experiment:
     model = self.model
 
     def fn(p, c, b, rng):
-      kwargs = {k: b[k] for k in ("attention_mask", "token_type_ids") if k in b}
+      kwargs = model_inputs(b)
       kept = quant.without_steps(p)
       _, new = model.apply(
         {"params": kept, **c}, b["inputs"], mutable=["params"], rngs={"params": rng}, **kwargs
@@ -201,7 +206,7 @@ class Experiment:
 
     def step(p, c, b):
       variables = {"params": p, **c}
-      kwargs = {k: b[k] for k in ("attention_mask", "token_type_ids") if k in b}
+      kwargs = model_inputs(b)
       _, updated = model.apply(variables, b["inputs"], mutable=["quant"], **kwargs)
       return {**c, **updated}
 

@@ -21,7 +21,8 @@ from compress.quant.quantizers import (
   storage_dtype,
   tile,
 )
-from compress.quant.dot_general import MODES, calibrate_model, Policy, QuantConfig, QuantDot, report
+from compress.quant.dot_general import MODES, QuantDot, calibrate_model
+from compress.quant.policy import Policy, QuantConfig, report
 from compress.quant.convert import convert, disk_bytes, load, save
 from compress.quant.optim import (
   STEP_NAMES,

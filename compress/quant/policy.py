@@ -1,0 +1,91 @@
+"""Which layers are quantized and how: a QuantConfig per layer, chosen by a regex Policy."""
+
+import dataclasses
+import re
+
+import jax
+
+from compress.quant import quantizers as qz
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """How one layer is quantized. `bits`/`act_bits` None: that operand stays float.
+
+  granularity: "tensor", "channel" (one scale per output channel) or an int: sub-channel
+  tiles of that many elements along the last contracting axis, per output channel (a layer
+  contracting several axes, like the attention output's heads x head_dim, groups
+  tile x the other contracting axes: 4 heads x 32 for tile 32).
+  act_granularity: "tensor" or "token" (one scale per row; dynamic only).
+  act_static: activation ranges calibrated once (`calibrate` mode) instead of per call.
+  lsq: learned step sizes (LSQ) for weights and activations, on the signed grid.
+  """
+
+  bits: int | None = 8
+  act_bits: int | None = 8
+  granularity: str | int = "channel"
+  act_granularity: str = "tensor"
+  symmetric: bool = True
+  act_symmetric: bool = True
+  act_static: bool = False
+  calibrator: str = "absmax"
+  act_calibrator: str = "absmax"
+  lsq: bool = False
+
+  def __post_init__(self):
+    for name in ("bits", "act_bits"):
+      if getattr(self, name) is not None:
+        qz.check_bits(getattr(self, name), name)
+    g = self.granularity
+    if not (g in ("tensor", "channel") or (isinstance(g, int) and not isinstance(g, bool))):
+      raise ValueError(f"granularity={g!r}: choose 'tensor', 'channel' or an int tile size.")
+    if isinstance(g, int) and g <= 0:
+      raise ValueError(f"granularity={g}: a tile size must be a positive integer.")
+    if self.act_granularity not in ("tensor", "token"):
+      raise ValueError(f"act_granularity={self.act_granularity!r}: choose 'tensor' or 'token'.")
+    if self.act_granularity == "token" and (self.act_static or self.lsq):
+      raise ValueError(
+        "act_granularity='token' is dynamic: static or learned activation ranges are per "
+        "tensor. Set act_granularity='tensor'."
+      )
+    for name in ("calibrator", "act_calibrator"):
+      if getattr(self, name) not in qz.CALIBRATORS:
+        raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {qz.CALIBRATORS}.")
+    if self.lsq and not (self.symmetric and self.act_symmetric):
+      raise ValueError("lsq=True learns steps on the signed grid: leave symmetric=True.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """Ordered (regex, QuantConfig | None) rules over layer paths; the first match wins."""
+
+  rules: tuple[tuple[str, QuantConfig | None], ...]
+
+  @classmethod
+  def of(cls, *rules) -> "Policy":
+    for pattern, cfg in rules:
+      re.compile(pattern)
+      if cfg is not None and not isinstance(cfg, QuantConfig):
+        raise TypeError(f"rule {pattern!r}: expected a QuantConfig or None, got {cfg!r}")
+    return cls(tuple((p, c) for p, c in rules))
+
+  def match(self, layer: str) -> tuple[int | None, QuantConfig | None]:
+    for i, (pattern, cfg) in enumerate(self.rules):
+      if re.search(pattern, layer):
+        return i, cfg
+    return None, None
+
+
+def report(policy: Policy, quant_vars: dict) -> tuple[list[tuple[str, str]], list[str]]:
+  """([(layer, rule pattern)], [patterns that matched nothing]) from a model's "quant"
+  collection, concrete or abstract (each QuantDot records its rule there at init)."""
+  matched, used = [], set()
+  for path, _ in jax.tree_util.tree_flatten_with_path(quant_vars)[0]:
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if keys[-1] == "rule":
+      layer = "/".join(keys[:-2])
+      index, _ = policy.match(layer)
+      used.add(index)
+      matched.append((layer, policy.rules[index][0]))
+  unused = [p for i, (p, _) in enumerate(policy.rules) if i not in used]
+  return matched, unused

@@ -1,6 +1,6 @@
-"""A quantized `dot_general` for the models' injection point, and the policy that picks layers.
+"""A quantized `dot_general` for the models' injection point; a Policy (policy.py) picks layers.
 
-    policy = Policy.of((r"lm_head|classifier", None), (r".", QuantConfig(bits=8, act_bits=8)))
+    policy = Policy.of((r"lm_head|classifier", None), (r".*", QuantConfig(bits=8, act_bits=8)))
     model = models.build(cfg, dot_general_cls=functools.partial(QuantDot, policy))
 
 `QuantDot` is created inside the calling layer's scope, so it knows the layer's path
@@ -8,14 +8,15 @@
 whose regex matches that path (`re.search`) decides: `None` keeps the layer float.
 The modes:
 
-  "train"      fake quantization with straight-through gradients (QAT; also PTQ evaluation)
+  "train"      QAT (also PTQ evaluation): the forward is the integer computation below, the
+               backward the straight-through gradient of the fake-quantized float dot
   "calibrate"  a float forward that records static activation ranges ("quant" collection)
   "convert"    computes each weight's integer codes and scales ("quant": w_int, w_scale)
   "serve"      int8 x int8 -> int32 `lax.dot_general` on integer codes, rescaled to float
 
 Its variables: "params" holds LSQ step sizes (w_step, a_step, b_step); "quant" holds the
-rule each layer matched (rule), static activation ranges (a_lo, a_hi, a_n) and, after
-conversion, weight scales (w_scale). Weight scales take the logical axis names of the
+rule each layer matched (rule), static activation ranges (a_lo, a_hi, a_n) and the weight
+scales serving reads (w_scale: made at init, overwritten by "convert"). Weight scales take the logical axis names of the
 layer's kernel, so they shard with their weights.
 """
 

@@ -31,6 +31,7 @@ from compress.quant.optim import (
   keep_on_grid,
   labels,
   split_optimizer,
+  without_steps,
 )
 
 __all__ = [

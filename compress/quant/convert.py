@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from compress.quant import quantizers as qz
+from compress.tree import disk_bytes, nested_items, set_new  # noqa: F401 (disk_bytes re-exported)
 
 
 def _get(tree, keys):
@@ -39,14 +40,6 @@ def _set(tree, keys, value):
   return {**tree, keys[0]: _set(tree[keys[0]], keys[1:], value)}
 
 
-def _paths(tree, prefix=()):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _paths(v, prefix + (k,))
-  else:
-    yield prefix, tree
-
-
 def convert(apply_fn, variables: dict, *args, **kwargs) -> dict:
   """Serving variables from trained ones, by one forward in "convert" mode.
 
@@ -57,9 +50,9 @@ def convert(apply_fn, variables: dict, *args, **kwargs) -> dict:
   variables = jax.tree.map(lambda x: x, variables)  # shallow copy of plain dicts
   _, out = apply_fn(variables, *args, mutable=["quant"], **kwargs)
   params, quant = variables["params"], {}
-  for keys, value in _paths(out["quant"]):
+  for keys, value in nested_items(out["quant"]):
     if keys[-1] != "w_int":
-      quant = _set_new(quant, keys, value)
+      quant = set_new(quant, keys, value)
       continue
     kernel_keys = keys[:-2] + ("kernel",)  # .../layer/QuantDot_0/w_int -> .../layer/kernel
     try:
@@ -69,12 +62,6 @@ def convert(apply_fn, variables: dict, *args, **kwargs) -> dict:
     if kernel.shape == value.shape:
       params = _set(params, kernel_keys, value)
   return {**variables, "params": params, "quant": quant}
-
-
-def _set_new(tree, keys, value):
-  if len(keys) == 1:
-    return {**tree, keys[0]: value}
-  return {**tree, keys[0]: _set_new(tree.get(keys[0], {}), keys[1:], value)}
 
 
 def _pack_int4(x) -> np.ndarray:
@@ -112,7 +99,7 @@ def save(directory: str, serving: dict, storage_bits: int | None = None):
     qz.check_bits(storage_bits, "storage_bits")
   directory = os.path.abspath(directory)
   arrays, meta = {}, {"int4": {}, "stored": {}}
-  for keys, x in _paths(serving):
+  for keys, x in nested_items(serving):
     name = "/".join(keys)
     x = jax.device_get(x)
     if x.dtype == jnp.int4:
@@ -157,12 +144,5 @@ def load(directory: str) -> dict:
       value = _unpack_int4(x, meta["int4"][name])
     else:
       value = jnp.asarray(x)
-    out = _set_new(out, tuple(base.split("/")), value)
+    out = set_new(out, tuple(base.split("/")), value)
   return out
-
-
-def disk_bytes(directory: str) -> int:
-  """Total size of the files under `directory`."""
-  return sum(
-    os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(directory) for f in files
-  )

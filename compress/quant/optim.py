@@ -13,17 +13,13 @@ import jax.numpy as jnp
 import optax
 
 from compress.quant import quantizers as qz
+from compress.tree import path_name
 
 STEP_NAMES = ("w_step", "a_step", "b_step")  # LSQ's learned step sizes (QuantDot params)
 
 
-def _name(path) -> str:
-  """The "a/b/c" of the dict keys of a path (skipping e.g. the `.value` of flax's boxes)."""
-  return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
 def is_step(path) -> bool:
-  return _name(path).rsplit("/", 1)[-1] in STEP_NAMES
+  return path_name(path).rsplit("/", 1)[-1] in STEP_NAMES
 
 
 def without_steps(params: dict) -> dict:
@@ -51,7 +47,7 @@ def decay_mask(params):
   attention), norm scales or step sizes."""
 
   def decay(path, x):
-    name = _name(path).rsplit("/", 1)[-1]
+    name = path_name(path).rsplit("/", 1)[-1]
     return x.ndim >= 2 and name not in ("bias", "scale") and not is_step(path)
 
   return jax.tree_util.tree_map_with_path(decay, params)
@@ -73,7 +69,7 @@ def keep_on_grid(
       raise ValueError("keep_on_grid needs the params: call tx.update(grads, state, params).")
 
     def project(path, u, w):
-      if not pattern.search(_name(path)) or not jnp.issubdtype(w.dtype, jnp.floating):
+      if not pattern.search(path_name(path)) or not jnp.issubdtype(w.dtype, jnp.floating):
         return u
       new = w + u
       axes = tuple(range(new.ndim)) if reduce_axes is None else reduce_axes

@@ -1,18 +1,22 @@
 """Compression from config: the `quant` section -> a policy, the model's quantized
-dot_generals, calibration, and the integer export at the end of a run.
+dot_generals, calibration, and the integer export at the end of a run; the `prune`
+section -> the pruning transform around the optimizer, and the sparse export.
 
     --config.quant.method=qat --config.quant.bits=4 --config.quant.tile=32
     --config.quant.method=ptq --config.init_from=/runs/float --config.train.steps=0
+    --config.prune.method=gradual --config.prune.sparsity=0.9 --config.prune.end=400
+    --config.prune.method=oneshot --config.prune.granularity=2:4
 """
 
 import functools
+import json
 import os
 
 from absl import logging
 import jax
 import ml_collections
 
-from compress import quant
+from compress import prune, quant
 
 
 def quant_section() -> ml_collections.ConfigDict:
@@ -127,6 +131,134 @@ def export(exp, state, workdir: str, evaluate_serving) -> dict:
     "Exported %s (%.1f%% of float32): %s",
     directory,
     100 * row["export_bytes"] / (4 * n_params),
+    row,
+  )
+  return row
+
+
+PRUNE_METHODS = ("none", "gradual", "oneshot", "periodic")
+
+
+def prune_section() -> ml_collections.ConfigDict:
+  """The defaults of `config.prune` (method "none": no pruning)."""
+  return ml_collections.ConfigDict(
+    dict(
+      method="none",  # "none" | "gradual" (Zhu & Gupta cubic) | "oneshot" (at start) | "periodic"
+      sparsity=0.9,  # final fraction of the selected weights pruned (N:M: implied, ignored)
+      granularity="unstructured",  # "unstructured" | "N:M" (e.g. "2:4") | "RxC" | "heads" | "neurons"
+      distribution="uniform",  # "uniform" | "erk" | "global"
+      score="magnitude",  # "magnitude" | "random" | "saliency" | "movement"
+      select=r"kernel$",  # regex on the parameter path; rank >= 2 only
+      exclude="",
+      start=0,  # gradual: t0; oneshot: the step; periodic: first update
+      end=0,  # gradual: the step the final sparsity is reached (t0 + n * dt)
+      every=100,  # gradual / periodic: dt
+      export=True,  # write <workdir>/sparse (bitmask + values, N:M values + indices)
+    )
+  )
+
+
+def _granularity(p):
+  return prune.parse_granularity(p.granularity)
+
+
+def prune_tx(config, inner):
+  """`inner` (the optimizer) wrapped by the pruning transform `config.prune` describes;
+  `inner` itself when it prunes nothing. Bad values raise here, before anything compiles."""
+  p = config.get("prune")
+  if p is None or p.method == "none":
+    return inner
+  if p.method not in PRUNE_METHODS:
+    raise ValueError(f"prune.method={p.method!r}: choose one of {PRUNE_METHODS}.")
+  if p.method == "gradual":
+    schedule = prune.cubic(p.start, p.end, p.every)
+  elif p.method == "oneshot":
+    schedule = prune.one_shot(p.start)
+  else:
+    schedule = prune.periodic(p.every, p.start, p.end or None)
+  if not config.train.steps:
+    if p.method != "oneshot":
+      raise ValueError(
+        f"prune.method={p.method!r} prunes during training but train.steps=0: use "
+        "prune.method='oneshot' to prune a trained model (init_from) without training."
+      )
+    if not (config.get("init_from") or config.get("pretrain")):
+      raise ValueError("Pruning without training needs a trained model: set --config.init_from.")
+  g = _granularity(p)
+  last = schedule.end if schedule.end is not None else schedule.start
+  if config.train.steps and last >= config.train.steps:
+    raise ValueError(
+      f"prune: the schedule's last mask update (step {last}) is not before train.steps="
+      f"{config.train.steps}; end it earlier (prune.end / prune.start) or train longer."
+    )
+  return prune.pruning(
+    None if isinstance(g, prune.NM) else p.sparsity,
+    schedule,
+    inner,
+    granularity=g,
+    distribution=p.distribution,
+    select=p.select,
+    exclude=p.exclude or None,
+    score=p.score,
+    seed=config.seed,
+  )
+
+
+def prunes(config) -> bool:
+  p = config.get("prune")
+  return p is not None and p.method != "none"
+
+
+def prune_now(config, params):
+  """`params` pruned at the final sparsity right away: a run with train.steps=0."""
+  p = config.prune
+  g = _granularity(p)
+  return prune.one_shot_prune(
+    params,
+    None if isinstance(g, prune.NM) else p.sparsity,
+    granularity=g,
+    distribution=p.distribution,
+    select=p.select,
+    exclude=p.exclude or None,
+    score=p.score,
+    seed=config.seed,
+  )
+
+
+def sparsity_row(state) -> dict:
+  """{"sparsity": over the pruned parameters} for the metrics."""
+  masks = prune.masks_of(state["opt"])
+  rep = prune.report(state["params"], masks[0] if masks else None, select=r"kernel$")
+  return {"sparsity": rep["selected"]["sparsity"]}
+
+
+def export_sparse(exp, state, workdir: str, evaluate_params) -> dict:
+  """Saves the pruned params in sparse form to <workdir>/sparse, writes the per-layer
+  report to <workdir>/sparsity.json, reloads and evaluates the loaded params."""
+  if jax.process_count() > 1:
+    logging.info("prune.export is single-process for now: skipped.")
+    return {}
+  masks = prune.masks_of(state["opt"])
+  rep = prune.report(state["params"], masks[0] if masks else None)
+  logging.info("Sparsity:\n%s", prune.format_report(rep))
+  with open(os.path.join(workdir, "sparsity.json"), "w") as f:
+    json.dump(rep, f, indent=1)
+  g = _granularity(exp.config.prune)
+  directory = os.path.join(workdir, "sparse")
+  prune.save(directory, state["params"], nm=g if isinstance(g, prune.NM) else None)
+  row = evaluate_params(prune.load(directory))
+  row = {f"sparse_{k}": v for k, v in row.items()}
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  row.update(
+    sparse_bytes=prune.disk_bytes(directory),
+    float32_bytes=4 * n_params,
+    sparsity=rep["selected"]["sparsity"],
+    sparsity_all=rep["all"]["sparsity"],
+  )
+  logging.info(
+    "Exported %s (%.1f%% of float32): %s",
+    directory,
+    100 * row["sparse_bytes"] / (4 * n_params),
     row,
   )
   return row

@@ -1,13 +1,15 @@
 """The optimizer from config: AdamW with warmup + cosine/linear/constant decay and clipping.
 
 Compression transforms chain onto it here: LSQ's learned step sizes get their own Adam
-(no weight decay, lr x quant.step_lr_scale).
+(no weight decay, lr x quant.step_lr_scale), and the pruning transform (config.prune)
+wraps the whole optimizer, holding the masks in its state.
 """
 
 import ml_collections
 import optax
 
 from compress import quant
+from experiments import compression
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -49,4 +51,5 @@ def make_optimizer(
     step_lr = lambda count: schedule(count) * q.step_lr_scale  # noqa: E731
     adamw = quant.split_optimizer(adamw, optax.adam(step_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
   clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity()
-  return optax.chain(clip, adamw), schedule
+  # Pruning wraps the whole optimizer: clipping and Adam see the masked gradients.
+  return compression.prune_tx(config, optax.chain(clip, adamw)), schedule

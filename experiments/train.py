@@ -66,8 +66,9 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict):
   }
   if old.get("task") != config.task:
     diff["task"] = (old.get("task"), config.task)
-  if "quant" in config and old.get("quant", {}) != config.quant.to_dict():
-    diff["quant"] = (old.get("quant"), config.quant.to_dict())
+  for section in ("quant", "prune"):
+    if section in config and old.get(section, {}) != config[section].to_dict():
+      diff[section] = (old.get(section), config[section].to_dict())
   if diff:
     changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
     raise ValueError(
@@ -280,6 +281,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       )
       if exp.policy is not None and config.quant.lsq:  # steps fit the loaded weights
         state["params"] = exp.reinit_steps(state, shardings)
+    if compression.prunes(config) and not config.train.steps:  # one-shot, no training
+      state["params"] = parallel.jit_with_mesh(
+        lambda p: compression.prune_now(config, p),
+        exp.mesh,
+        exp.rules,
+        in_shardings=(shardings["params"],),
+        out_shardings=shardings["params"],
+      )(state["params"])
     if compression.needs_ranges(config):
       state = exp.calibrate(state, shardings)
   if exp.policy is not None:
@@ -298,9 +307,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   eval_batches = [exp.batch(i, "eval") for i in range(config.eval.steps)]
   writer = MetricWriter(workdir, start, config.train.steps, enabled=is_main)
 
-  def evaluate(step, write=True):
+  def evaluate_params(params):
     c = state.get("collections", {})
-    row = task.summarize(tasks.sum_eval([eval_step(state["params"], c, b) for b in eval_batches]))
+    return task.summarize(tasks.sum_eval([eval_step(params, c, b) for b in eval_batches]))
+
+  def evaluate(step, write=True):
+    row = evaluate_params(state["params"])
+    if compression.prunes(config):
+      row.update(compression.sparsity_row(state))
     if write:
       writer.write(step, row)
     return row
@@ -354,7 +368,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   flush()
   if not last_eval:  # no training (PTQ), or resumed after the final step (row written)
     last_eval = evaluate(start, write=t.steps == 0)
-  if exp.policy is not None and config.quant.export:
+  finished = int(state["step"]) >= t.steps  # not when stopped early (stop_after_steps)
+  if exp.policy is not None and config.quant.export and finished:
 
     def evaluate_serving(model, variables):
       variables = jax.device_put(variables, jax.sharding.NamedSharding(exp.mesh, P()))
@@ -365,6 +380,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     served = compression.export(exp, state, workdir, evaluate_serving)
     writer.write(max(start, t.steps), served)
     last_eval = {**last_eval, **served}
+  if compression.prunes(config) and config.prune.export and finished:
+    loaded = lambda p: evaluate_params(jax.device_put(p, shardings["params"]))  # noqa: E731
+    sparse = compression.export_sparse(exp, state, workdir, loaded)
+    writer.write(max(start, t.steps), sparse)
+    last_eval = {**last_eval, **sparse}
   ckpt.close()
   writer.close()
   return last_eval

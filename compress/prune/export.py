@@ -43,10 +43,26 @@ def one_shot_prune(params, sparsity=None, grads=None, **kwargs):
   return optax.apply_updates(params, updates)
 
 
-def report(params, select: str = r"kernel$", exclude: str | None = None, min_ndim: int = 2):
+def report(
+  params, masks=None, select: str = r"kernel$", exclude: str | None = None, min_ndim: int = 2
+) -> dict:
   """{"layers": {name: {shape, size, nonzero, sparsity}}, "selected": {...}, "all": {...}}:
-  zeros per parameter the selector picks, over the picked ones, and over all parameters."""
-  chosen = {n for _, n, _ in _select(params, select, exclude, min_ndim, "")}
+  zeros per pruned parameter, over the pruned ones, and over all parameters.
+
+  The pruned parameters are those with a mask in `masks` (a mask tree from `masks_of`),
+  else those the selector picks.
+  """
+  if masks is not None:
+    treedef = jax.tree.structure(params)
+    chosen = {
+      path_name(p)
+      for (p, _), m in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], treedef.flatten_up_to(masks)
+      )
+      if not isinstance(m, optax.MaskedNode)
+    }
+  else:
+    chosen = {n for _, n, _ in _select(params, select, exclude, min_ndim, "")}
   layers, sel, tot = {}, [0, 0], [0, 0]
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
     name = path_name(path)

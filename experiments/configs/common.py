@@ -59,6 +59,7 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
   c.mesh.dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(rules="fsdp_tp"))  # a parallel.RULES preset
   c.quant = compression.quant_section()  # method "none": float; "qat" / "ptq" quantize
+  c.prune = compression.prune_section()  # method "none": dense; "gradual" / "oneshot" / ...
   return c
 
 

@@ -1,0 +1,169 @@
+"""Pruning through the train loop: sharded == one device, masks sharded like their params,
+QAT + pruning resumed == uninterrupted, sparse export, one-shot without training, bad config."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from compress import prune
+from experiments import train
+from experiments.configs import lm, prune as prune_configs
+from experiments.metrics import read_metrics
+
+
+def pruned_steps(mesh, devices=None, steps=3, **section):
+  c = lm.get_config("tiny")
+  c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  c.prune.update(method="oneshot", start=0, sparsity=0.8, **section)
+  exp = train.build(c, devices=devices)
+  state, shardings = exp.init_state()
+  train_step, _ = exp.jit_steps(shardings)
+  losses = []
+  for s in range(steps):
+    state, metrics = train_step(state, exp.batch(s))
+    losses.append(float(metrics["loss"]))
+  return losses, state
+
+
+def spec(x):
+  return tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+
+
+@pytest.mark.parametrize(
+  "section", [dict(distribution="global"), dict(granularity="2:4")], ids=["global", "2:4"]
+)
+def test_sharded_pruning_equals_one_device(section):
+  """Masks chosen on the (2, 2, 2) mesh (the global threshold by distributed bisection)
+  equal those of one device, and so do the losses; each mask shards like its weight."""
+  one, state1 = pruned_steps((1, 1, 1), jax.devices()[:1], **section)
+  sharded, state8 = pruned_steps((2, 2, 2), **section)
+  np.testing.assert_allclose(sharded, one, atol=2e-5, rtol=0)
+  (m1,), (m8,) = prune.masks_of(state1["opt"]), prune.masks_of(state8["opt"])
+  keep = [x for x in jax.tree.leaves(m8)]
+  assert len(keep) == 12 and all(x.dtype == np.bool_ for x in keep)
+  for a, b in zip(jax.tree.leaves(m1), keep):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  flat = jax.tree_util.tree_flatten_with_path(state8["params"])[0]
+  masks = jax.tree.structure(state8["params"]).flatten_up_to(m8)
+  for (path, w), m in zip(flat, masks):
+    if isinstance(m, jax.Array):
+      assert spec(m) == spec(w), (jax.tree_util.keystr(path), spec(m), spec(w))
+      assert not np.asarray(w)[~np.asarray(m)].any()  # pruned weights are exactly zero
+  rep = prune.report(state8["params"], m8)
+  assert rep["selected"]["sparsity"] == pytest.approx(0.8 if "distribution" in section else 0.5)
+
+
+@pytest.mark.parametrize(
+  "mesh, rules", [((8, 1, 1), "dp"), ((1, 8, 1), "fsdp"), ((2, 1, 4), "tp"), ((2, 2, 2), "fsdp_tp")]
+)
+def test_masks_shard_like_their_params_under_every_preset(mesh, rules):
+  c = lm.get_config("tiny")
+  c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  c.sharding.rules = rules
+  c.prune.update(method="gradual", start=0, end=100, every=10)
+  abstract, _ = train.build(c).shard_shapes()
+  (masks,) = prune.masks_of(abstract["opt"])
+  params = jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
+  n = 0
+  for (path, w), m in zip(params, jax.tree.structure(abstract["params"]).flatten_up_to(masks)):
+    if isinstance(m, jax.ShapeDtypeStruct):
+      assert m.dtype == np.bool_ and m.shape == w.shape
+      assert m.sharding.spec == w.sharding.spec, jax.tree_util.keystr(path)
+      n += 1
+  assert n == 12  # q, k, v, out, wi, wo kernels of 2 layers; tied embedding not pruned
+
+
+def qat_prune_config(steps, **train_kw):
+  c = prune_configs.get_config("tiny")
+  c.train.update(steps=steps, checkpoint_every=40, log_every=20, **train_kw)
+  c.eval.update(every=40, steps=2)
+  c.prune.update(start=10, end=50, every=20, distribution="global")
+  c.quant.method = "qat"
+  return c
+
+
+def test_qat_and_pruning_resume_equals_uninterrupted_and_exports(tmp_path):
+  """Pruning (gradual, global) and QAT in one run: the masks, the QAT state and the
+  pruning counters checkpoint and resume bit for bit; both exports evaluate the model."""
+  steps = 80
+  full = train.train_and_evaluate(qat_prune_config(steps), str(tmp_path / "full"))
+  split = tmp_path / "split"
+  train.train_and_evaluate(qat_prune_config(steps, stop_after_steps=40), str(split))
+  assert max(r["step"] for r in read_metrics(split)) == 40
+  resumed = train.train_and_evaluate(qat_prune_config(steps), str(split))
+  assert resumed["eval_loss"] == full["eval_loss"]
+  a, b = read_metrics(tmp_path / "full"), read_metrics(split)
+  assert [r.get("loss") for r in a] == [r.get("loss") for r in b]
+  # Exact sparsity (ties counted), exported sparse weights reload to the same model.
+  rep = json.load(open(tmp_path / "full" / "sparsity.json"))
+  size = rep["selected"]["size"]
+  assert full["sparsity"] == 1 - (size - round(0.9 * size)) / size
+  assert full["sparse_eval_loss"] == full["eval_loss"]
+  assert full["serve_eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-3)
+  assert full["sparse_bytes"] < 0.3 * full["float32_bytes"]  # the embedding table stays dense
+  assert len(rep["layers"]) == 12 and rep["selected"]["sparsity"] == full["sparsity"]
+  # The cubic schedule updates at steps 10 (s_i = 0), 30 and 50 (s_f): the eval after 40
+  # steps sees the update at 30, 0.9 * (1 - (1 - 20 / 40)^3).
+  evals = {r["step"]: r["sparsity"] for r in a if "eval_loss" in r}
+  assert evals[40] == pytest.approx(0.9 * (1 - (1 - 20 / 40) ** 3), abs=2e-5)
+  assert evals[80] == full["sparsity"]
+
+
+def test_oneshot_without_training(tmp_path):
+  c = prune_configs.get_config("oneshot")
+  c.pretrain.train.update(steps=60, checkpoint_every=60)
+  c.pretrain.eval.update(every=60, steps=2)
+  c.eval.steps = 2
+  c.prune.granularity = "2:4"
+  out = train.train_and_evaluate(c, str(tmp_path))
+  dense = [r for r in read_metrics(tmp_path / "pretrain") if "eval_loss" in r][-1]
+  assert out["sparsity"] == pytest.approx(0.5)
+  assert out["eval_loss"] > dense["eval_loss"]  # pruned without retraining: worse
+  assert out["sparse_eval_loss"] == out["eval_loss"]
+
+
+@pytest.mark.parametrize(
+  "update, message",
+  [
+    (dict(method="gradual", sparsity=1.0, end=100), r"\[0, 1\)"),
+    (dict(method="gradual", sparsity=-0.5, end=100), r"\[0, 1\)"),
+    (dict(method="oneshot", granularity="5:4"), "1 <= N <= M"),
+    (dict(method="gradual", start=300, end=100), "ends .* before it starts"),
+    (dict(method="gradual", start=0, end=100, every=30), "multiple of every"),
+    (dict(method="gradual", start=0, end=10_000), "not before train.steps"),
+    (dict(method="magnitude"), "choose one of"),
+    (dict(method="oneshot", distribution="erk", granularity="heads"), "erk"),
+  ],
+)
+def test_bad_prune_config_fails_before_compiling(monkeypatch, update, message):
+  c = lm.get_config("tiny")
+  c.prune.update(update)
+
+  def no_compile(*a, **k):
+    raise AssertionError("compiled before rejecting bad input")
+
+  monkeypatch.setattr(jax, "jit", no_compile)
+  with pytest.raises(ValueError, match=message):
+    train.build(c, devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize(
+  "update, message",
+  [
+    (dict(select="nothing_matches"), "matches no parameter"),
+    (dict(granularity="2:3"), r"layers_0/attn/key/kernel .* M=3 does not divide"),
+  ],
+)
+def test_prune_shape_errors_are_named_before_compiling(monkeypatch, update, message):
+  c = lm.get_config("tiny")
+  c.prune.update(method="oneshot", **update)
+
+  def no_compile(*a, **k):
+    raise AssertionError("compiled before rejecting bad input")
+
+  monkeypatch.setattr(jax, "jit", no_compile)
+  exp = train.build(c, devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match=message):
+    exp.shard_shapes()

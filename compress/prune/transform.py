@@ -139,6 +139,7 @@ class Unit(NamedTuple):
   n_groups: int  # prunable units (elements, blocks, groups)
   group_size: int  # weights per unit
   info: Any = None  # blocks: (rows, cols); groups: per-member reduce axes; nm: axis
+  layers: int = 0  # > 0: axis 0 stacks that many layers (scanned), each pruned on its own
 
 
 def _validate(sparsity, granularity, distribution, score):
@@ -177,8 +178,26 @@ def _is_number(x) -> bool:
   )
 
 
-def _plan(names, shapes, granularity, where: str) -> list[Unit]:
-  """The units of the selected parameters (`names`, `shapes`), checked against the shapes."""
+def _plan(names, shapes, granularity, where: str, stacked: str | None = None) -> list[Unit]:
+  """The units of the selected parameters (`names`, `shapes`), checked against the shapes.
+
+  Parameters whose name matches `stacked` hold a stack of layers on axis 0 (scanned
+  layers); uniform and ERK sparsity then apply to each layer of the stack.
+  """
+  units = _units(names, shapes, granularity, where)
+  if stacked is None or isinstance(granularity, NM):
+    return units
+  pattern = re.compile(stacked)
+  out = []
+  for u in units:
+    shape = shapes[u.members[0]]
+    if pattern.search(names[u.members[0]]) and len(shape) >= 3:
+      u = u._replace(layers=shape[0])
+    out.append(u)
+  return out
+
+
+def _units(names, shapes, granularity, where: str) -> list[Unit]:
   g = granularity
   if isinstance(g, NM):
     units = []
@@ -241,11 +260,12 @@ def _expand(unit: Unit, keep: jax.Array, shapes) -> list:
   return [keep]
 
 
-def erk_sparsities(shapes, target) -> jax.Array:
+def erk_sparsities(shapes, target, sizes=None) -> jax.Array:
   """Erdos-Renyi-Kernel (Evci et al. 2020) per-parameter sparsities whose weighted mean is
   `target`: density proportional to sum(shape) / prod(shape), capped at 1 (capped
-  parameters stay dense and the rest make up for them). `target` may be traced."""
-  n = jnp.asarray([math.prod(s) for s in shapes], jnp.float32)
+  parameters stay dense and the rest make up for them). `target` may be traced.
+  `sizes` (default prod(shape)) weighs each parameter, e.g. a stack of layers of `shape`."""
+  n = jnp.asarray(sizes or [math.prod(s) for s in shapes], jnp.float32)
   raw = jnp.asarray([sum(s) / math.prod(s) for s in shapes], jnp.float32)
   dense = jnp.zeros(len(shapes), bool)
   eps = jnp.float32(0)
@@ -277,14 +297,19 @@ def keep_masks(units, scores, shapes, at: Callable, final, distribution: str, gr
     pruned = mk.smallest(groups, mk.target_count(at(final), total), [u.group_size for u in units])
   else:
     if distribution == "erk":
-      targets = erk_sparsities([shapes[u.members[0]] for u in units], final)
+      layer_shapes = [shapes[u.members[0]][1 if u.layers else 0 :] for u in units]
+      sizes = [math.prod(shapes[u.members[0]]) for u in units]
+      targets = erk_sparsities(layer_shapes, final, sizes)
       targets = [targets[j] for j in range(len(units))]
     else:
       targets = [final] * len(units)
-    pruned = [
-      mk.smallest([gs], mk.target_count(at(t), u.n_groups))[0]
-      for u, gs, t in zip(units, groups, targets)
-    ]
+    pruned = []
+    for u, gs, t in zip(units, groups, targets):
+      k = mk.target_count(at(t), u.n_groups // max(u.layers, 1))
+      if u.layers:  # each layer of a scanned stack at the sparsity
+        pruned.append(jax.vmap(lambda x, k=k: mk.smallest([x], k)[0])(gs))
+      else:
+        pruned.append(mk.smallest([gs], k)[0])
   for u, p in zip(units, pruned):
     for i, m in zip(u.members, _expand(u, ~p, shapes)):
       out[i] = m
@@ -333,6 +358,7 @@ def pruning(
   min_ndim: int = 2,
   score="magnitude",
   seed: int = 0,
+  stacked: str | None = r"^layers/",
 ) -> optax.GradientTransformation:
   """Magnitude (or any `score`) pruning as a GradientTransformation; see the module doc.
 
@@ -342,6 +368,8 @@ def pruning(
   select / exclude: regexes on the parameter path ("layers_0/mlp/wi/kernel"); leaves of
     rank < min_ndim are never pruned. The default selects every kernel of rank >= 2,
     not embeddings, norms or biases.
+  stacked: regex of parameters whose axis 0 stacks layers (scanned models): "uniform"
+    and "erk" then hold for each layer, as they would unscanned.
   """
   g = _validate(sparsity, granularity, distribution, score)
   schedule = schedule or schedules.one_shot(0)
@@ -364,7 +392,7 @@ def pruning(
 
   def init(params):
     chosen = selected(params)
-    _plan([n for _, n, _ in chosen], [s for _, _, s in chosen], g, hint)  # shape checks
+    _plan([n for _, n, _ in chosen], [s for _, _, s in chosen], g, hint, stacked)  # checks
     idx = {i for i, _, _ in chosen}
     leaves, treedef = jax.tree.flatten(params)
 
@@ -382,7 +410,7 @@ def pruning(
       raise ValueError("pruning needs the params: call tx.update(grads, state, params).")
     chosen = selected(params)
     names, shapes = [n for _, n, _ in chosen], [s for _, _, s in chosen]
-    units = _plan(names, shapes, g, hint)
+    units = _plan(names, shapes, g, hint, stacked)
     treedef = jax.tree.structure(params)
     w = treedef.flatten_up_to(params)
     grads = treedef.flatten_up_to(updates)

@@ -20,8 +20,9 @@ _TOP = jnp.uint32(0x80000000)
 
 
 def order_key(x: jax.Array) -> jax.Array:
-  """float -> uint32 with the same order (-0.0 == 0.0; NaN above +inf)."""
-  x = jnp.where(x == 0, 0.0, x.astype(jnp.float32))
+  """float -> uint32 with the same order (-0.0 == 0.0; every NaN above +inf)."""
+  x = x.astype(jnp.float32)
+  x = jnp.where(x == 0, 0.0, jnp.where(jnp.isnan(x), jnp.nan, x))  # one zero, one (+) NaN
   bits = lax.bitcast_convert_type(x, jnp.uint32)
   return jnp.where(bits >= _TOP, ~bits, bits | _TOP)
 
@@ -37,7 +38,11 @@ def flat_index(shape) -> jax.Array:
 
 
 def target_count(sparsity, size: int) -> jax.Array:
-  """round(sparsity * size) as int32: how many of `size` units a sparsity prunes."""
+  """floor(sparsity * size + 0.5) as int32: how many of `size` units a sparsity prunes.
+
+  Computed in float32 (the sparsity may be traced): exact for size < 2**24; above, within
+  the float32 rounding of the product (a few units in ten million).
+  """
   s = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
   return jnp.floor(s * size + 0.5).astype(jnp.int32)
 

@@ -59,14 +59,14 @@ def cubic(start: int, end: int, every: int, initial: float = 0.0) -> Schedule:
     )
   if not 0.0 <= initial < 1.0:
     raise ValueError(f"cubic: initial sparsity {initial} must lie in [0, 1).")
-  span = max(end - start, 1)
+  span = end - start
 
   def is_update(t):
     return (t >= start) & (t <= end) & ((t - start) % every == 0)
 
   def sparsity(t, target):
     last = start + (jnp.minimum(t, end) - start) // every * every  # last update <= t
-    p = jnp.clip((last - start) / span, 0.0, 1.0)
+    p = jnp.clip((last - start) / span, 0.0, 1.0) if span else 1.0  # end == start: one shot
     s = target + (initial - target) * (1.0 - p) ** 3
     return jnp.where(t >= start, s, 0.0)
 

@@ -748,3 +748,24 @@ def test_order_key_ranks_every_nan_above_inf():
   x = f32([np.inf, np.nan, -np.nan, 0.0]) / f32([1, 1, 1, 0])  # 0 / 0 is -nan on x86
   keys = np.asarray(prune.order_key(x))
   assert np.all(keys[1:] > keys[0])
+
+
+@pytest.mark.parametrize(
+  "granularity, distribution",
+  [("unstructured", "uniform"), ("unstructured", "erk"), ("heads", "uniform")],
+)
+def test_scanned_layers_are_pruned_layer_by_layer_as_unscanned(granularity, distribution):
+  """A scanned stack (axis 0 = layer) gets the same masks as the same weights unscanned:
+  uniform and ERK sparsity hold per layer, not over the stack."""
+  _, shapes = tiny_shapes()
+  params = draw(shapes, seed=5)
+  scanned = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  scanned["layers"] = jax.tree.map(
+    lambda a, b: np.stack([a, b]), params["layers_0"], params["layers_1"]
+  )
+  kw = dict(granularity=granularity, distribution=distribution)
+  flat = numpy_tree(pruner(**kw)(params, 0.5))
+  stacked = numpy_tree(pruner(**kw)(scanned, 0.5))
+  for i in range(2):
+    for name, x in leaves(flat[f"layers_{i}"]).items():
+      np.testing.assert_array_equal(leaves(stacked["layers"])[name][i], x, err_msg=name)

@@ -1,8 +1,10 @@
 """Small helpers over parameter pytrees shared by `quant` and `prune`."""
 
+import json
 import os
 
 import jax
+import orbax.checkpoint as ocp
 
 
 def path_name(path) -> str:
@@ -32,3 +34,21 @@ def disk_bytes(directory: str) -> int:
   return sum(
     os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(directory) for f in files
   )
+
+
+def save_arrays(directory: str, arrays: dict, meta: dict, meta_file: str):
+  """A flat {name: numpy array} with orbax under <directory>/arrays, `meta` as JSON beside."""
+  directory = os.path.abspath(directory)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.join(directory, "arrays"), arrays, force=True)
+  with open(os.path.join(directory, meta_file), "w") as f:
+    json.dump(meta, f, indent=1)
+
+
+def load_arrays(directory: str, meta_file: str) -> tuple[dict, dict]:
+  """(arrays, meta) as `save_arrays` wrote them."""
+  directory = os.path.abspath(directory)
+  with open(os.path.join(directory, meta_file)) as f:
+    meta = json.load(f)
+  with ocp.StandardCheckpointer() as ckpt:
+    return ckpt.restore(os.path.join(directory, "arrays")), meta

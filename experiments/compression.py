@@ -162,6 +162,21 @@ def _granularity(p):
   return prune.parse_granularity(p.granularity)
 
 
+def _sparsity_and_kwargs(config):
+  """(sparsity, the other keyword arguments of prune.pruning) from config.prune."""
+  p = config.prune
+  g = _granularity(p)
+  kwargs = dict(
+    granularity=g,
+    distribution=p.distribution,
+    select=p.select,
+    exclude=p.exclude or None,
+    score=p.score,
+    seed=config.seed,
+  )
+  return (None if isinstance(g, prune.NM) else p.sparsity), kwargs
+
+
 def prune_tx(config, inner):
   """`inner` (the optimizer) wrapped by the pruning transform `config.prune` describes;
   `inner` itself when it prunes nothing. Bad values raise here, before anything compiles."""
@@ -184,24 +199,13 @@ def prune_tx(config, inner):
       )
     if not (config.get("init_from") or config.get("pretrain")):
       raise ValueError("Pruning without training needs a trained model: set --config.init_from.")
-  g = _granularity(p)
   last = schedule.end if schedule.end is not None else schedule.start
   if config.train.steps and last >= config.train.steps:
     raise ValueError(
       f"prune: the schedule's last mask update (step {last}) is not before train.steps="
       f"{config.train.steps}; end it earlier (prune.end / prune.start) or train longer."
     )
-  return prune.pruning(
-    None if isinstance(g, prune.NM) else p.sparsity,
-    schedule,
-    inner,
-    granularity=g,
-    distribution=p.distribution,
-    select=p.select,
-    exclude=p.exclude or None,
-    score=p.score,
-    seed=config.seed,
-  )
+  return prune.pruning(*_sparsity_and_kwargs(config), schedule=schedule, inner=inner)
 
 
 def prunes(config) -> bool:
@@ -211,18 +215,8 @@ def prunes(config) -> bool:
 
 def prune_now(config, params):
   """`params` pruned at the final sparsity right away: a run with train.steps=0."""
-  p = config.prune
-  g = _granularity(p)
-  return prune.one_shot_prune(
-    params,
-    None if isinstance(g, prune.NM) else p.sparsity,
-    granularity=g,
-    distribution=p.distribution,
-    select=p.select,
-    exclude=p.exclude or None,
-    score=p.score,
-    seed=config.seed,
-  )
+  sparsity, kwargs = _sparsity_and_kwargs(config)
+  return prune.one_shot_prune(params, sparsity, **kwargs)
 
 
 def sparsity_row(state) -> dict:

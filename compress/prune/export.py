@@ -12,7 +12,6 @@ gets whichever of dense, bitmask and N:M is smallest; an all-zero array only its
 """
 
 import itertools
-import json
 import math
 import os
 
@@ -20,11 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from compress.prune import schedules
 from compress.prune.transform import NM, PruneState, _select, pruning
-from compress.tree import disk_bytes, nested_items, path_name, set_new
+from compress.tree import disk_bytes, load_arrays, nested_items, path_name, save_arrays, set_new
 
 __all__ = ["disk_bytes", "format_report", "load", "masks_of", "one_shot_prune", "report", "save"]
 
@@ -158,19 +156,12 @@ def save(directory: str, tree: dict, nm: NM | None = None):
       arrays[name + "#pattern"] = _pack_bits(lookup[(1 << pos).sum(-1)], bits)
       info.update(n=nm.n, m=nm.m, axis=axis)
     meta[name] = info
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(os.path.join(directory, "arrays"), arrays, force=True)
-  with open(os.path.join(directory, "sparse.json"), "w") as f:
-    json.dump(meta, f, indent=1)
+  save_arrays(directory, arrays, meta, "sparse.json")
 
 
 def load(directory: str) -> dict:
   """The dense nested dict `save` wrote (exactly the saved values)."""
-  directory = os.path.abspath(directory)
-  with open(os.path.join(directory, "sparse.json")) as f:
-    meta = json.load(f)
-  with ocp.StandardCheckpointer() as ckpt:
-    arrays = ckpt.restore(os.path.join(directory, "arrays"))
+  arrays, meta = load_arrays(directory, "sparse.json")
   out = {}
   for name, info in meta.items():
     if info["format"] == "zeros":

@@ -15,16 +15,20 @@ heads) per row at that width; `load` dequantizes them, so they serve in float wi
 rounding (the one difference from the fake-quant model, which keeps them exact).
 """
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from compress.quant import quantizers as qz
-from compress.tree import disk_bytes, nested_items, set_new  # noqa: F401 (disk_bytes re-exported)
+from compress.tree import (  # noqa: F401 (disk_bytes re-exported)
+  disk_bytes,
+  load_arrays,
+  nested_items,
+  save_arrays,
+  set_new,
+)
 
 
 def _get(tree, keys):
@@ -117,19 +121,12 @@ def save(directory: str, serving: dict, storage_bits: int | None = None):
       meta["stored"][name] = {"shape": list(x.shape), "bits": storage_bits, "dtype": str(x.dtype)}
     else:
       arrays[name] = np.asarray(x)
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(os.path.join(directory, "arrays"), arrays, force=True)
-  with open(os.path.join(directory, "format.json"), "w") as f:
-    json.dump(meta, f, indent=1)
+  save_arrays(directory, arrays, meta, "format.json")
 
 
 def load(directory: str) -> dict:
   """Serving variables as `save` wrote them (int4 unpacked, stored matrices dequantized)."""
-  directory = os.path.abspath(directory)
-  with open(os.path.join(directory, "format.json")) as f:
-    meta = json.load(f)
-  with ocp.StandardCheckpointer() as ckpt:
-    arrays = ckpt.restore(os.path.join(directory, "arrays"))
+  arrays, meta = load_arrays(directory, "format.json")
   out = {}
   for name, x in arrays.items():
     base, _, part = name.partition("#")

@@ -109,16 +109,17 @@ def smallest(
 
 def nm_keep(scores: jax.Array, n_prune, m: int, axis: int) -> jax.Array:
   """Keep mask pruning the `n_prune` smallest of every m consecutive elements along `axis`
-  (ties: the earlier element goes first). `n_prune` may be traced (gradual N:M)."""
-  x = jnp.moveaxis(order_key(scores), axis, -1)
-  shape = x.shape
-  x = x.reshape(*shape[:-1], shape[-1] // m, m)
-  a, b = x[..., :, None], x[..., None, :]
+  (ties: the earlier element goes first). `n_prune` may be traced (gradual N:M).
+
+  The groups are ranked in place (no moveaxis), so the mask keeps the scores' layout."""
+  x = order_key(scores)
+  axis, shape = axis % x.ndim, x.shape
+  x = x.reshape(*shape[:axis], shape[axis] // m, m, *shape[axis + 1 :])
+  a, b = jnp.expand_dims(x, axis + 2), jnp.expand_dims(x, axis + 1)  # [.., i, j, ..]
   pos = jnp.arange(m)
-  earlier = pos[None, :] < pos[:, None]
-  rank = jnp.sum((b < a) | ((b == a) & earlier), axis=-1)  # elements ranked below each
-  keep = (rank >= n_prune).reshape(shape)
-  return jnp.moveaxis(keep, -1, axis)
+  earlier = (pos[None, :] < pos[:, None]).reshape((m, m) + (1,) * (len(shape) - axis - 1))
+  rank = jnp.sum((b < a) | ((b == a) & earlier), axis=axis + 2)  # elements ranked below i
+  return (rank >= n_prune).reshape(shape)
 
 
 def block_scores(scores: jax.Array, block: tuple[int, int]) -> jax.Array:

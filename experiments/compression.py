@@ -205,7 +205,8 @@ def prune_tx(config, inner):
       f"prune: the schedule's last mask update (step {last}) is not before train.steps="
       f"{config.train.steps}; end it earlier (prune.end / prune.start) or train longer."
     )
-  return prune.pruning(*_sparsity_and_kwargs(config), schedule=schedule, inner=inner)
+  sparsity, kwargs = _sparsity_and_kwargs(config)
+  return prune.pruning(sparsity, schedule, inner, **kwargs)
 
 
 def prunes(config) -> bool:

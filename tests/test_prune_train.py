@@ -77,9 +77,9 @@ def test_masks_shard_like_their_params_under_every_preset(mesh, rules):
 
 def qat_prune_config(steps, **train_kw):
   c = prune_configs.get_config("tiny")
-  c.train.update(steps=steps, checkpoint_every=40, log_every=20, **train_kw)
-  c.eval.update(every=40, steps=2)
-  c.prune.update(start=10, end=50, every=20, distribution="global")
+  c.train.update(steps=steps, checkpoint_every=30, log_every=10, **train_kw)
+  c.eval.update(every=30, steps=2)
+  c.prune.update(start=10, end=40, every=10, distribution="global")
   c.quant.method = "qat"
   return c
 
@@ -87,11 +87,11 @@ def qat_prune_config(steps, **train_kw):
 def test_qat_and_pruning_resume_equals_uninterrupted_and_exports(tmp_path):
   """Pruning (gradual, global) and QAT in one run: the masks, the QAT state and the
   pruning counters checkpoint and resume bit for bit; both exports evaluate the model."""
-  steps = 80
+  steps = 60
   full = train.train_and_evaluate(qat_prune_config(steps), str(tmp_path / "full"))
   split = tmp_path / "split"
-  train.train_and_evaluate(qat_prune_config(steps, stop_after_steps=40), str(split))
-  assert max(r["step"] for r in read_metrics(split)) == 40
+  train.train_and_evaluate(qat_prune_config(steps, stop_after_steps=30), str(split))
+  assert max(r["step"] for r in read_metrics(split)) == 30
   resumed = train.train_and_evaluate(qat_prune_config(steps), str(split))
   assert resumed["eval_loss"] == full["eval_loss"]
   a, b = read_metrics(tmp_path / "full"), read_metrics(split)
@@ -104,11 +104,11 @@ def test_qat_and_pruning_resume_equals_uninterrupted_and_exports(tmp_path):
   assert full["serve_eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-3)
   assert full["sparse_bytes"] < 0.3 * full["float32_bytes"]  # the embedding table stays dense
   assert len(rep["layers"]) == 12 and rep["selected"]["sparsity"] == full["sparsity"]
-  # The cubic schedule updates at steps 10 (s_i = 0), 30 and 50 (s_f): the eval after 40
-  # steps sees the update at 30, 0.9 * (1 - (1 - 20 / 40)^3).
+  # The cubic schedule updates at steps 10 (s_i = 0), 20, 30 and 40 (s_f): the eval after
+  # 30 steps sees the update at 20, 0.9 * (1 - (1 - 10 / 30)^3).
   evals = {r["step"]: r["sparsity"] for r in a if "eval_loss" in r}
-  assert evals[40] == pytest.approx(0.9 * (1 - (1 - 20 / 40) ** 3), abs=2e-5)
-  assert evals[80] == full["sparsity"]
+  assert evals[30] == pytest.approx(0.9 * (1 - (1 - 10 / 30) ** 3), abs=2e-5)
+  assert evals[60] == full["sparsity"]
 
 
 def test_oneshot_without_training(tmp_path):

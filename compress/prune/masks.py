@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-_TOP = jnp.uint32(0x80000000)
+_TOP = np.uint32(0x80000000)  # numpy: importing must not start a JAX backend
 
 
 def order_key(x: jax.Array) -> jax.Array:

@@ -322,7 +322,7 @@ def keep_masks(units, scores, shapes, at: Callable, final, distribution: str, gr
 class PruneState(NamedTuple):
   count: jax.Array  # optimizer steps taken
   masks: Any  # bool per selected parameter (optax.MaskedNode elsewhere)
-  scores: Any  # accumulated scores (Score.accumulate), else MaskedNode everywhere
+  scores: Any  # accumulated scores (Score.accumulate: a tree like masks), else ()
   inner: Any  # the wrapped optimizer's state (EmptyState when chained)
 
 

@@ -137,14 +137,10 @@ def test_oneshot_without_training(tmp_path):
     (dict(method="oneshot", distribution="erk", granularity="heads"), "erk"),
   ],
 )
-def test_bad_prune_config_fails_before_compiling(monkeypatch, update, message):
+def test_bad_prune_config_fails_before_compiling(no_compile, update, message):
   c = lm.get_config("tiny")
   c.prune.update(update)
 
-  def no_compile(*a, **k):
-    raise AssertionError("compiled before rejecting bad input")
-
-  monkeypatch.setattr(jax, "jit", no_compile)
   with pytest.raises(ValueError, match=message):
     train.build(c, devices=jax.devices()[:1])
 
@@ -156,14 +152,10 @@ def test_bad_prune_config_fails_before_compiling(monkeypatch, update, message):
     (dict(granularity="2:3"), r"layers_0/attn/key/kernel .* M=3 does not divide"),
   ],
 )
-def test_prune_shape_errors_are_named_before_compiling(monkeypatch, update, message):
+def test_prune_shape_errors_are_named_before_compiling(no_compile, update, message):
   c = lm.get_config("tiny")
   c.prune.update(method="oneshot", **update)
 
-  def no_compile(*a, **k):
-    raise AssertionError("compiled before rejecting bad input")
-
-  monkeypatch.setattr(jax, "jit", no_compile)
   exp = train.build(c, devices=jax.devices()[:1])
   with pytest.raises(ValueError, match=message):
     exp.shard_shapes()

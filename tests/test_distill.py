@@ -118,3 +118,32 @@ def test_hidden_and_attention_losses():
 def test_bad_input_is_named(call, message):
   with pytest.raises(ValueError, match=message):
     call()
+
+
+@pytest.mark.parametrize("scan", [(False, False), (True, True), (False, True)], ids=str)
+def test_student_init_copies_exactly_the_mapped_layers(scan):
+  import flax.linen as nn
+
+  import models
+
+  def params(n_layers, scan_layers, seed):
+    cfg = models.get_preset("tiny", n_layers=n_layers, scan_layers=scan_layers)
+    shapes = jax.eval_shape(models.build(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    rng = np.random.RandomState(seed)
+    return jax.tree.map(
+      lambda s: rng.randn(*s.shape).astype(np.float32), nn.unbox(shapes)["params"]
+    )
+
+  def layer(p, i):
+    return jax.tree.map(lambda x: x[i], p["layers"]) if "layers" in p else p[f"layers_{i}"]
+
+  teacher, student = params(4, scan[0], 0), params(3, scan[1], 1)
+  layer_map = {0: 0, 1: 2}
+  out = distill.init_from_teacher(student, teacher, layer_map)
+  assert jax.tree.structure(out) == jax.tree.structure(student)
+  for s, t in layer_map.items():
+    jax.tree.map(np.testing.assert_array_equal, layer(out, s), layer(teacher, t))
+  jax.tree.map(np.testing.assert_array_equal, layer(out, 2), layer(student, 2))  # unmapped
+  np.testing.assert_array_equal(out["embed"]["embedding"], teacher["embed"]["embedding"])
+  with pytest.raises(ValueError, match="past the depth"):
+    distill.init_from_teacher(student, teacher, {0: 4})

@@ -5,6 +5,7 @@ DistilBERT's every-other-layer map. Pure functions of arrays.
     kd, weight = distill.kd_loss(student_logits, teacher_logits, mask, temperature=2.0)
 """
 
+from compress.distill.init import init_from_teacher
 from compress.distill.losses import (
   KINDS,
   attention_loss,
@@ -19,6 +20,7 @@ __all__ = [
   "attention_loss",
   "every_other_layer",
   "hidden_loss",
+  "init_from_teacher",
   "kd_loss",
   "teacher_top_k",
 ]

@@ -1,6 +1,6 @@
 """Sparse models on disk, sparsity reports, and pruning a trained model in one call.
 
-    prune.save(directory, params)                  # bitmask + values (or N:M values + indices)
+    prune.save(directory, params)                  # bitmask + values (N:M: values + patterns)
     params = prune.load(directory)                 # dense again, bit for bit
     print(prune.format_report(prune.report(params)))
 

@@ -8,20 +8,17 @@ prune.save(directory, params); params = prune.load(directory)         # bitmask 
 
 from compress.prune.masks import nm_keep, order_key, smallest, target_count
 from compress.prune.schedules import Schedule, cubic, one_shot, periodic
-from compress.prune.transform import (
+from compress.prune.granularity import (
   DISTRIBUTIONS,
   HEADS,
   NEURONS,
   NM,
-  SCORES,
   Blocks,
-  PruneState,
-  Score,
   Structured,
   erk_sparsities,
   parse_granularity,
-  pruning,
 )
+from compress.prune.transform import SCORES, PruneState, Score, pruning
 from compress.prune.export import (
   disk_bytes,
   format_report,

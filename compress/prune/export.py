@@ -21,7 +21,8 @@ import numpy as np
 import optax
 
 from compress.prune import schedules
-from compress.prune.transform import NM, PruneState, _select, pruning
+from compress.prune.granularity import NM
+from compress.prune.transform import PruneState, _select, pruning
 from compress.tree import disk_bytes, load_arrays, nested_items, path_name, save_arrays, set_new
 
 __all__ = ["disk_bytes", "format_report", "load", "masks_of", "one_shot_prune", "report", "save"]

@@ -10,8 +10,7 @@ from jax.sharding import PartitionSpec as P
 from experiments import train
 from experiments.configs import classify, lm
 from experiments.metrics import read_metrics
-
-STEPS = 3
+from steps import run_steps
 
 
 def tiny(mesh=(1, 1, 1), rules="fsdp_tp", config=lm, **model):
@@ -20,18 +19,6 @@ def tiny(mesh=(1, 1, 1), rules="fsdp_tp", config=lm, **model):
   c.sharding.rules = rules
   c.model.update(model)
   return c
-
-
-def run_steps(c, steps=STEPS, devices=None):
-  """Losses of the first `steps` train steps, and the final state."""
-  exp = train.build(c, devices=devices)
-  state, shardings = exp.init_state()
-  train_step, _ = exp.jit_steps(shardings)
-  losses = []
-  for s in range(steps):
-    state, metrics = train_step(state, exp.batch(s))
-    losses.append(float(metrics["loss"]))
-  return losses, state, exp
 
 
 @functools.cache

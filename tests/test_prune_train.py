@@ -11,20 +11,14 @@ from compress import prune
 from experiments import train
 from experiments.configs import lm, prune as prune_configs
 from experiments.metrics import read_metrics
+from steps import run_steps
 
 
 def pruned_steps(mesh, devices=None, steps=3, **section):
   c = lm.get_config("tiny")
   c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   c.prune.update(method="oneshot", start=0, sparsity=0.8, **section)
-  exp = train.build(c, devices=devices)
-  state, shardings = exp.init_state()
-  train_step, _ = exp.jit_steps(shardings)
-  losses = []
-  for s in range(steps):
-    state, metrics = train_step(state, exp.batch(s))
-    losses.append(float(metrics["loss"]))
-  return losses, state
+  return run_steps(c, steps, devices)[:2]
 
 
 def spec(x):

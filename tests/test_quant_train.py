@@ -7,6 +7,7 @@ import pytest
 from experiments import train
 from experiments.configs import lm, quant as quant_configs
 from experiments.metrics import read_metrics
+from steps import run_steps
 
 
 def qat_steps(mesh, devices=None, steps=3, **quant):
@@ -14,16 +15,7 @@ def qat_steps(mesh, devices=None, steps=3, **quant):
   c = lm.get_config("tiny")
   c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   c.quant.update(method="qat", calib_batches=2, **quant)
-  exp = train.build(c, devices=devices)
-  state, shardings = exp.init_state()
-  if c.quant.act_static:
-    state = exp.calibrate(state, shardings)
-  train_step, _ = exp.jit_steps(shardings)
-  losses = []
-  for s in range(steps):
-    state, metrics = train_step(state, exp.batch(s))
-    losses.append(float(metrics["loss"]))
-  return losses, state
+  return run_steps(c, steps, devices)[:2]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,18 @@
+"""Running the first steps of a config's experiment, shared by the sharded-vs-one-device tests."""
+
+from experiments import compression, train
+
+
+def run_steps(c, steps: int = 3, devices=None):
+  """Losses of the first `steps` train steps (after calibration when the config's static
+  quantization ranges need it, as in the train loop), the final state and the experiment."""
+  exp = train.build(c, devices=devices)
+  state, shardings = exp.init_state()
+  if compression.needs_ranges(c):
+    state = exp.calibrate(state, shardings)
+  train_step, _ = exp.jit_steps(shardings)
+  losses = []
+  for s in range(steps):
+    state, metrics = train_step(state, exp.batch(s))
+    losses.append(float(metrics["loss"]))
+  return losses, state, exp

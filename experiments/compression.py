@@ -17,6 +17,7 @@ import jax
 import ml_collections
 
 from compress import prune, quant
+from experiments.distillation import model_params
 
 
 def quant_section() -> ml_collections.ConfigDict:
@@ -113,7 +114,7 @@ def export(exp, state, workdir: str, evaluate_serving) -> dict:
   if jax.process_count() > 1:
     logging.info("quant.export is single-process for now: skipped.")
     return {}
-  variables = {"params": state["params"], **state.get("collections", {})}
+  variables = {"params": model_params(state["params"]), **state.get("collections", {})}
   example = exp.task.batch(0, "eval")
   ids = example["inputs"][:1, :1]
   convert_model = exp.model_in("convert")
@@ -123,7 +124,7 @@ def export(exp, state, workdir: str, evaluate_serving) -> dict:
   directory = os.path.join(workdir, "export")
   quant.save(directory, serving, storage_bits=q.storage_bits or None)
   loaded = quant.load(directory)
-  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  n_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
   row = evaluate_serving(exp.model_in("serve"), loaded)
   row = {f"serve_{k}": v for k, v in row.items()}
   row.update(export_bytes=quant.disk_bytes(directory), float32_bytes=4 * n_params)
@@ -234,16 +235,17 @@ def export_sparse(exp, state, workdir: str, evaluate_params) -> dict:
     logging.info("prune.export is single-process for now: skipped.")
     return {}
   masks = prune.masks_of(state["opt"])
-  rep = prune.report(state["params"], masks[0] if masks else None)
+  params = model_params(state["params"])  # the model's own (not a distillation projection)
+  rep = prune.report(params, model_params(masks[0]) if masks else None)
   logging.info("Sparsity:\n%s", prune.format_report(rep))
   with open(os.path.join(workdir, "sparsity.json"), "w") as f:
     json.dump(rep, f, indent=1)
   g = _granularity(exp.config.prune)
   directory = os.path.join(workdir, "sparse")
-  prune.save(directory, state["params"], nm=g if isinstance(g, prune.NM) else None)
+  prune.save(directory, params, nm=g if isinstance(g, prune.NM) else None)
   row = evaluate_params(prune.load(directory))
   row = {f"sparse_{k}": v for k, v in row.items()}
-  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  n_params = sum(x.size for x in jax.tree.leaves(params))
   row.update(
     sparse_bytes=prune.disk_bytes(directory),
     float32_bytes=4 * n_params,

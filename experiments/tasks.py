@@ -17,15 +17,6 @@ from experiments import data as data_lib
 from experiments import encoder_data
 
 
-@dataclasses.dataclass(frozen=True)
-class Task:
-  name: str
-  batch: Callable[[int, str], dict]  # (step, split) -> this process's slice, NumPy
-  loss: Callable  # (model, variables, batch, rng, train) -> (loss_sum, sums)
-  summarize: Callable[[dict], dict]  # summed eval sums -> eval row
-  tokens_per_step: int  # global tokens per train step (for tokens/s)
-
-
 def token_sums(logits_BxLxV, targets_BxL, weights_BxL) -> dict:
   """Summed cross-entropy, weight and correct predictions over the weighted tokens."""
   logits_BxLxV = logits_BxLxV.astype(jnp.float32)
@@ -38,42 +29,52 @@ def token_sums(logits_BxLxV, targets_BxL, weights_BxL) -> dict:
   }
 
 
-def _apply(model, variables, batch, rng, train, **kwargs):
-  """The model on a batch; `variables` is {"params": ..., other collections}."""
-  return model.apply(
-    variables,
-    batch["inputs"],
-    deterministic=not train,
-    rngs={"dropout": rng} if train else {},
-    **kwargs,
-  )
+def _lm_targets(batch):
+  return batch["targets"], batch["weights"]
 
 
-def lm_loss(model, variables, batch, rng, train):
-  logits = _apply(model, variables, batch, rng, train)
-  sums = token_sums(logits, batch["targets"], batch["weights"])
-  return sums["loss"], sums
+def _classify_targets(batch):  # one "token" per example
+  return batch["label"][:, None], jnp.ones(batch["label"].shape + (1,), jnp.float32)
 
 
-def mlm_loss(model, variables, batch, rng, train):
-  logits = _apply(model, variables, batch, rng, train, attention_mask=batch["attention_mask"])
-  sums = token_sums(logits, batch["targets"], batch["weights"])
-  return sums["loss"], sums
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  batch: Callable[[int, str], dict]  # (step, split) -> this process's slice, NumPy
+  summarize: Callable[[dict], dict]  # summed eval sums -> eval row
+  tokens_per_step: int  # global tokens per train step (for tokens/s)
+  targets: Callable[[dict], tuple] = _lm_targets  # batch -> (targets BxL, weights BxL)
+  input_keys: tuple = ()  # the batch keys the model takes as keyword inputs
 
+  def forward(self, model, variables, batch, rng, train, capture: bool = False):
+    """(logits BxLxV, sown intermediates) of the model on a batch; a classifier's BxC logits
+    come as Bx1xC. `variables` is {"params": ..., other collections}; `capture` records the
+    model's intermediates (hidden states, attention probabilities) for distillation."""
+    out = model.apply(
+      variables,
+      batch["inputs"],
+      deterministic=not train,
+      rngs={"dropout": rng} if train else {},
+      mutable=["intermediates"] if capture else False,
+      **{k: batch[k] for k in self.input_keys},
+    )
+    logits, state = out if capture else (out, {})
+    logits = logits[:, None] if logits.ndim == 2 else logits
+    return logits, state.get("intermediates", {})
 
-def classify_loss(model, variables, batch, rng, train):
-  logits_BxC = _apply(
-    model,
-    variables,
-    batch,
-    rng,
-    train,
-    attention_mask=batch["attention_mask"],
-    token_type_ids=batch["token_type_ids"],
-  )
-  ones_B = jnp.ones(batch["label"].shape, jnp.float32)
-  sums = token_sums(logits_BxC[:, None], batch["label"][:, None], ones_B[:, None])
-  return sums["loss"], sums
+  def sums(self, logits_BxLxV, batch) -> dict:
+    return token_sums(logits_BxLxV, *self.targets(batch))
+
+  def loss(self, model, variables, batch, rng, train):
+    """(summed loss, sums): what parallel.make_train_step differentiates and divides once."""
+    sums = self.sums(self.forward(model, variables, batch, rng, train)[0], batch)
+    return sums["loss"], sums
+
+  def token_mask(self, batch):
+    """BxL: the real (non-padding) tokens, for losses over every position."""
+    if "attention_mask" in batch:
+      return batch["attention_mask"]
+    return self.targets(batch)[1]
 
 
 def _ratios(sums: dict) -> dict:
@@ -102,7 +103,6 @@ def make_task(
     return Task(
       "lm",
       lambda s, split: source.batch(s, *sizes(split), split=split, **slicing),
-      lm_loss,
       summarize,
       t.batch_size * t.seq_len,
     )
@@ -121,7 +121,7 @@ def make_task(
         **slicing,
       )
 
-    return Task("mlm", batch, mlm_loss, _ratios, t.batch_size * t.seq_len)
+    return Task("mlm", batch, _ratios, t.batch_size * t.seq_len, input_keys=("attention_mask",))
 
   if config.task == "classify":
     cls_source = encoder_data.ClassifySource(source=source, **d.classify)
@@ -134,9 +134,10 @@ def make_task(
     return Task(
       "classify",
       lambda s, split: cls_source.batch(s, *sizes(split), split=split, **slicing),
-      classify_loss,
       summarize,
       t.batch_size * t.seq_len,
+      targets=_classify_targets,
+      input_keys=("attention_mask", "token_type_ids"),
     )
 
   raise ValueError(f"task={config.task!r}: choose 'lm', 'mlm' or 'classify'.")

@@ -22,9 +22,14 @@ def output_width(mc: models.ModelConfig) -> int:
 
 
 def step_flops(exp_or_model_config, batch: int, seq_len: int) -> float:
-  """Training FLOPs of one step over the global batch (an Experiment or a ModelConfig)."""
+  """Training FLOPs of one step over the global batch (an Experiment or a ModelConfig),
+  with a distillation teacher's forward pass when the step runs one."""
   mc = getattr(exp_or_model_config, "model_config", exp_or_model_config)
-  return flops.train_flops_per_step(
+  teacher = getattr(exp_or_model_config, "teacher", None)
+  extra = 0.0
+  if teacher is not None and teacher.live:  # its forward pass: a third of a training step
+    extra = step_flops(teacher.model_config, batch, seq_len) / 3
+  return extra + flops.train_flops_per_step(
     batch=batch,
     seq_len=seq_len,
     n_layers=mc.n_layers,

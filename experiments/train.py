@@ -27,7 +27,7 @@ from compress import quant
 import models
 import parallel
 from parallel import launch  # not re-exported: `python -m parallel.launch` runs it
-from experiments import compression, optim, tasks, throughput
+from experiments import compression, distillation, optim, tasks, throughput
 from experiments.metrics import MetricWriter
 from experiments.tokenizer import ByteTokenizer
 
@@ -66,7 +66,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict):
   }
   if old.get("task") != config.task:
     diff["task"] = (old.get("task"), config.task)
-  for section in ("quant", "prune"):
+  for section in ("quant", "prune", "distill"):
     if section in config and old.get(section, {}) != config[section].to_dict():
       diff[section] = (old.get(section), config[section].to_dict())
   if diff:
@@ -94,11 +94,6 @@ def check_batch(config: ml_collections.ConfigDict, mesh, n_feeds: int):
     )
 
 
-def model_inputs(batch: dict) -> dict:
-  """The model's keyword inputs present in a batch (beyond the token ids)."""
-  return {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
-
-
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """What a config describes, built and checked before anything compiles."""
@@ -112,6 +107,11 @@ class Experiment:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   policy: object = None  # compress.quant.Policy when the run quantizes
+  teacher: distillation.Teacher | None = None  # when the run distills
+
+  def inputs(self, batch: dict) -> dict:
+    """The model's keyword inputs in a batch (beyond the token ids)."""
+    return {k: batch[k] for k in self.task.input_keys}
 
   def model_in(self, quant_mode: str) -> nn.Module:
     """The same model with its QuantDots in another mode ("calibrate", "convert", "serve")."""
@@ -133,10 +133,14 @@ class Experiment:
     """The train state {"step", "params", "opt", "rng"} (+ "collections": the model's other
     variables, e.g. quantization ranges), with logically partitioned leaves."""
     example = jax.tree.map(lambda x: jnp.asarray(x[:1]), self.task.batch(0, "train"))
-    kwargs = model_inputs(example)
     init_rng, train_rng = jax.random.split(rng)
-    variables = dict(self.model.init({"params": init_rng}, example["inputs"], **kwargs))
+    variables = dict(
+      self.model.init({"params": init_rng}, example["inputs"], **self.inputs(example))
+    )
     params = variables.pop("params")
+    shape = distillation.projection_shape(self.model_config, self.teacher)
+    if shape:  # hidden states matched across widths: a learned projection, trained with the rest
+      params = {**params, **distillation.init_projection(shape, jax.random.fold_in(init_rng, 1))}
     opt = self.tx.init(params)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt, "rng": train_rng}
     return {**state, "collections": variables} if variables else state
@@ -152,16 +156,24 @@ class Experiment:
   def rng(self):
     return jax.random.PRNGKey(self.config.seed)
 
-  def jit_steps(self, shardings):
-    """The jitted train step (donating its state) and eval step, with explicit shardings."""
+  def jit_steps(self, shardings, teacher_shardings=None):
+    """The jitted train step (donating its state) and eval step, with explicit shardings.
+
+    When the run distills from a live teacher, the train step is
+    `(state, batch, teacher_variables)`, the teacher's shardings given here.
+    """
     model, task = self.model, self.task
-    loss = lambda p, b, r, c: task.loss(model, {"params": p, **c}, b, r, True)  # noqa: E731
+    if self.teacher is not None:
+      loss = distillation.make_loss(task, model, self.model_config, self.teacher)
+    else:
+      loss = lambda p, b, r, c: task.loss(model, {"params": p, **c}, b, r, True)  # noqa: E731
     step = parallel.make_train_step(loss, self.tx, self.config.train.microbatches)
+    frozen = (teacher_shardings,) if self.teacher is not None and self.teacher.live else ()
     train_step = parallel.jit_with_mesh(
       step,
       self.mesh,
       self.rules,
-      in_shardings=(shardings, self.batch_sharding),
+      in_shardings=(shardings, self.batch_sharding, *frozen),
       out_shardings=(shardings, None),
       donate_argnums=0,
     )
@@ -169,7 +181,11 @@ class Experiment:
       lambda p, c, b: task.loss(model, {"params": p, **c}, b, None, False)[1],
       self.mesh,
       self.rules,
-      in_shardings=(shardings["params"], shardings.get("collections", {}), self.batch_sharding),
+      in_shardings=(
+        distillation.model_params(shardings["params"]),  # the model's own: no projection
+        shardings.get("collections", {}),
+        self.batch_sharding,
+      ),
       out_shardings=None,
     )
     return train_step, eval_step
@@ -179,7 +195,7 @@ class Experiment:
     model = self.model
 
     def fn(p, c, b, rng):
-      kwargs = model_inputs(b)
+      kwargs = self.inputs(b)
       kept = quant.without_steps(p)
       _, new = model.apply(
         {"params": kept, **c}, b["inputs"], mutable=["params"], rngs={"params": rng}, **kwargs
@@ -200,6 +216,25 @@ class Experiment:
     )
     return jitted(state["params"], state.get("collections", {}), self.batch(0), self.rng)
 
+  def load_teacher(self):
+    """(the teacher's variables, their shardings), from its run's checkpoint onto this mesh."""
+    example = self.task.batch(0, "train")
+    args = (self.teacher, example, self.task.input_keys, self.mesh, self.rules)
+    _, shardings = distillation.teacher_shapes(*args)
+    variables = distillation.load_teacher(*args)
+    return variables, {"params": shardings["params"], **shardings["collections"]}
+
+  def init_from_teacher(self, state: dict, shardings: dict, teacher_vars: dict) -> dict:
+    """The student's params with the layers `distill.init` maps copied from the teacher."""
+    jitted = parallel.jit_with_mesh(
+      lambda p, t: distillation.init_student(p, t, self.teacher),
+      self.mesh,
+      self.rules,
+      in_shardings=(shardings["params"], None),
+      out_shardings=shardings["params"],
+    )
+    return jitted(state["params"], teacher_vars["params"])
+
   def calibrate(self, state: dict, shardings: dict) -> dict:
     """Static activation ranges from `quant.calib_batches` train batches (QuantDot's
     "calibrate" mode: a float forward recording each quantized input's range)."""
@@ -207,7 +242,7 @@ class Experiment:
 
     def step(p, c, b):
       variables = {"params": p, **c}
-      kwargs = model_inputs(b)
+      kwargs = self.inputs(b)
       _, updated = model.apply(variables, b["inputs"], mutable=["quant"], **kwargs)
       return {**c, **updated}
 
@@ -235,6 +270,17 @@ def build(
   mc = model_config(config, tokenizer)
   if workdir:
     check_workdir(workdir, config)
+
+  def build_model(run_config, record_attention=False):
+    run_mc = model_config(run_config, tokenizer)
+    if record_attention:  # attention transfer reads the probabilities the model sows
+      run_mc = dataclasses.replace(run_mc, record_attention=True)
+    dgs = compression.dot_generals(run_config, compression.quant_policy(run_config))
+    return run_mc, models.build(run_mc, **dgs)
+
+  teacher = distillation.make_teacher(config, mc, workdir, build_model)
+  if teacher is not None and config.distill.attention_weight > 0:
+    mc = dataclasses.replace(mc, record_attention=True)
   mesh = parallel.make_mesh(**config.mesh, devices=devices)
   rules = parallel.get_rules(config.sharding.rules)
   # Each process feeds the batch rows its devices hold (not always block process_index).
@@ -244,7 +290,7 @@ def build(
   policy = compression.quant_policy(config)
   tx, schedule = optim.make_optimizer(config, config.train.steps)
   model = models.build(mc, **compression.dot_generals(config, policy))
-  return Experiment(config, mc, model, task, mesh, rules, tx, schedule, policy)
+  return Experiment(config, mc, model, task, mesh, rules, tx, schedule, policy, teacher)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
@@ -257,6 +303,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   if config.get("pretrain"):  # e.g. MLM pretraining before classification: same loop, own workdir
     init_from = os.path.join(workdir, "pretrain")
     train_and_evaluate(config.pretrain, init_from, devices)
+  if exp.teacher is not None:
+    train_teacher(exp.teacher, devices)
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
@@ -270,6 +318,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     keep=config.train.keep_checkpoints,
     async_save=config.train.async_checkpoint,
   )
+  teacher_vars = teacher_shardings = None
+  if exp.teacher is not None:
+    teacher_vars, teacher_shardings = exp.load_teacher()
   if ckpt.latest_step() is not None:
     abstract, shardings = exp.shard_shapes()
     state = ckpt.restore(abstract)
@@ -279,8 +330,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       state["params"] = parallel.load_params(
         os.path.join(init_from, "checkpoints"), state["params"]
       )
-      if exp.policy is not None and config.quant.lsq:  # steps fit the loaded weights
-        state["params"] = exp.reinit_steps(state, shardings)
+    if exp.teacher is not None and exp.teacher.init_map:  # DistilBERT: every other layer
+      state["params"] = exp.init_from_teacher(state, shardings, teacher_vars)
+    loaded = init_from or (exp.teacher is not None and exp.teacher.init_map)
+    if loaded and exp.policy is not None and config.quant.lsq:  # steps fit the loaded weights
+      state["params"] = exp.reinit_steps(state, shardings)
     if compression.prunes(config) and not config.train.steps:  # one-shot, no training
       state["params"] = parallel.jit_with_mesh(
         lambda p: compression.prune_now(config, p),
@@ -291,6 +345,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       )(state["params"])
     if compression.needs_ranges(config):
       state = exp.calibrate(state, shardings)
+  if exp.teacher is not None and not exp.teacher.live:  # the step reads cached top-k logits
+    part = distillation.cache_top_k(exp, teacher_vars, os.path.join(workdir, "teacher_top_k"))
+    exp = dataclasses.replace(exp, task=distillation.with_cache(exp.task, part))
+    teacher_vars = None  # the teacher leaves device memory
+  frozen = () if teacher_vars is None else (teacher_vars,)
   if exp.policy is not None:
     compression.report(exp.policy, state.get("collections", {}))
   start = int(state["step"])
@@ -302,13 +361,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     dict(exp.mesh.shape),
     start,
   )
-  train_step, eval_step = exp.jit_steps(shardings)
+  train_step, eval_step = exp.jit_steps(shardings, teacher_shardings)
   task, schedule = exp.task, exp.schedule
   eval_batches = [exp.batch(i, "eval") for i in range(config.eval.steps)]
   writer = MetricWriter(workdir, start, config.train.steps, enabled=is_main)
 
   def evaluate_params(params):
     c = state.get("collections", {})
+    params = distillation.model_params(params)
     return task.summarize(tasks.sum_eval([eval_step(params, c, b) for b in eval_batches]))
 
   def evaluate(step, write=True):
@@ -343,7 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
   t, last_eval = config.train, {}
   for step in range(start, t.steps):
-    state, metrics = train_step(state, exp.batch(step))
+    state, metrics = train_step(state, exp.batch(step), *frozen)
     done = step + 1
     if step == start:  # compilation is not throughput
       jax.block_until_ready(metrics)
@@ -381,13 +441,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     writer.write(max(start, t.steps), served)
     last_eval = {**last_eval, **served}
   if compression.prunes(config) and config.prune.export and finished:
-    loaded = lambda p: evaluate_params(jax.device_put(p, shardings["params"]))  # noqa: E731
-    sparse = compression.export_sparse(exp, state, workdir, loaded)
+    model_shardings = distillation.model_params(shardings["params"])
+    reload = lambda p: evaluate_params(jax.device_put(p, model_shardings))  # noqa: E731
+    sparse = compression.export_sparse(exp, state, workdir, reload)
     writer.write(max(start, t.steps), sparse)
     last_eval = {**last_eval, **sparse}
   ckpt.close()
   writer.close()
   return last_eval
+
+
+def train_teacher(teacher: distillation.Teacher, devices=None):
+  """Runs the teacher's experiment in its workdir first, unless it already finished there."""
+  latest = parallel.checkpoint.latest_step(os.path.join(teacher.workdir, "checkpoints"))
+  if latest is not None and latest >= teacher.config.train.steps:
+    return
+  logging.info("Training the teacher in %s first", teacher.workdir)
+  train_and_evaluate(teacher.config, teacher.workdir, devices)
 
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -5,7 +5,7 @@
 """
 
 from parallel import flops
-from parallel.checkpoint import Checkpointer, load_params
+from parallel.checkpoint import Checkpointer, load_params, load_variables
 from parallel.mesh import MESH_AXES, RULES, get_rules, make_mesh, resolve_mesh_shape
 from parallel.sharding import (
   abstract_with_shardings,
@@ -20,6 +20,7 @@ __all__ = [
   "flops",
   "Checkpointer",
   "load_params",
+  "load_variables",
   "MESH_AXES",
   "RULES",
   "get_rules",

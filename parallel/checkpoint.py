@@ -49,6 +49,52 @@ class Checkpointer:
     self.manager.close()
 
 
+def _reader(directory: str):
+  return ocp.CheckpointManager(
+    os.path.abspath(directory),
+    item_handlers=ocp.PyTreeCheckpointHandler(),
+    options=ocp.CheckpointManagerOptions(read_only=True),
+  )
+
+
+def latest_step(directory: str) -> int | None:
+  """The step of the latest complete checkpoint in `directory` (None: none, or no directory)."""
+  if not os.path.isdir(directory):
+    return None
+  manager = _reader(directory)
+  step = manager.latest_step()
+  manager.close()
+  return step
+
+
+def _open(directory: str, step: int | None, hint: str):
+  """(read-only manager, step) of the run saved in `directory`; a clear error when empty."""
+  manager = _reader(directory)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {directory}: {hint}")
+  return manager, step
+
+
+def _restore(manager, step: int, abstract: dict) -> dict:
+  """The items of `abstract` ({"params": {...}, ...}: ShapeDtypeStructs with shardings),
+  restored straight into their shardings; the rest of the checkpoint is not read."""
+  return manager.restore(
+    step,
+    args=ocp.args.PyTreeRestore(
+      item=abstract,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True,
+    ),
+  )
+
+
+def _abstract(flat: dict) -> dict:
+  return _nest(
+    {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in flat.items()}
+  )
+
+
 def load_params(directory: str, target: PyTree, step: int | None = None) -> PyTree:
   """Initializes from another run: its checkpointed params overwrite `target`'s matching leaves.
 
@@ -57,17 +103,7 @@ def load_params(directory: str, target: PyTree, step: int | None = None) -> PyTr
   straight into `target`'s shardings; the rest of `target` (a new classification head,
   learned quantization step sizes) keeps its initialization.
   """
-  manager = ocp.CheckpointManager(
-    os.path.abspath(directory),
-    item_handlers=ocp.PyTreeCheckpointHandler(),
-    options=ocp.CheckpointManagerOptions(read_only=True),
-  )
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(
-      f"No checkpoint to initialize from in {directory}: run that "
-      "experiment first, or unset init_from."
-    )
+  manager, step = _open(directory, step, "run that experiment first, or unset init_from.")
   saved = _leaves(manager.item_metadata(step)["params"])
   wanted = _leaves(target)
   common = {
@@ -78,19 +114,7 @@ def load_params(directory: str, target: PyTree, step: int | None = None) -> PyTr
       f"The checkpoint in {directory} shares no parameters with this model "
       f"(saved: {sorted(saved)[:8]}...; here: {sorted(wanted)[:8]}...)."
     )
-  abstract = {
-    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in common.items()
-  }
-  item = {"params": _nest(abstract)}
-  restored = manager.restore(
-    step,
-    args=ocp.args.PyTreeRestore(
-      item=item,
-      restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True,
-    ),
-  )
-  loaded = _leaves(restored["params"])
+  loaded = _leaves(_restore(manager, step, {"params": _abstract(common)})["params"])
   fresh = sorted({k.split("/")[0] for k in wanted if k not in common})
   logging.info(
     "Initialized %d of %d parameter arrays from %s step %d; kept fresh (in): %s",
@@ -102,6 +126,32 @@ def load_params(directory: str, target: PyTree, step: int | None = None) -> PyTr
   )
   manager.close()
   return _nest({**wanted, **loaded})
+
+
+def load_variables(directory: str, target: dict, step: int | None = None) -> dict:
+  """Items of a saved train state, e.g. {"params", "collections"} of a distillation teacher,
+  restored exactly: every leaf of `target` (arrays or ShapeDtypeStructs with shardings)
+  must be in the checkpoint with the same shape. The optimizer state is never read."""
+  manager, step = _open(directory, step, "run that experiment first.")
+  meta = manager.item_metadata(step)
+  saved = {k: _leaves(meta[k]) if k in meta else {} for k in target}
+  wanted = {k: _leaves(v) for k, v in target.items()}
+  bad = [
+    f"{k}/{p}: here {tuple(v.shape)}, saved {tuple(saved[k][p].shape) if p in saved[k] else None}"
+    for k in target
+    for p, v in wanted[k].items()
+    if p not in saved[k] or tuple(saved[k][p].shape) != tuple(v.shape)
+  ]
+  if bad:
+    raise ValueError(
+      f"The checkpoint in {directory} (step {step}) does not hold this model: "
+      f"{'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}. Check the model config "
+      "that describes it."
+    )
+  restored = _restore(manager, step, {k: _abstract(v) for k, v in wanted.items() if v})
+  manager.close()
+  logging.info("Loaded %s from %s step %d", sorted(target), directory, step)
+  return {k: restored.get(k, {}) for k in target}
 
 
 def _leaves(tree) -> dict:

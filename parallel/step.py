@@ -2,7 +2,9 @@
 
 The state is a plain dict {"step", "params", "opt", "rng"}, plus "collections" when the
 model has non-trainable variables (e.g. a quantizer's calibrated ranges): they are passed
-to the loss and carried along unchanged. A loss function returns
+to the loss and carried along unchanged. Inputs that are neither trained nor part of the
+state (a distillation teacher's variables) follow the batch: `step(state, batch, *frozen)`
+passes them to every microbatch's loss, and they are never donated. A loss function returns
 *sums* (loss summed over tokens, the token weight, other counts), never means: sums add
 up across microbatches and across shards, so the mean taken once at the end is exact
 whatever the padding, the microbatching or the mesh.
@@ -17,8 +19,8 @@ import jax.numpy as jnp
 import optax
 
 PyTree = Any
-# loss_fn(params, batch, rng, collections) -> (loss_sum, sums); sums holds "weight" and any
-# other sums. `collections` is state["collections"] ({} when the state has none).
+# loss_fn(params, batch, rng, collections, *frozen) -> (loss_sum, sums); sums holds "weight"
+# and any other sums. `collections` is state["collections"] ({} when the state has none).
 LossFn = Callable[[PyTree, dict, jax.Array, PyTree], tuple[jax.Array, dict]]
 
 
@@ -26,11 +28,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatc
   """Builds the step; gradients are accumulated over `microbatches` slices of the batch."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def step(state: dict, batch: dict) -> tuple[dict, dict]:
+  def step(state: dict, batch: dict, *frozen) -> tuple[dict, dict]:
     params, collections = state["params"], state.get("collections", {})
     rng = jax.random.fold_in(state["rng"], state["step"])
     if microbatches == 1:
-      (_, sums), grads = grad_fn(params, batch, rng, collections)
+      (_, sums), grads = grad_fn(params, batch, rng, collections, *frozen)
     else:
       mbs = jax.tree.map(
         lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch
@@ -38,11 +40,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatc
 
       def accumulate(carry, i_mb):
         i, mb = i_mb
-        (_, s), g = grad_fn(params, mb, jax.random.fold_in(rng, i), collections)
+        (_, s), g = grad_fn(params, mb, jax.random.fold_in(rng, i), collections, *frozen)
         return jax.tree.map(jnp.add, carry, (g, s)), None
 
       mb0 = jax.tree.map(lambda x: x[0], mbs)
-      (_, sums0), grads0 = jax.eval_shape(grad_fn, params, mb0, rng, collections)
+      (_, sums0), grads0 = jax.eval_shape(grad_fn, params, mb0, rng, collections, *frozen)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads0, sums0))
       (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), mbs))
     weight = jnp.maximum(sums["weight"], 1.0)

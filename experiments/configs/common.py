@@ -5,7 +5,7 @@ import dataclasses
 import ml_collections
 
 import models
-from experiments import compression
+from experiments import compression, distillation
 
 
 def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
@@ -60,6 +60,7 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
   c.sharding = ml_collections.ConfigDict(dict(rules="fsdp_tp"))  # a parallel.RULES preset
   c.quant = compression.quant_section()  # method "none": float; "qat" / "ptq" quantize
   c.prune = compression.prune_section()  # method "none": dense; "gradual" / "oneshot" / ...
+  c.distill = distillation.section()  # method "none": no teacher; "kd": config.teacher
   return c
 
 

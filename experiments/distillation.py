@@ -1,0 +1,414 @@
+"""Distillation from config: the `distill` section -> the teacher (its model, and its variables
+loaded from its run's checkpoint onto the student's mesh), the student's loss (task weight x
+task loss + the weighted KD, hidden-state and attention terms), the student's init from the
+teacher's layers, and the teacher's top-k logits cached on disk.
+
+    --config.distill.method=kd --config.distill.temperature=2 --config.distill.kd_weight=1
+    --config.distill.hidden_weight=1 --config.distill.layer_map=every_other
+    --config.distill.top_k=16 --config.distill.cache=True
+
+The teacher is the run `config.teacher` describes (its model may be bigger, or quantized), in
+`distill.teacher_workdir` (default `<workdir>/teacher`, trained there first if it is not yet).
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from compress import distill
+import models
+import parallel
+
+PROJECTION = "distill"  # params[PROJECTION]["projection"]: the learned hidden-state map
+
+
+def section() -> ml_collections.ConfigDict:
+  """The defaults of `config.distill` (method "none": no teacher)."""
+  return ml_collections.ConfigDict(
+    dict(
+      method="none",  # "none" | "kd" (a teacher run, config.teacher)
+      teacher_workdir="",  # the teacher's run; "" -> <workdir>/teacher
+      temperature=2.0,  # soft targets softmax(z / T); the KD term is multiplied by T^2
+      kind="forward",  # "forward" KL(teacher || student) | "reverse" | "jsd"
+      task_weight=1.0,  # on the task loss (hard labels; DistilBERT's alpha_mlm)
+      kd_weight=1.0,  # on the soft-target loss (DistilBERT's alpha_ce)
+      top_k=0,  # > 0: the teacher's k largest logits only (renormalized)
+      cache=False,  # the top-k logits computed once, before training, into <workdir>/teacher_top_k
+      chunk=0,  # KD over the sequence in chunks of this many positions; 0: all at once
+      hidden_weight=0.0,  # on the hidden-state loss (DistilBERT's alpha_cos)
+      hidden_kind="cosine",  # "cosine" | "mse"
+      attention_weight=0.0,  # on the attention-map KL (student and teacher heads must match)
+      layer_map="last",  # hidden / attention pairs: "last" | "every_other" | "0:1,1:3"
+      init="",  # student layers from the teacher's: "" (own init) | "every_other" | "0:0,1:2"
+    )
+  )
+
+
+def distills(config) -> bool:
+  d = config.get("distill")
+  return d is not None and d.method != "none"
+
+
+def parse_layer_map(spec: str, n_student: int, n_teacher: int, field: str) -> dict:
+  """{student layer: teacher layer} from "last", "every_other" or "s:t,s:t"; "" is none."""
+  if spec in ("", "none"):
+    return {}
+  if spec == "last":
+    pairs = {n_student - 1: n_teacher - 1}
+  elif spec == "every_other":
+    pairs = {i: 2 * i for i in range(n_student)}
+  else:
+    try:
+      pairs = dict(tuple(int(x) for x in pair.split(":")) for pair in spec.split(","))
+    except ValueError:
+      raise ValueError(
+        f"distill.{field}={spec!r}: write 'last', 'every_other' or pairs like '0:1,1:3' "
+        "(student layer:teacher layer)."
+      ) from None
+  for s, t in pairs.items():
+    if not 0 <= s < n_student or not 0 <= t < n_teacher:
+      raise ValueError(
+        f"distill.{field}={spec!r}: student layer {s} -> teacher layer {t} points past the "
+        f"depth of the student ({n_student} layers) or the teacher ({n_teacher} layers)."
+      )
+  return pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """The teacher run: where it lives, its model, and what the student's loss takes from it."""
+
+  config: ml_collections.ConfigDict  # the teacher run's config
+  workdir: str
+  model_config: models.ModelConfig
+  model: nn.Module
+  layer_map: dict  # hidden-state / attention pairs {student layer: teacher layer}
+  init_map: dict  # student layers initialized from the teacher's
+  d: ml_collections.ConfigDict  # the student's `distill` section
+
+  @property
+  def live(self) -> bool:
+    """Whether the train step runs the teacher (False: its top-k logits come from the cache)."""
+    return not self.d.cache
+
+
+def make_teacher(config, student_mc: models.ModelConfig, workdir: str | None, build_model):
+  """The Teacher `config.distill` and `config.teacher` describe; None when not distilling.
+  Every bad value raises here, before anything is loaded or compiled. `build_model(config)`
+  returns (ModelConfig, model) for a run config, as the student's are built."""
+  if not distills(config):
+    return None
+  d = config.distill
+  if d.method != "kd":
+    raise ValueError(f"distill.method={d.method!r}: choose 'none' or 'kd'.")
+  if not config.get("teacher"):
+    raise ValueError(
+      "distill.method='kd' needs config.teacher: the run config of the teacher "
+      "(experiments/configs/distill.py shows one)."
+    )
+  if not d.temperature > 0:
+    raise ValueError(f"distill.temperature={d.temperature} must be > 0 (1: plain soft targets).")
+  if d.kind not in distill.KINDS:
+    raise ValueError(f"distill.kind={d.kind!r}: choose one of {distill.KINDS}.")
+  if d.hidden_kind not in ("cosine", "mse"):
+    raise ValueError(f"distill.hidden_kind={d.hidden_kind!r}: choose 'cosine' or 'mse'.")
+  tc = config.teacher
+  if tc.task != config.task:
+    raise ValueError(
+      f"The teacher's task ({tc.task!r}) is not the student's ({config.task!r}): a teacher "
+      "is a model trained on the same task."
+    )
+  needs_maps = d.hidden_weight > 0 or d.attention_weight > 0
+  mc, model = build_model(tc, record_attention=d.attention_weight > 0)
+  vocab_s, vocab_t = _n_outputs(student_mc), _n_outputs(mc)
+  if d.kd_weight and vocab_s != vocab_t:
+    raise ValueError(
+      f"The student's vocabulary ({vocab_s} outputs) and the teacher's ({vocab_t}) differ: "
+      "logit distillation needs the same vocabulary (set model.vocab_size of both), or set "
+      "distill.kd_weight=0."
+    )
+  if d.top_k < 0 or d.top_k > vocab_t:
+    raise ValueError(f"distill.top_k={d.top_k}: between 0 (all) and the vocabulary ({vocab_t}).")
+  if d.top_k and d.kind != "forward":
+    raise ValueError("distill.top_k gives the forward KL only: set distill.kind='forward'.")
+  if d.cache and not d.top_k:
+    raise ValueError("distill.cache stores the teacher's top-k logits: set distill.top_k > 0.")
+  if d.cache and (needs_maps or d.init):
+    raise ValueError(
+      "distill.cache holds the teacher's logits only: hidden-state and attention losses and "
+      "distill.init need the live teacher (set distill.cache=False)."
+    )
+  if d.cache and not config.train.steps:
+    raise ValueError("distill.cache caches the teacher over train steps: train.steps is 0.")
+  if mc.positions == "learned" and config.train.seq_len > mc.max_len:
+    raise ValueError(
+      f"train.seq_len={config.train.seq_len} exceeds the teacher's learned positions "
+      f"(teacher.model.max_len={mc.max_len})."
+    )
+  seq = 1 if config.task == "classify" else config.train.seq_len
+  if d.chunk < 0 or (d.chunk and d.chunk < seq and seq % d.chunk):
+    raise ValueError(f"distill.chunk={d.chunk} does not divide train.seq_len={seq}.")
+  if d.attention_weight > 0 and student_mc.n_heads != mc.n_heads:
+    raise ValueError(
+      f"Attention transfer compares maps head by head: the student has {student_mc.n_heads} "
+      f"heads, the teacher {mc.n_heads}."
+    )
+  n_s, n_t = student_mc.n_layers, mc.n_layers
+  layer_map = parse_layer_map(d.layer_map, n_s, n_t, "layer_map") if needs_maps else {}
+  init_map = parse_layer_map(d.init, n_s, n_t, "init")
+  if init_map and config.get("init_from"):
+    raise ValueError("Set either init_from or distill.init (the student from its teacher).")
+  if init_map:
+    for field in ("d_model", "d_ff", "n_heads", "n_kv_heads", "head_dim", "vocab_size"):
+      if getattr(student_mc, field) != getattr(mc, field):
+        raise ValueError(
+          f"distill.init copies teacher layers into the student, but their model.{field} "
+          f"differ ({getattr(student_mc, field)} vs {getattr(mc, field)})."
+        )
+  teacher_dir = d.teacher_workdir or (os.path.join(workdir, "teacher") if workdir else "")
+  return Teacher(tc, teacher_dir, mc, model, layer_map, init_map, d)
+
+
+def _n_outputs(mc: models.ModelConfig) -> int:
+  return mc.num_labels if mc.kind == "encoder" and mc.head == "classify" else mc.vocab_size
+
+
+def projection_shape(student_mc, teacher: Teacher | None):
+  """[D_student, D_teacher] when hidden states are matched across different widths."""
+  if teacher is None or not teacher.d.hidden_weight:
+    return None
+  if student_mc.d_model == teacher.model_config.d_model:
+    return None
+  return (student_mc.d_model, teacher.model_config.d_model)
+
+
+def init_projection(shape, rng) -> dict:
+  """The learned projection's entry in the student's params (boxed: it shards on "embed")."""
+  init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None))
+  return {PROJECTION: {"projection": init(rng, shape, jnp.float32)}}
+
+
+def model_params(params: dict) -> dict:
+  """The student model's own params (without the distillation projection)."""
+  return {k: v for k, v in params.items() if k != PROJECTION}
+
+
+# -- the teacher's variables ----------------------------------------------------------------
+
+
+def teacher_shapes(teacher: Teacher, example: dict, input_keys, mesh, rules):
+  """(abstract variables {"params", "collections"} with shardings, their shardings)."""
+
+  def init(rng):
+    kwargs = {k: jnp.asarray(example[k]) for k in input_keys}
+    variables = dict(teacher.model.init({"params": rng}, jnp.asarray(example["inputs"]), **kwargs))
+    return {"params": variables.pop("params"), "collections": variables}
+
+  return parallel.shard_shapes(init, mesh, rules, jax.random.key(0))
+
+
+def load_teacher(teacher: Teacher, example: dict, input_keys, mesh, rules):
+  """The teacher's variables ({"params": ..., other collections}), restored from the latest
+  checkpoint of its run straight into their shardings on the student's mesh."""
+  abstract, _ = teacher_shapes(teacher, example, input_keys, mesh, rules)
+  loaded = parallel.load_variables(os.path.join(teacher.workdir, "checkpoints"), abstract)
+  return {"params": loaded["params"], **loaded["collections"]}
+
+
+# -- the student's loss ---------------------------------------------------------------------
+
+
+def _per_layer(intermediates: dict, n_layers: int, *path) -> list:
+  """A sown value of every layer (scanned: stacked on axis 0), in layer order."""
+
+  def get(tree):
+    for key in path:
+      tree = tree[key]
+    return tree[0]  # sow keeps a tuple
+
+  if "layers" in intermediates:
+    stacked = get(intermediates["layers"])
+    return [stacked[i] for i in range(n_layers)]
+  return [get(intermediates[f"layers_{i}"]) for i in range(n_layers)]
+
+
+def make_loss(task, student: nn.Module, student_mc, teacher: Teacher):
+  """loss(params, batch, rng, collections, teacher_variables) -> (summed objective, sums).
+
+  The objective is task_weight x task loss + the weighted distillation terms. Each term is
+  per token of the task (the KD term over the task's target tokens; the hidden-state and
+  attention terms over every real token, rescaled to the task's token count), so the train
+  step's single division by the task's weight gives each term's mean. Metrics: "loss" (the
+  objective), "task_loss", and "kd_loss" / "hidden_loss" / "attention_loss" as used.
+  """
+  d = teacher.d
+  capture = bool(teacher.layer_map)
+  n_s, n_t = student_mc.n_layers, teacher.model_config.n_layers
+
+  def loss(params, batch, rng, collections, teacher_vars=None):
+    variables = {"params": model_params(params), **collections}
+    s_logits, s_inter = task.forward(student, variables, batch, rng, True, capture)
+    sums = task.sums(s_logits, batch)
+    out = {**sums, "task_loss": sums["loss"]}
+    total = d.task_weight * sums["loss"]
+    if teacher.live:
+      t_logits, t_inter = task.forward(teacher.model, teacher_vars, batch, None, False, capture)
+      t_logits, t_inter = jax.lax.stop_gradient((t_logits, t_inter))
+      if d.top_k:
+        t_logits = distill.teacher_top_k(t_logits, d.top_k)
+    else:
+      t_logits = (batch["teacher_values"], batch["teacher_indices"])
+
+    def add(name, weight, term):  # term: (sum, its token weight) -> per task token
+      nonlocal total
+      scale = jax.lax.stop_gradient(sums["weight"] / jnp.maximum(term[1], 1.0))
+      out[name] = term[0] * scale
+      total = total + weight * out[name]
+
+    if d.kd_weight:
+      kd = distill.kd_loss(
+        s_logits,
+        t_logits,
+        task.targets(batch)[1],
+        temperature=d.temperature,
+        kind=d.kind,
+        chunk=d.chunk or None,
+      )
+      add("kd_loss", d.kd_weight, kd)
+    mask = task.token_mask(batch)
+    if d.hidden_weight:
+      hs = _per_layer(s_inter, n_s, "hidden_states")
+      ht = _per_layer(t_inter, n_t, "hidden_states")
+      proj = params.get(PROJECTION, {}).get("projection")
+      add(
+        "hidden_loss",
+        d.hidden_weight,
+        distill.hidden_loss(hs, ht, teacher.layer_map, mask, d.hidden_kind, proj),
+      )
+    if d.attention_weight:
+      ps = _per_layer(s_inter, n_s, "attn", "attention_probs")
+      pt = _per_layer(t_inter, n_t, "attn", "attention_probs")
+      terms = [distill.attention_loss(ps[s], pt[t], mask) for s, t in teacher.layer_map.items()]
+      add("attention_loss", d.attention_weight, (sum(a for a, _ in terms), terms[0][1]))
+    out["loss"] = total
+    return total, out
+
+  return loss
+
+
+def init_student(params: dict, teacher_params: dict, teacher: Teacher) -> dict:
+  """The student's params with the mapped layers (and every non-layer parameter) copied from
+  the teacher; the projection, if any, keeps its init. Traceable (run it under jit)."""
+  new = distill.init_from_teacher(model_params(params), teacher_params, teacher.init_map)
+  return {**params, **new}
+
+
+# -- the teacher's top-k logits, cached on disk ---------------------------------------------
+
+
+def cache_top_k(exp, teacher_vars, directory: str) -> str:
+  """Runs the teacher once over the run's train batches and stores its top-k logits
+  ([steps, rows, L, k] float32 values and int32 indices, this process's rows) in
+  `directory`; reuses a complete cache written for the same teacher and batches. Written
+  to a temporary directory and renamed when complete. Returns the part's directory."""
+  config, teacher = exp.config, exp.teacher
+  index, count = parallel.sharding.process_batch_slice(exp.batch_sharding)
+  t = config.train
+  ckpt_step = parallel.checkpoint.latest_step(os.path.join(teacher.workdir, "checkpoints"))
+  meta = dict(
+    teacher=os.path.abspath(teacher.workdir),
+    teacher_step=ckpt_step,
+    top_k=config.distill.top_k,
+    steps=t.steps,
+    batch_size=t.batch_size,
+    seq_len=t.seq_len,
+    seed=config.seed,
+    data=config.data.to_dict(),
+    part=[index, count],
+  )
+  part = os.path.join(directory, f"part{index}of{count}")
+  meta_path = os.path.join(part, "meta.json")
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      if json.load(f) == meta:
+        logging.info("Teacher top-%d logits: reusing the cache in %s", meta["top_k"], part)
+        return part
+    logging.info("The cache in %s is for another teacher or other batches: rebuilding it.", part)
+  k, model, task = meta["top_k"], teacher.model, exp.task
+  sharding = exp.batch_sharding
+
+  def top(v, b):
+    logits, _ = task.forward(model, v, b, None, False)
+    return distill.teacher_top_k(logits, k)
+
+  fn = parallel.jit_with_mesh(
+    top, exp.mesh, exp.rules, in_shardings=(None, sharding), out_shardings=(sharding, sharding)
+  )
+  tmp = part + ".tmp"
+  os.makedirs(tmp, exist_ok=True)
+  rows = t.batch_size // count
+  length = 1 if config.task == "classify" else t.seq_len
+  shape = (t.steps, rows, length, k)
+  values = np.lib.format.open_memmap(os.path.join(tmp, "values.npy"), "w+", np.float32, shape)
+  indices = np.lib.format.open_memmap(os.path.join(tmp, "indices.npy"), "w+", np.int32, shape)
+  lo, start = index * rows, time.perf_counter()
+  for step in range(t.steps):
+    v, i = fn(teacher_vars, exp.batch(step))
+    values[step], indices[step] = _local_rows(v, lo, rows), _local_rows(i, lo, rows)
+    if (step + 1) % max(t.steps // 10, 1) == 0 or step + 1 == t.steps:
+      logging.info(
+        "Teacher top-%d cache: %d/%d steps (%.0f steps/s)",
+        k,
+        step + 1,
+        t.steps,
+        (step + 1) / (time.perf_counter() - start),
+      )
+  values.flush(), indices.flush()
+  del values, indices
+  with open(os.path.join(tmp, "meta.json"), "w") as f:
+    json.dump(meta, f)
+  if os.path.exists(part):  # a stale cache: replaced only once the new one is complete
+    os.rename(part, part + ".old")
+    _remove(part + ".old")
+  os.replace(tmp, part)
+  return part
+
+
+def _local_rows(x: jax.Array, lo: int, rows: int) -> np.ndarray:
+  """Rows [lo, lo + rows) of a batch-sharded global array, from this process's shards."""
+  out = np.empty((rows, *x.shape[1:]), x.dtype)
+  for shard in x.addressable_shards:
+    start = shard.index[0].start or 0
+    stop = x.shape[0] if shard.index[0].stop is None else shard.index[0].stop
+    a, b = max(start, lo), min(stop, lo + rows)
+    if a < b:
+      out[a - lo : b - lo] = np.asarray(shard.data)[a - start : b - start]
+  return out
+
+
+def _remove(path: str):
+  for name in os.listdir(path):
+    os.remove(os.path.join(path, name))
+  os.rmdir(path)
+
+
+def with_cache(task, part: str):
+  """`task` whose train batches also carry the cached "teacher_values" / "teacher_indices"."""
+  values = np.load(os.path.join(part, "values.npy"), mmap_mode="r")
+  indices = np.load(os.path.join(part, "indices.npy"), mmap_mode="r")
+
+  def batch(step, split):
+    b = task.batch(step, split)
+    if split != "train":
+      return b
+    return {**b, "teacher_values": np.asarray(values[step]), "teacher_indices": indices[step]}
+
+  return dataclasses.replace(task, batch=batch)

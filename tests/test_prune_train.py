@@ -1,5 +1,6 @@
 """Pruning through the train loop: sharded == one device, masks sharded like their params,
-QAT + pruning resumed == uninterrupted, sparse export, one-shot without training, bad config."""
+QAT + pruning + KD resumed == uninterrupted, sparse export, one-shot without training, bad
+config."""
 
 import json
 
@@ -11,6 +12,7 @@ from compress import prune
 from experiments import train
 from experiments.configs import lm, prune as prune_configs
 from experiments.metrics import read_metrics
+from parallel import load_variables
 from steps import run_steps
 
 
@@ -69,27 +71,45 @@ def test_masks_shard_like_their_params_under_every_preset(mesh, rules):
   assert n == 12  # q, k, v, out, wi, wo kernels of 2 layers; tied embedding not pruned
 
 
-def qat_prune_config(steps, **train_kw):
+def qat_prune_config(steps, teacher_dir, **train_kw):
+  """Gradual global pruning + int8 QAT + KD from a wider teacher, with a hidden-state loss
+  through a learned projection (128 -> 256): all three compressions in one data-parallel run over 8 devices."""
   c = prune_configs.get_config("tiny")
   c.train.update(steps=steps, checkpoint_every=30, log_every=10, **train_kw)
   c.eval.update(every=30, steps=2)
   c.prune.update(start=10, end=40, every=10, distribution="global")
   c.quant.update(method="qat", export=False)  # the integer export: tests/test_quant_train.py
+  c.teacher = lm.get_config("tiny")
+  c.teacher.model.update(d_model=256, d_ff=1024)
+  c.teacher.train.update(steps=30, checkpoint_every=30)
+  c.teacher.eval.update(every=30, steps=2)
+  c.distill.update(
+    method="kd", teacher_workdir=str(teacher_dir), task_weight=0.5, hidden_weight=1.0
+  )
   return c
 
 
-def test_qat_and_pruning_resume_equals_uninterrupted_and_exports(tmp_path):
-  """Pruning (gradual, global) and QAT in one run: the masks, the QAT state and the
-  pruning counters checkpoint and resume bit for bit; the sparse export evaluates the model."""
-  steps = 60
-  full = train.train_and_evaluate(qat_prune_config(steps), str(tmp_path / "full"))
+def test_qat_pruning_and_kd_resume_equals_uninterrupted_and_exports(tmp_path):
+  """Pruning (gradual, global), QAT and distillation in one run: it trains; the masks, the
+  QAT state, the pruning counters and the distillation projection checkpoint and resume bit
+  for bit; the sparse export (without the projection) evaluates the model."""
+  steps, teacher = 60, tmp_path / "teacher"
+  full = train.train_and_evaluate(qat_prune_config(steps, teacher), str(tmp_path / "full"))
   split = tmp_path / "split"
-  train.train_and_evaluate(qat_prune_config(steps, stop_after_steps=30), str(split))
+  train.train_and_evaluate(qat_prune_config(steps, teacher, stop_after_steps=30), str(split))
   assert max(r["step"] for r in read_metrics(split)) == 30
-  resumed = train.train_and_evaluate(qat_prune_config(steps), str(split))
+  resumed = train.train_and_evaluate(qat_prune_config(steps, teacher), str(split))
   assert resumed["eval_loss"] == full["eval_loss"]
   a, b = read_metrics(tmp_path / "full"), read_metrics(split)
-  assert [r.get("loss") for r in a] == [r.get("loss") for r in b]
+  for key in ("loss", "task_loss", "kd_loss", "hidden_loss"):
+    assert [r.get(key) for r in a] == [r.get(key) for r in b]
+  logged = [r for r in a if "kd_loss" in r]
+  assert logged[-1]["task_loss"] < logged[0]["task_loss"] - 0.3  # it trains
+  assert logged[-1]["kd_loss"] < logged[0]["kd_loss"]
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  proj = jax.ShapeDtypeStruct((128, 256), np.float32, sharding=one)
+  saved = load_variables(str(split / "checkpoints"), {"params": {"distill": {"projection": proj}}})
+  assert np.abs(np.asarray(saved["params"]["distill"]["projection"])).sum() > 0
   # Exact sparsity (ties counted), exported sparse weights reload to the same model.
   rep = json.load(open(tmp_path / "full" / "sparsity.json"))
   size = rep["selected"]["size"]

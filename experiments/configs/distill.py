@@ -37,6 +37,8 @@ def get_config(arg: str | None = None):
     teacher = common.shrink_for_cpu(common.base_config("tiny-encoder", task="mlm"), steps=600)
     teacher.model.n_layers = 4
     c = common.shrink_for_cpu(common.base_config("tiny-encoder", task="mlm"), steps=300)
+    for run in (teacher, c):  # post-LN BERT at the decoder's 3e-3 stays at the unigram loss
+      run.optim.lr = 1e-3
     c.distill.update(
       method="kd",
       task_weight=2.0,

@@ -1,20 +1,18 @@
 """Properties of compress.quant beyond the pure quantizers (tests/test_quantizers.py): the
-quantized dot (QAT forward = integer serving forward), conversion, checkpoint size, the
-policy report, input errors and the optax side.
+quantized dot (QAT forward = integer serving forward), whole converted models, the policy
+report and input errors. Checkpoints on disk: tests/test_quant_export.py; the optax side:
+tests/test_quant_optim.py.
 
 Models are compiled once per case (train, convert and serve in one jit) and their params are
 drawn with numpy from `jax.eval_shape` (jax's RNG is slow to compile on CPU).
 """
 
 import functools
-import json
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 import pytest
 from jax import lax
 
@@ -24,54 +22,7 @@ from compress.quant import Policy, QuantConfig, QuantDot
 from compress.quant import quantizers as qz
 from models.layers import Dense
 
-B, L = 2, 8
-
-
-def f32(x):
-  """A float32 device array (device_put: jnp.asarray would compile a conversion per shape)."""
-  return jax.device_put(np.asarray(x, np.float32))
-
-
-def random_ids(vocab, seed=0, shape=(B, L)):
-  return jax.device_put(np.random.RandomState(seed).randint(0, vocab, shape).astype(np.int32))
-
-
-def quant_model(cfg, policy, mode):
-  """A model whose dense layers and attention einsums all go through QuantDot(mode)."""
-  return models.build(
-    cfg,
-    dot_general_cls=functools.partial(QuantDot, policy, mode),
-    attn_dot_general_cls=functools.partial(QuantDot, policy, mode, "act_act"),
-  )
-
-
-def draw(shapes, std=0.1, seed=0):
-  """Params with the structure of `shapes`, drawn with numpy. Biases are nonzero, norm scales
-  are not one; LSQ steps are positive: weight steps absmax / 127 per group, activation 0.05."""
-  rng = np.random.RandomState(seed)
-  flat = {tuple(k.key for k in p): x for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
-  out = {}
-  for keys, x in flat.items():
-    noise = rng.normal(size=x.shape).astype(np.float32)
-    out[keys] = 1 + 0.1 * noise if keys[-1] == "scale" else std * noise
-  for keys, x in flat.items():
-    if keys[-1] == "w_step":
-      kernel = out[keys[:-2] + ("kernel",)]
-      axes = tuple(a for a in range(x.ndim) if x.shape[a] == 1 and kernel.shape[a] > 1)
-      out[keys] = np.max(np.abs(kernel), axis=axes, keepdims=True) / 127
-    elif keys[-1] in ("a_step", "b_step"):
-      out[keys] = np.full(x.shape, 0.05, np.float32)
-  leaves = [f32(out[keys]) for keys in flat]
-  return jax.tree.unflatten(jax.tree.structure(shapes), leaves)
-
-
-def param_shapes(model, ids):
-  return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), ids))["params"]
-
-
-def leaves(tree):
-  """{"a/b/c": leaf} of a nested dict."""
-  return {"/".join(str(k.key) for k in p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+from quant_helpers import SMALL, B, draw, f32, leaves, param_shapes, quant_model, random_ids
 
 
 # QuantDot in a layer: the fake-quant forward (computed exactly, in integers) and STE backward.
@@ -298,99 +249,8 @@ def test_scanned_decoder_serving_equals_qat():
   assert serving["quant"]["layers"]["attn"]["out"]["QuantDot_0"]["a_lo"].shape == (cfg.n_layers,)
 
 
-# Conversion to disk: int8 / int4 checkpoints are really smaller, and load back.
-
-# One head, d_ff = d_model and 256-entry tables: every matrix holds 256 x 256 entries, so save and
-# load (eager: one compile per op and shape) stay fast.
-CHECKPOINT = dict(d_model=256, d_ff=256, n_heads=1, vocab_size=256, max_len=256, n_layers=1)
-TABLES = {"params/embed/embedding", "params/pos_embed/embedding"}
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-  """Per bit width: serving variables, their saved size, what loads back and both logits."""
-  root = tmp_path_factory.mktemp("checkpoints")
-  cfg = models.get_preset("tiny", **CHECKPOINT)
-  ids = random_ids(cfg.vocab_size)
-  out = {}
-  for bits in (8, 4):
-    policy = Policy.of((".*", QuantConfig(bits=bits)))  # every dense layer and the tied head
-
-    def build(mode):
-      return models.build(cfg, dot_general_cls=functools.partial(QuantDot, policy, mode))
-
-    if not out:
-      params = draw(param_shapes(build("train"), ids), std=0.02)
-    serving = jax.jit(lambda p, i: quant.convert(build("convert").apply, {"params": p}, i))(
-      params, ids[:1, :1]
-    )
-    quant.save(root / f"int{bits}", serving, storage_bits=bits)
-    loaded = quant.load(root / f"int{bits}")
-    serve = jax.jit(build("serve").apply)
-    with open(root / f"int{bits}" / "format.json") as f:
-      stored = set(json.load(f)["stored"])
-    out[bits] = dict(
-      serving=serving,
-      loaded=loaded,
-      stored=stored,
-      size=quant.disk_bytes(root / f"int{bits}"),
-      logits=np.asarray(serve(serving, ids)),
-      loaded_logits=np.asarray(serve(loaded, ids)),
-    )
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(root / "float32", params)
-  out["float32"] = quant.disk_bytes(root / "float32")
-  return out
-
-
-@pytest.mark.parametrize("bits,limit,tolerance", [(8, 0.30, 0.06), (4, 0.17, 0.2)])
-def test_quantized_checkpoint_is_small_and_loads_back(checkpoints, bits, limit, tolerance):
-  c = checkpoints[bits]
-  assert c["size"] <= limit * checkpoints["float32"], c["size"] / checkpoints["float32"]
-  assert c["size"] >= 0.3 * limit * checkpoints["float32"]  # observed: 27.7% and 13.5%
-  assert TABLES <= c["stored"]
-  serving, loaded = leaves(c["serving"]), leaves(c["loaded"])
-  assert serving.keys() == loaded.keys()
-  n_int = 0
-  for name, x in serving.items():
-    y = loaded[name]
-    assert (y.dtype, y.shape) == (x.dtype, x.shape), name
-    if jnp.issubdtype(x.dtype, jnp.integer):
-      n_int += x.dtype == qz.storage_dtype(bits)
-      x, y = np.asarray(x).astype(np.int8), np.asarray(y).astype(np.int8)  # int4 as int8
-    x, y = np.asarray(x), np.asarray(y)
-    if name in c["stored"]:  # per-row codes: within half a step of the row's grid
-      half = np.max(np.abs(x), axis=-1, keepdims=True) / (2 * qz.int_range(bits, True)[1])
-      assert np.all(np.abs(y - x) <= half * (1 + 1e-5) + 1e-12), name
-      assert not np.array_equal(y, x), name
-    else:
-      np.testing.assert_array_equal(y, x, err_msg=name)
-  assert n_int == 6  # query, key, value, out, wi, wo
-  logits, loaded_logits = c["logits"], c["loaded_logits"]
-  assert np.isfinite(loaded_logits).all()
-  # The tables serve rounded to `bits` per row: relative RMS change of the logits, observed
-  # 0.030 (int8) and 0.115 (int4).
-  change = np.sqrt(np.mean(np.square(loaded_logits - logits)) / np.mean(np.square(logits)))
-  assert 0 < change <= tolerance, change
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_storage_bits_rounds_only_the_float_tables(checkpoints, bits):
-  """Weight scales, biases and norms load back exact: the tables are the one difference."""
-  c = checkpoints[bits]
-  assert c["stored"] == TABLES  # every kernel is already integer
-  serving, loaded = leaves(c["serving"]), leaves(c["loaded"])
-  exact = [name for name in serving if name.rsplit("/", 1)[-1] in ("w_scale", "bias", "scale")]
-  assert len([name for name in exact if name.endswith("w_scale")]) == 7  # + the tied head's
-  for name in exact:
-    np.testing.assert_array_equal(loaded[name], serving[name], err_msg=name)
-
-
 # The policy and its report.
 
-SMALL = dict(
-  vocab_size=64, d_model=64, n_heads=2, d_ff=128, max_len=16, n_layers=1, tie_embeddings=False
-)
 LSQ_RULE = r"attn/(query|value)"
 REPORT_POLICY = Policy.of(
   (r"lm_head", None),
@@ -499,109 +359,3 @@ def test_serving_an_unconverted_model_is_rejected():
     jax.eval_shape(functools.partial(dense(QuantConfig(), "serve").apply, {"params": params}), x)
   with pytest.raises(ValueError, match="mode"):
     jax.eval_shape(functools.partial(dense(QuantConfig(), "eval").apply, {"params": params}), x)
-
-
-# The optax side.
-
-
-def lsq_model_params():
-  """Parameter shapes of a decoder with LSQ layers (step sizes among the params)."""
-  cfg = models.get_preset("tiny", **SMALL)
-  policy = Policy.of((r"lm_head", None), (r"attn", QuantConfig(lsq=True)), (r".*", QuantConfig()))
-  return param_shapes(quant_model(cfg, policy, "train"), random_ids(cfg.vocab_size))
-
-
-def test_decay_mask_and_labels_single_out_matrices_and_step_sizes():
-  tree = lsq_model_params()
-  shapes = leaves(tree)
-  kinds = {name: name.rsplit("/", 1)[-1] for name in shapes}
-  assert set(kinds.values()) == {
-    "kernel",
-    "bias",
-    "scale",
-    "embedding",
-    "w_step",
-    "a_step",
-    "b_step",
-  }
-  assert any(kind == "w_step" and shapes[name].ndim == 3 for name, kind in kinds.items())
-  assert shapes["layers_0/attn/query/bias"].ndim == 2  # (heads, head_dim): a bias all the same
-  mask, labels = leaves(quant.decay_mask(tree)), leaves(quant.labels(tree))
-  for name, kind in kinds.items():
-    assert labels[name] == ("steps" if kind in quant.STEP_NAMES else "weights"), name
-    assert mask[name] is (kind in ("kernel", "embedding")), name
-
-
-def small_tree(seed=0):
-  """Params shaped like a dense layer with LSQ steps, a 1-D bias, a norm and a table."""
-  shapes = {
-    "embed": {"embedding": (16, 8)},
-    "wi": {"kernel": (8, 2, 4), "bias": (8,), "QuantDot_0": {"w_step": (1, 2, 4), "a_step": ()}},
-    "wo": {"kernel": (8, 8), "bias": (8,)},
-    "norm": {"scale": (8,)},
-  }
-  rng = np.random.RandomState(seed)
-  return jax.tree.map(
-    lambda shape: f32(rng.normal(size=shape) + 0.5),
-    shapes,
-    is_leaf=lambda x: isinstance(x, tuple),
-  )
-
-
-def test_split_optimizer_leaves_step_sizes_unchanged():
-  params = small_tree()
-
-  def update(tx, grads):
-    updates, _ = tx.update(grads, tx.init(params), params)
-    return optax.apply_updates(params, updates)
-
-  @jax.jit
-  def run(grads):
-    split = quant.split_optimizer(optax.adamw(1e-2, mask=quant.decay_mask), optax.sgd(0.0))
-    decay = quant.split_optimizer(
-      optax.adamw(1e-2, weight_decay=0.1, mask=quant.decay_mask), optax.sgd(0.0)
-    )
-    return update(split, grads), update(decay, jax.tree.map(jnp.zeros_like, grads))
-
-  new, decayed = map(leaves, jax.tree.map(np.asarray, run(small_tree(seed=1))))
-  for name, old in leaves(jax.tree.map(np.asarray, params)).items():
-    kind = name.rsplit("/", 1)[-1]
-    if kind in quant.STEP_NAMES:
-      np.testing.assert_array_equal(new[name], old, err_msg=name)
-      np.testing.assert_array_equal(decayed[name], old, err_msg=name)
-    else:
-      assert np.all(new[name] != old), name  # adam moves every entry by about the lr
-      # Zero gradients: only the decoupled weight decay acts, on matrices only.
-      factor = 1 - 1e-3 if kind in ("kernel", "embedding") else 1.0
-      np.testing.assert_allclose(decayed[name], old * factor, rtol=1e-6, err_msg=name)
-
-
-def test_keep_on_grid_holds_kernels_on_a_4_bit_grid():
-  params = small_tree()
-
-  @jax.jit
-  def run(grads):
-    results = []
-    for tx in (optax.chain(optax.adam(0.1), quant.keep_on_grid(bits=4)), optax.adam(0.1)):
-      p, state = params, tx.init(params)
-      for g in grads:
-        updates, state = tx.update(g, state, p)
-        p = optax.apply_updates(p, updates)
-      results.append(p)
-    return results
-
-  results = run([small_tree(seed) for seed in range(1, 5)])
-  on_grid, plain = map(leaves, jax.tree.map(np.asarray, results))
-  kernels = [name for name in on_grid if name.endswith("kernel")]
-  assert len(kernels) == 2
-  for name, w in on_grid.items():
-    if name not in kernels:
-      np.testing.assert_array_equal(w, plain[name], err_msg=name)  # not selected: plain adam
-      continue
-    codes = w / (np.abs(w).max() / 7)  # the per-tensor symmetric 4-bit grid
-    np.testing.assert_allclose(codes, np.round(codes), atol=1e-3, err_msg=name)
-    assert np.abs(codes).max() == pytest.approx(7) and len(np.unique(np.round(codes))) <= 15
-    plain_codes = plain[name] / (np.abs(plain[name]).max() / 7)
-    assert np.abs(plain_codes - np.round(plain_codes)).max() > 0.1  # adam alone is off grid
-  with pytest.raises(ValueError, match="params"):
-    quant.keep_on_grid(bits=4).update(small_tree(), optax.EmptyState())

@@ -6,7 +6,7 @@
         --config.train.batch_size=8 --config.train.seq_len=2048 \
         --config.model.scan_layers=True --config.model.remat_policy=dots_no_batch
 
-The step is the train loop's own (experiments.train.build -> init_state -> jit_steps).
+The step is the train loop's own (experiments.experiment.build -> init_state -> jit_steps).
 Timing: each step is blocked with `jax.block_until_ready` and the median is reported, so
 one slow step (a GC pause, a late autotune) does not skew it. The input pipeline is not
 timed: one device-resident batch is reused. cuDNN attention may not support a padding mask;
@@ -24,7 +24,7 @@ from absl import app, flags
 import jax
 import ml_collections
 
-from experiments import throughput, train
+from experiments import experiment, throughput
 from parallel import flops
 
 
@@ -46,7 +46,7 @@ def _max_rss_bytes() -> int:
 
 def run(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 2) -> dict:
   """Compiles the config's train step, runs `warmup` + `steps` steps; returns the numbers."""
-  exp = train.build(config)
+  exp = experiment.build(config)
   state, shardings = exp.init_state()
   train_step, _ = exp.jit_steps(shardings)
   batch = exp.batch(0)

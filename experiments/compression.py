@@ -124,16 +124,18 @@ def export(exp, state, workdir: str, evaluate_serving) -> dict:
   directory = os.path.join(workdir, "export")
   quant.save(directory, serving, storage_bits=q.storage_bits or None)
   loaded = quant.load(directory)
-  n_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
   row = evaluate_serving(exp.model_in("serve"), loaded)
-  row = {f"serve_{k}": v for k, v in row.items()}
-  row.update(export_bytes=quant.disk_bytes(directory), float32_bytes=4 * n_params)
-  logging.info(
-    "Exported %s (%.1f%% of float32): %s",
-    directory,
-    100 * row["export_bytes"] / (4 * n_params),
-    row,
-  )
+  return _export_row("serve", row, directory, variables["params"], "export_bytes", quant.disk_bytes)
+
+
+def _export_row(prefix, evaluated, directory, params, size_key, disk_bytes, **extra) -> dict:
+  """The reloaded export's eval row (keys `prefix`_*), its size on disk and the float32
+  size of `params`, logged."""
+  f32_bytes = 4 * sum(x.size for x in jax.tree.leaves(params))
+  row = {f"{prefix}_{k}": v for k, v in evaluated.items()}
+  row.update({size_key: disk_bytes(directory), "float32_bytes": f32_bytes}, **extra)
+  share = 100 * row[size_key] / f32_bytes
+  logging.info("Exported %s (%.1f%% of float32): %s", directory, share, row)
   return row
 
 
@@ -244,18 +246,5 @@ def export_sparse(exp, state, workdir: str, evaluate_params) -> dict:
   directory = os.path.join(workdir, "sparse")
   prune.save(directory, params, nm=g if isinstance(g, prune.NM) else None)
   row = evaluate_params(prune.load(directory))
-  row = {f"sparse_{k}": v for k, v in row.items()}
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  row.update(
-    sparse_bytes=prune.disk_bytes(directory),
-    float32_bytes=4 * n_params,
-    sparsity=rep["selected"]["sparsity"],
-    sparsity_all=rep["all"]["sparsity"],
-  )
-  logging.info(
-    "Exported %s (%.1f%% of float32): %s",
-    directory,
-    100 * row["sparse_bytes"] / (4 * n_params),
-    row,
-  )
-  return row
+  sparsity = dict(sparsity=rep["selected"]["sparsity"], sparsity_all=rep["all"]["sparsity"])
+  return _export_row("sparse", row, directory, params, "sparse_bytes", prune.disk_bytes, **sparsity)

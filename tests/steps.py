@@ -1,13 +1,13 @@
 """Running the first steps of a config's experiment, shared by the sharded-vs-one-device tests."""
 
-from experiments import compression, train
+from experiments import compression, experiment
 
 
 def run_steps(c, steps: int = 3, devices=None):
   """Losses of the first `steps` train steps (after calibration when the config's static
   quantization ranges need it, and with the teacher loaded and the student initialized from
   it when the config distills, as in the train loop), the final state and the experiment."""
-  exp = train.build(c, devices=devices)
+  exp = experiment.build(c, devices=devices)
   state, shardings = exp.init_state()
   frozen, teacher_shardings = (), None
   if exp.teacher is not None:

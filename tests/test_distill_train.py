@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import distillation, train
+from experiments import distillation, experiment, teacher_cache
 from experiments.configs import distill as distill_configs
 from parallel import Checkpointer
 from steps import run_steps
@@ -33,7 +33,7 @@ def config(arg="tiny", steps=3, teacher_dir="", mesh=(1, 1, 1), **distill):
 def save_teacher(c, directory):
   """A teacher run in `directory`: its initial state saved as its final checkpoint (random
   weights: the tests compare code paths, not how good the teacher is)."""
-  exp = train.build(c.teacher, devices=jax.devices()[:1])
+  exp = experiment.build(c.teacher, devices=jax.devices()[:1])
   state, _ = exp.init_state()
   ckpt = Checkpointer(os.path.join(directory, "checkpoints"), async_save=False)
   ckpt.save(c.teacher.train.steps, state)
@@ -69,7 +69,7 @@ def test_loss_terms_and_their_weights(lm_teacher):
   c = config(teacher_dir=lm_teacher, task_weight=0.5, kd_weight=3.0, hidden_weight=2.0)
   c.model.n_layers = 4
   c.distill.update(init="0:0,1:1,2:2,3:3", layer_map="0:0,3:3")
-  exp = train.build(c, devices=jax.devices()[:1])
+  exp = experiment.build(c, devices=jax.devices()[:1])
   state, shardings = exp.init_state()
   teacher, _ = exp.load_teacher()
   params = exp.init_from_teacher(state, shardings, teacher)
@@ -106,18 +106,20 @@ def test_cached_top_k_equals_the_live_teacher(lm_teacher, tmp_path):
   """Top-k logits cached on disk give the student's loss exactly as the live teacher's top k;
   the cache is reused when complete."""
   cached = config("cached", steps=2, teacher_dir=lm_teacher)
-  exp = train.build(cached, devices=jax.devices()[:1])
+  exp = experiment.build(cached, devices=jax.devices()[:1])
   teacher, _ = exp.load_teacher()
-  part = distillation.cache_top_k(exp, teacher, str(tmp_path / "cache"))
+  part = teacher_cache.cache_top_k(exp, teacher, str(tmp_path / "cache"))
   stamp = os.path.getmtime(os.path.join(part, "values.npy"))
-  assert distillation.cache_top_k(exp, teacher, str(tmp_path / "cache")) == part
+  assert teacher_cache.cache_top_k(exp, teacher, str(tmp_path / "cache")) == part
   assert os.path.getmtime(os.path.join(part, "values.npy")) == stamp
   values = np.load(os.path.join(part, "values.npy"))
   assert values.shape == (2, 16, 16, 16) and not os.path.exists(part + ".tmp")
 
-  live = train.build(config("tiny", teacher_dir=lm_teacher, top_k=16), devices=jax.devices()[:1])
+  live = experiment.build(
+    config("tiny", teacher_dir=lm_teacher, top_k=16), devices=jax.devices()[:1]
+  )
   params = live.init_state()[0]["params"]
-  from_disk = dataclasses.replace(exp, task=distillation.with_cache(exp.task, part))
+  from_disk = dataclasses.replace(exp, task=teacher_cache.with_cache(exp.task, part))
   for step in range(2):
     loss = distillation.make_loss(from_disk.task, exp.model, exp.model_config, exp.teacher)
     a, sums = jax.jit(loss)(params, from_disk.batch(step), jax.random.key(0), {})
@@ -133,13 +135,13 @@ def test_quantized_teacher(tmp_path):
   c = config(teacher_dir=tmp_path)
   c.teacher.quant.update(method="qat", bits=4)
   save_teacher(c, tmp_path)
-  exp = train.build(c, devices=jax.devices()[:1])
+  exp = experiment.build(c, devices=jax.devices()[:1])
   teacher, _ = exp.load_teacher()
   batch = exp.batch(0)
   forward = jax.jit(lambda m, v: exp.task.forward(m, v, batch, None, False)[0], static_argnums=0)
   quantized = forward(exp.teacher.model, teacher)
   c.teacher.quant.method = "none"
-  floating = forward(train.build(c, devices=jax.devices()[:1]).teacher.model, teacher)
+  floating = forward(experiment.build(c, devices=jax.devices()[:1]).teacher.model, teacher)
   assert np.isfinite(np.asarray(quantized)).all()
   assert 1e-4 < float(np.abs(quantized - floating).max()) < 1.0
 
@@ -162,37 +164,37 @@ def test_quantized_teacher(tmp_path):
 def test_bad_distill_config_fails_before_compiling(no_compile, update, message):
   c = config(**update)
   if message is None:
-    train.build(c, devices=jax.devices()[:1])
+    experiment.build(c, devices=jax.devices()[:1])
     return
   with pytest.raises(ValueError, match=message):
-    train.build(c, devices=jax.devices()[:1])
+    experiment.build(c, devices=jax.devices()[:1])
 
 
 def test_mismatched_teacher_fails_before_compiling(no_compile):
   c = config()
   c.teacher.model.vocab_size = 300
   with pytest.raises(ValueError, match=r"vocabulary \(264 outputs\) and the teacher's \(300\)"):
-    train.build(c, devices=jax.devices()[:1])
+    experiment.build(c, devices=jax.devices()[:1])
   c = config(init="every_other")
   c.model.n_layers = 3
   with pytest.raises(ValueError, match="teacher layer 4 points past"):
-    train.build(c, devices=jax.devices()[:1])
+    experiment.build(c, devices=jax.devices()[:1])
   c = config(init="every_other")
   c.model.d_ff = 256
   with pytest.raises(ValueError, match=r"model.d_ff differ \(256 vs 512\)"):
-    train.build(c, devices=jax.devices()[:1])
+    experiment.build(c, devices=jax.devices()[:1])
   c = config()
   c.teacher.task = "mlm"
   with pytest.raises(ValueError, match="same task"):
-    train.build(c, devices=jax.devices()[:1])
+    experiment.build(c, devices=jax.devices()[:1])
   c = config()
   del c.teacher
   with pytest.raises(ValueError, match="needs config.teacher"):
-    train.build(c, devices=jax.devices()[:1])
+    experiment.build(c, devices=jax.devices()[:1])
 
 
 def test_teacher_without_checkpoint_is_named(tmp_path):
   c = config(teacher_dir=tmp_path / "nothing")
-  exp = train.build(c, devices=jax.devices()[:1])
+  exp = experiment.build(c, devices=jax.devices()[:1])
   with pytest.raises(FileNotFoundError, match="No checkpoint in .*nothing"):
     exp.load_teacher()

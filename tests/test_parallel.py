@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from experiments import train
+from experiments import experiment, train
 from experiments.configs import classify, lm
 from experiments.metrics import read_metrics
 from steps import run_steps
@@ -127,5 +127,5 @@ def test_bad_mesh_input_fails_before_compiling(no_compile, mesh, model, batch, m
   c.train.batch_size = batch
 
   with pytest.raises(ValueError, match=message):
-    exp = train.build(c)
+    exp = experiment.build(c)
     exp.shard_shapes()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from compress import prune
-from experiments import train
+from experiments import experiment, train
 from experiments.configs import lm, prune as prune_configs
 from experiments.metrics import read_metrics
 from parallel import load_variables
@@ -59,7 +59,7 @@ def test_masks_shard_like_their_params_under_every_preset(mesh, rules):
   c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   c.sharding.rules = rules
   c.prune.update(method="gradual", start=0, end=100, every=10)
-  abstract, _ = train.build(c).shard_shapes()
+  abstract, _ = experiment.build(c).shard_shapes()
   (masks,) = prune.masks_of(abstract["opt"])
   params = jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
   n = 0
@@ -155,7 +155,7 @@ def test_bad_prune_config_fails_before_compiling(no_compile, update, message):
   c.prune.update(update)
 
   with pytest.raises(ValueError, match=message):
-    train.build(c, devices=jax.devices()[:1])
+    experiment.build(c, devices=jax.devices()[:1])
 
 
 @pytest.mark.parametrize(
@@ -169,6 +169,6 @@ def test_prune_shape_errors_are_named_before_compiling(no_compile, update, messa
   c = lm.get_config("tiny")
   c.prune.update(method="oneshot", **update)
 
-  exp = train.build(c, devices=jax.devices()[:1])
+  exp = experiment.build(c, devices=jax.devices()[:1])
   with pytest.raises(ValueError, match=message):
     exp.shard_shapes()

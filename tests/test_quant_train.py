@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import train
+from experiments import experiment, train
 from experiments.configs import lm, quant as quant_configs
 from experiments.metrics import read_metrics
 from steps import run_steps
@@ -96,14 +96,14 @@ def test_bad_quant_config_fails_before_compiling(no_compile, update, message):
   c.quant.update(update)
 
   with pytest.raises(ValueError, match=message):
-    train.build(c, devices=jax.devices()[:1])
+    experiment.build(c, devices=jax.devices()[:1])
 
 
 def test_tile_not_dividing_is_named_before_compiling(no_compile):
   c = lm.get_config("tiny")
   c.quant.update(method="qat", tile=48)  # d_model 128 is not a multiple of 48
 
-  exp = train.build(c, devices=jax.devices()[:1])
+  exp = experiment.build(c, devices=jax.devices()[:1])
   with pytest.raises(ValueError, match="layers_0/attn/query: tile size 48 does not divide"):
     exp.shard_shapes()
 
@@ -118,7 +118,7 @@ def test_scales_shard_with_their_weights_under_every_preset(mesh, rules, tile):
   c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   c.sharding.rules = rules
   c.quant.update(method="qat", tile=tile, lsq=True)
-  abstract, _ = train.build(c).shard_shapes()
+  abstract, _ = experiment.build(c).shard_shapes()
   flat = jax.tree_util.tree_flatten_with_path(abstract["collections"]["quant"])[0]
   scales = {"/".join(k.key for k in p[:-2]): x for p, x in flat if p[-1].key == "w_scale"}
   assert len(scales) == 2 * 6  # q, k, v, out, wi, wo in each of 2 layers; lm_head stays float

@@ -24,7 +24,7 @@ from absl import app, flags
 import jax
 import ml_collections
 
-from experiments import experiment, throughput
+from experiments import experiment, throughput, train  # noqa: F401 (train defines --config)
 from parallel import flops
 
 

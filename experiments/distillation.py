@@ -98,8 +98,9 @@ class Teacher:
 
 def make_teacher(config, student_mc: models.ModelConfig, workdir: str | None, build_model):
   """The Teacher `config.distill` and `config.teacher` describe; None when not distilling.
-  Every bad value raises here, before anything is loaded or compiled. `build_model(config)`
-  returns (ModelConfig, model) for a run config, as the student's are built."""
+  Every bad value raises here, before anything is loaded or compiled.
+  `build_model(run_config, record_attention)` returns (ModelConfig, model) for a run config,
+  built as the student's are."""
   if not distills(config):
     return None
   d = config.distill

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from compress import quant
 import models
 import parallel
 from experiments import compression, distillation, optim, tasks
-from experiments.tokenizer import ByteTokenizer
+from experiments.tokenizer import get_tokenizer
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer) -> models.ModelConfig:
@@ -217,6 +218,27 @@ class Experiment:
     variables = distillation.load_teacher(*args)
     return variables, {"params": shardings["params"], **shardings["collections"]}
 
+  def load_hf(self, path_or_name: str, params: dict, shardings: dict) -> dict:
+    """`params` with every tensor a Hugging Face checkpoint holds read into its sharding; a
+    head it lacks (a classifier on a pretrained encoder) and leaves of ours alone (quantizer
+    steps, a distillation projection) keep their init. The checkpoint's architecture must be
+    the config's: a field that differs is an error naming the override that fixes it."""
+    ckpt = models.hf.Checkpoint(models.hf.resolve(path_or_name))
+    mc, keep = self.model_config, ("head", "num_labels", "dtype", "scan_layers", "remat_policy")
+    keep += ("attention_impl", "record_attention", "dropout_rate")
+    theirs = models.hf.config_from_hf(ckpt.config, **{k: getattr(mc, k) for k in keep})
+    diff = {
+      f.name: getattr(theirs, f.name)
+      for f in dataclasses.fields(mc)
+      if getattr(theirs, f.name) != getattr(mc, f.name)
+    }
+    if diff:
+      fix = " ".join(f"--config.model.{k}={v}" for k, v in diff.items())
+      raise ValueError(f"{path_or_name} is a different model than the config's: set {fix}")
+    loaded, kept = models.hf.load_params(ckpt, mc, params, shardings)
+    logging.info("Loaded %s; kept their init: %s", path_or_name, kept or "nothing")
+    return loaded
+
   def init_from_teacher(self, state: dict, shardings: dict, teacher_vars: dict) -> dict:
     """The student's params with the layers `distill.init` maps copied from the teacher."""
     jitted = parallel.jit_with_mesh(
@@ -259,7 +281,7 @@ def build(
 
   `devices` (default: all) is what the mesh spans, e.g. `jax.devices()[:1]` for a reference.
   """
-  tokenizer = ByteTokenizer()
+  tokenizer = get_tokenizer(config.data.tokenizer)
   mc = model_config(config, tokenizer)
   if workdir:
     check_workdir(workdir, config)

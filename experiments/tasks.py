@@ -7,6 +7,7 @@ sharding (see parallel/step.py).
 
 from collections.abc import Callable
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import ml_collections
 import optax
 
 from experiments import data as data_lib
-from experiments import encoder_data
+from experiments import encoder_data, tfds_data
 
 
 def token_sums(logits_BxLxV, targets_BxL, weights_BxL) -> dict:
@@ -33,7 +34,9 @@ def _lm_targets(batch):
   return batch["targets"], batch["weights"]
 
 
-def _classify_targets(batch):  # one "token" per example
+def _classify_targets(batch):  # one "token" per example; "weights" 0 marks a padding row
+  if "weights" in batch:
+    return batch["label"][:, None], batch["weights"][:, None]
   return batch["label"][:, None], jnp.ones(batch["label"].shape + (1,), jnp.float32)
 
 
@@ -45,6 +48,7 @@ class Task:
   tokens_per_step: int  # global tokens per train step (for tokens/s)
   targets: Callable[[dict], tuple] = _lm_targets  # batch -> (targets BxL, weights BxL)
   input_keys: tuple = ()  # the batch keys the model takes as keyword inputs
+  eval_steps: int | None = None  # batches that cover the eval split (None: synthetic data)
 
   def forward(self, model, variables, batch, rng, train, capture: bool = False):
     """(logits BxLxV, sown intermediates) of the model on a batch; a classifier's BxC logits
@@ -85,8 +89,23 @@ def _ratios(sums: dict) -> dict:
 def make_task(
   config: ml_collections.ConfigDict, tokenizer, process_index: int = 0, process_count: int = 1
 ) -> Task:
-  """The task named by `config.task`: "lm", "mlm" or "classify"."""
+  """The task named by `config.task`: "lm", "mlm" or "classify", on the data
+  `config.data.source` names: "markov" (the synthetic language) or "tfds"."""
   t, d = config.train, config.data
+  source_name = d.get("source", "markov")
+  if source_name == "tfds":
+    task = _tfds_task(config, tokenizer, process_index, process_count)
+    eval_steps(config, task)
+    return task
+  if source_name != "markov":
+    raise ValueError(f"data.source={source_name!r}: choose 'markov' or 'tfds'.")
+  if d.get("tokenizer", "byte") != "byte":
+    raise ValueError(
+      f"data.source='markov' is a language of bytes: data.tokenizer={d.tokenizer!r} needs "
+      "data.source='tfds' (or set data.tokenizer='byte')."
+    )
+  if not config.eval.steps:
+    raise ValueError("eval.steps=0 (the whole eval split) needs data.source='tfds'.")
   source = data_lib.MarkovSource(**d.markov)
   slicing = dict(process_index=process_index, process_count=process_count)
 
@@ -141,6 +160,76 @@ def make_task(
     )
 
   raise ValueError(f"task={config.task!r}: choose 'lm', 'mlm' or 'classify'.")
+
+
+def _tfds_task(config, tokenizer, process_index: int, process_count: int) -> Task:
+  """The task on a TFDS dataset (experiments/tfds_data.py): lm / mlm on packed text (lm1b,
+  c4/en), classify on glue/<task>."""
+  t, d = config.train, config.data.tfds.to_dict()
+  name, text_key, mask_prob = d.pop("name"), d.pop("text_key"), d.pop("mask_prob")
+  kwargs = dict(
+    batch_size=t.batch_size,
+    eval_batch_size=config.eval.batch_size,
+    seq_len=t.seq_len,
+    process_index=process_index,
+    process_count=process_count,
+    **d,
+  )
+  tokens = t.batch_size * t.seq_len
+  is_glue = name.startswith("glue/")
+  if config.task in ("lm", "mlm"):
+    if is_glue:
+      raise ValueError(f"task={config.task!r} reads documents: {name} is for 'classify'.")
+    source = tfds_data.TextSource(
+      name, tokenizer, task=config.task, text_key=text_key, mask_prob=mask_prob, **kwargs
+    )
+    if config.task == "mlm":
+      return Task("mlm", source.batch, _ratios, tokens, input_keys=("attention_mask",))
+
+    def summarize(sums):
+      row = _ratios(sums)
+      return {**row, "eval_perplexity": math.exp(min(row["eval_loss"], 100.0))}
+
+    return Task("lm", source.batch, summarize, tokens)
+  if config.task == "classify":
+    if not is_glue:
+      raise ValueError(f"task='classify' reads glue/<task>, not data.tfds.name={name!r}.")
+    _, num_labels = tfds_data.glue_task(name)
+    if config.model.num_labels != num_labels:
+      raise ValueError(
+        f"{name} has {num_labels} classes: set model.num_labels={num_labels} "
+        f"(it is {config.model.num_labels})."
+      )
+    source = tfds_data.GlueSource(name, tokenizer, **kwargs)
+
+    def summarize(sums):
+      row = _ratios(sums)
+      row["accuracy"] = row.pop("eval_accuracy")
+      return row
+
+    return Task(
+      "classify",
+      source.batch,
+      summarize,
+      tokens,
+      targets=_classify_targets,
+      input_keys=("attention_mask", "token_type_ids"),
+      eval_steps=source.eval_steps,
+    )
+  raise ValueError(f"task={config.task!r}: choose 'lm', 'mlm' or 'classify'.")
+
+
+def eval_steps(config: ml_collections.ConfigDict, task: Task) -> int:
+  """The eval batches a run evaluates on: eval.steps, or when it is 0 the task's whole eval
+  split (`task.eval_steps`)."""
+  if config.eval.steps:
+    return config.eval.steps
+  if task.eval_steps is None:
+    raise ValueError(
+      f"eval.steps=0 means the whole eval split, which the {task.name!r} data does not count "
+      "(GLUE classification does): set eval.steps > 0."
+    )
+  return task.eval_steps
 
 
 def sum_eval(sums_list: list[dict]) -> dict:

@@ -59,7 +59,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     state = ckpt.restore(abstract)
   else:
     state, shardings = exp.init_state()
-    if init_from:
+    if init_from.startswith("hf:"):  # a Hugging Face checkpoint: a directory or a Hub name
+      state["params"] = exp.load_hf(init_from[len("hf:") :], state["params"], shardings["params"])
+    elif init_from:
       state["params"] = parallel.load_params(
         os.path.join(init_from, "checkpoints"), state["params"]
       )
@@ -96,7 +98,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   )
   train_step, eval_step = exp.jit_steps(shardings, teacher_shardings)
   task, schedule = exp.task, exp.schedule
-  eval_batches = [exp.batch(i, "eval") for i in range(config.eval.steps)]
+  eval_batches = [exp.batch(i, "eval") for i in range(tasks.eval_steps(config, task))]
   writer = MetricWriter(workdir, start, config.train.steps, enabled=is_main)
 
   def evaluate_params(params):
@@ -161,6 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   flush()
   if not last_eval:  # no training (PTQ), or resumed after the final step (row written)
     last_eval = evaluate(start, write=t.steps == 0)
+  if t.steps == 0 and ckpt.latest_step() is None:  # e.g. an HF teacher used as it is
+    ckpt.save(0, state)
   finished = int(state["step"]) >= t.steps  # not when stopped early (stop_after_steps)
   if exp.policy is not None and config.quant.export and finished:
 

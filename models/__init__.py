@@ -1,10 +1,12 @@
 """Flax (linen) Transformer models: a GPT-style decoder and a BERT-style encoder."""
 
+from models import hf
 from models.config import PRESETS, ModelConfig, get_preset
 from models.layers import Dense, DotGeneralFactory
 from models.transformer import Decoder, Encoder, build, count_params, scan_params, unscan_params
 
 __all__ = [
+  "hf",
   "PRESETS",
   "ModelConfig",
   "get_preset",

@@ -20,9 +20,25 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
   c.model.preset = preset
 
   c.data = ml_collections.ConfigDict()
+  c.data.source = "markov"  # "markov" (synthetic, below) | "tfds" (data.tfds)
+  c.data.tokenizer = "byte"  # "byte" | a Hugging Face tokenizer: Hub name or local directory
   # The built-in synthetic language (experiments/data.py): an order-2 Markov source over
   # 64 printable symbols with an exactly known entropy rate.
   c.data.markov = ml_collections.ConfigDict(dict(n_symbols=64, order=2, seed=0))
+  # A TFDS dataset (experiments/tfds_data.py): packed text for lm / mlm (lm1b, c4/en),
+  # glue/<task> for classify.
+  c.data.tfds = ml_collections.ConfigDict(
+    dict(
+      name="",  # e.g. "lm1b", "c4/en", "glue/sst2"
+      data_dir="",  # where the prepared dataset lives ("": TFDS's default, ~/tensorflow_datasets)
+      train_split="train",
+      eval_split="",  # "": validation (validation_matched for glue/mnli, test for lm1b)
+      text_key="text",  # the documents' feature (lm / mlm)
+      shuffle_buffer=10_000,  # examples (documents) shuffled after the files
+      seed=0,  # the order of the data, and the MLM masks
+      mask_prob=0.15,  # mlm: the fraction of tokens selected
+    )
+  )
 
   c.train = ml_collections.ConfigDict(
     dict(

@@ -256,3 +256,17 @@ def test_export_refuses_what_hf_cannot_hold():
   cfg = dataclasses.replace(PRESETS["tiny"], norm="rmsnorm")  # rmsnorm + learned positions
   with pytest.raises(ValueError, match="No HF architecture matches"):
     hf.save_pretrained(cfg, {}, "/nonexistent")
+
+
+@pytest.mark.parametrize(
+  "preset,hf_config,arch",
+  [
+    ("bert-base", transformers.BertConfig(), "BertForMaskedLM"),  # bert-base-uncased
+    ("gpt2-small", transformers.GPT2Config(), "GPT2LMHeadModel"),  # gpt2
+  ],
+)
+def test_presets_are_the_hub_models(preset, hf_config, arch):
+  """glue.py / lm_tfds.py start the bert-base / gpt2-small presets from bert-base-uncased /
+  gpt2 (transformers' default configs): their architectures must be the same."""
+  theirs = hf.config_from_hf({**hf_config.to_dict(), "architectures": [arch]})
+  assert theirs == PRESETS[preset]

@@ -1,6 +1,15 @@
-"""Tests run on CPU with 8 fake devices, so sharded code paths run everywhere."""
+"""Tests run on CPU with 8 fake devices, so sharded code paths run everywhere.
+
+Compiled programs are shared within a test session (each xdist worker has its own) through
+JAX's persistent compilation cache in a temporary directory: a program that another test (or
+another run in the same test, e.g. a resumed run) already compiled is loaded, not recompiled.
+It is the same executable either way; subprocesses (tests/test_launch.py, the bench CLI)
+compile on their own.
+"""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -8,6 +17,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="trimformer-test-jit-")
+
+
+def pytest_configure(config):
+  import jax
+
+  if not jax.config.jax_compilation_cache_dir:  # unless JAX_COMPILATION_CACHE_DIR names one
+    jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
+  # Only programs worth reloading: small ones compile faster than they serialize.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_unconfigure(config):
+  shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
 
 
 @pytest.fixture

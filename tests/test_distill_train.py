@@ -75,13 +75,13 @@ def test_loss_terms_and_their_weights(lm_teacher):
   params = exp.init_from_teacher(state, shardings, teacher)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(teacher["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  loss = distillation.make_loss(exp.task, exp.model, exp.model_config, exp.teacher)
+  loss = jax.jit(distillation.make_loss(exp.task, exp.model, exp.model_config, exp.teacher))
   batch = exp.batch(0)
-  total, sums = jax.jit(loss)(params, batch, jax.random.key(0), {}, teacher)
+  total, sums = loss(params, batch, jax.random.key(0), {}, teacher)
   assert abs(float(sums["kd_loss"])) < 1e-4 and abs(float(sums["hidden_loss"])) < 1e-4
   np.testing.assert_allclose(total, 0.5 * sums["task_loss"] + 3 * sums["kd_loss"], rtol=1e-5)
   moved = jax.tree.map(lambda x: x * 1.1, params)
-  total, sums = jax.jit(loss)(moved, batch, jax.random.key(0), {}, teacher)
+  total, sums = loss(moved, batch, jax.random.key(0), {}, teacher)
   assert float(sums["kd_loss"]) > 1e-3 and float(sums["hidden_loss"]) > 1e-3
   expected = 0.5 * sums["task_loss"] + 3 * sums["kd_loss"] + 2 * sums["hidden_loss"]
   np.testing.assert_allclose(total, expected, rtol=1e-5)
@@ -120,11 +120,12 @@ def test_cached_top_k_equals_the_live_teacher(lm_teacher, tmp_path):
   )
   params = live.init_state()[0]["params"]
   from_disk = dataclasses.replace(exp, task=teacher_cache.with_cache(exp.task, part))
+  cached_loss = distillation.make_loss(from_disk.task, exp.model, exp.model_config, exp.teacher)
+  live_loss = distillation.make_loss(live.task, live.model, live.model_config, live.teacher)
+  cached_loss, live_loss = jax.jit(cached_loss), jax.jit(live_loss)  # compiled once each
   for step in range(2):
-    loss = distillation.make_loss(from_disk.task, exp.model, exp.model_config, exp.teacher)
-    a, sums = jax.jit(loss)(params, from_disk.batch(step), jax.random.key(0), {})
-    loss = distillation.make_loss(live.task, live.model, live.model_config, live.teacher)
-    b, _ = jax.jit(loss)(params, live.batch(step), jax.random.key(0), {}, teacher)
+    a, sums = cached_loss(params, from_disk.batch(step), jax.random.key(0), {})
+    b, _ = live_loss(params, live.batch(step), jax.random.key(0), {}, teacher)
     np.testing.assert_allclose(a, b, rtol=1e-6)
     assert float(sums["kd_loss"]) > 0.01
 

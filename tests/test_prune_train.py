@@ -71,18 +71,22 @@ def test_masks_shard_like_their_params_under_every_preset(mesh, rules):
   assert n == 12  # q, k, v, out, wi, wo kernels of 2 layers; tied embedding not pruned
 
 
-def qat_prune_config(steps, teacher_dir, **train_kw):
+def qat_prune_config(teacher_dir, **train_kw):
   """Gradual global pruning + int8 QAT + KD from a wider teacher, with a hidden-state loss
-  through a learned projection (128 -> 256): all three compressions in one data-parallel run over 8 devices."""
+  through a learned projection (128 -> 256): all three compressions in one data-parallel run over 8 devices.
+
+  12 steps: the masks change at steps 2 (s_i = 0), 4, 6 and 8 (s_f); the run checkpoints and
+  evaluates after 6 and 12, and stops after 6 when asked (train_kw).
+  """
   c = prune_configs.get_config("tiny")
-  c.train.update(steps=steps, checkpoint_every=30, log_every=10, **train_kw)
-  c.eval.update(every=30, steps=2)
-  c.prune.update(start=10, end=40, every=10, distribution="global")
+  c.train.update(steps=12, checkpoint_every=6, log_every=2, **train_kw)
+  c.eval.update(every=6, steps=2)
+  c.prune.update(start=2, end=8, every=2, distribution="global")
   c.quant.update(method="qat", export=False)  # the integer export: tests/test_quant_train.py
   c.teacher = lm.get_config("tiny")
   c.teacher.model.update(d_model=256, d_ff=1024)
-  c.teacher.train.update(steps=30, checkpoint_every=30)
-  c.teacher.eval.update(every=30, steps=2)
+  c.teacher.train.update(steps=6, checkpoint_every=6)  # trained first, by the loop
+  c.teacher.eval.update(every=6, steps=2)
   c.distill.update(
     method="kd", teacher_workdir=str(teacher_dir), task_weight=0.5, hidden_weight=1.0
   )
@@ -93,17 +97,18 @@ def test_qat_pruning_and_kd_resume_equals_uninterrupted_and_exports(tmp_path):
   """Pruning (gradual, global), QAT and distillation in one run: it trains; the masks, the
   QAT state, the pruning counters and the distillation projection checkpoint and resume bit
   for bit; the sparse export (without the projection) evaluates the model."""
-  steps, teacher = 60, tmp_path / "teacher"
-  full = train.train_and_evaluate(qat_prune_config(steps, teacher), str(tmp_path / "full"))
+  teacher = tmp_path / "teacher"
+  full = train.train_and_evaluate(qat_prune_config(teacher), str(tmp_path / "full"))
   split = tmp_path / "split"
-  train.train_and_evaluate(qat_prune_config(steps, teacher, stop_after_steps=30), str(split))
-  assert max(r["step"] for r in read_metrics(split)) == 30
-  resumed = train.train_and_evaluate(qat_prune_config(steps, teacher), str(split))
+  train.train_and_evaluate(qat_prune_config(teacher, stop_after_steps=6), str(split))
+  assert max(r["step"] for r in read_metrics(split)) == 6
+  resumed = train.train_and_evaluate(qat_prune_config(teacher), str(split))
   assert resumed["eval_loss"] == full["eval_loss"]
   a, b = read_metrics(tmp_path / "full"), read_metrics(split)
   for key in ("loss", "task_loss", "kd_loss", "hidden_loss"):
     assert [r.get(key) for r in a] == [r.get(key) for r in b]
   logged = [r for r in a if "kd_loss" in r]
+  assert [r["step"] for r in logged] == [2, 4, 6, 8, 10, 12]
   assert logged[-1]["task_loss"] < logged[0]["task_loss"] - 0.3  # it trains
   assert logged[-1]["kd_loss"] < logged[0]["kd_loss"]
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -117,11 +122,11 @@ def test_qat_pruning_and_kd_resume_equals_uninterrupted_and_exports(tmp_path):
   assert full["sparse_eval_loss"] == full["eval_loss"]
   assert full["sparse_bytes"] < 0.3 * full["float32_bytes"]  # the embedding table stays dense
   assert len(rep["layers"]) == 12 and rep["selected"]["sparsity"] == full["sparsity"]
-  # The cubic schedule updates at steps 10 (s_i = 0), 20, 30 and 40 (s_f): the eval after
-  # 30 steps sees the update at 20, 0.9 * (1 - (1 - 10 / 30)^3).
+  # The cubic schedule updates at steps 2 (s_i = 0), 4, 6 and 8 (s_f): the eval after
+  # 6 steps sees the update at 4, 0.9 * (1 - (1 - 2 / 6)^3).
   evals = {r["step"]: r["sparsity"] for r in a if "eval_loss" in r}
-  assert evals[30] == pytest.approx(0.9 * (1 - (1 - 10 / 30) ** 3), abs=2e-5)
-  assert evals[60] == full["sparsity"]
+  assert evals[6] == pytest.approx(0.9 * (1 - (1 - 2 / 6) ** 3), abs=2e-5)
+  assert evals[12] == full["sparsity"]
 
 
 def test_oneshot_without_training(tmp_path):

@@ -46,8 +46,10 @@ def test_sharded_qat_equals_one_device(quant):
 
 def test_qat_int8_matches_float_and_exports(tmp_path):
   """QAT int8 of the tiny LM ends within 2% of the float model's eval loss; its integer
-  export is < 30% of float32 and serves the same loss."""
-  steps = 300
+  export is < 30% of float32 and serves the same loss. Observed after 150 steps: float 3.505,
+  QAT 3.513 (after 300: 3.399 and 3.408), between the source's unigram (4.13) and bigram
+  (3.41) losses."""
+  steps = 150
 
   def config(method):
     c = lm.get_config("tiny")
@@ -58,6 +60,7 @@ def test_qat_int8_matches_float_and_exports(tmp_path):
 
   ref = train.train_and_evaluate(config("none"), str(tmp_path / "float"), jax.devices()[:1])
   qat = train.train_and_evaluate(config("qat"), str(tmp_path / "qat"), jax.devices()[:1])
+  assert ref["eval_loss"] < 3.8, ref  # a trained model (the unigram loss is 4.13)
   assert abs(qat["eval_loss"] - ref["eval_loss"]) <= 0.02 * ref["eval_loss"], (qat, ref)
   assert qat["export_bytes"] <= 0.30 * qat["float32_bytes"]
   # Only the 8-bit storage of the (float-computed) embedding table differs.

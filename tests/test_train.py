@@ -19,10 +19,11 @@ def run(config, workdir):
   return train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
 
 
-def tiny_lm(steps=200, **train_overrides):
+def tiny_lm(steps=200, every=50, **train_overrides):
+  """The tiny LM checkpointing and evaluating every `every` steps, logging twice as often."""
   c = lm.get_config("tiny")
-  c.train.update(steps=steps, checkpoint_every=50, log_every=25, **train_overrides)
-  c.eval.update(every=50, steps=2)
+  c.train.update(steps=steps, checkpoint_every=every, log_every=every // 2, **train_overrides)
+  c.eval.update(every=every, steps=2)
   return c
 
 
@@ -31,10 +32,10 @@ def evals(workdir):
 
 
 def test_lm_learns(tmp_path):
-  c = tiny_lm(steps=300)
+  c = tiny_lm(steps=150)
   final = run(c, str(tmp_path))
   rows = evals(tmp_path)
-  assert [r["step"] for r in rows] == [50, 100, 150, 200, 250, 300]
+  assert [r["step"] for r in rows] == [50, 100, 150]
   first, last = rows[0]["excess_loss"], rows[-1]["excess_loss"]
   assert last < 0.75 * first, (first, last)
   assert final["excess_loss"] == last
@@ -46,11 +47,11 @@ def test_lm_learns(tmp_path):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-  full = run(tiny_lm(steps=150), str(tmp_path / "full"))
-  # The first invocation stops at step 100 (after its checkpoint), the second resumes.
-  run(tiny_lm(steps=150, stop_after_steps=100), str(tmp_path / "split"))
-  assert max(r["step"] for r in read_metrics(tmp_path / "split")) == 100
-  resumed = run(tiny_lm(steps=150), str(tmp_path / "split"))
+  full = run(tiny_lm(steps=30, every=10), str(tmp_path / "full"))
+  # The first invocation stops at step 20 (after its checkpoint), the second resumes.
+  run(tiny_lm(steps=30, every=10, stop_after_steps=20), str(tmp_path / "split"))
+  assert max(r["step"] for r in read_metrics(tmp_path / "split")) == 20
+  resumed = run(tiny_lm(steps=30, every=10), str(tmp_path / "split"))
   assert resumed["eval_loss"] == pytest.approx(full["eval_loss"], abs=1e-6)
   a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
   assert [r["step"] for r in a] == [r["step"] for r in b]
@@ -68,10 +69,10 @@ def test_microbatches_equal_full_batch(tmp_path):
 
 def test_classify_pretrain_then_finetune(tmp_path):
   c = classify.get_config("tiny")
-  c.pretrain.train.update(steps=100, checkpoint_every=100)
-  c.pretrain.eval.update(every=100, steps=1)
-  c.train.update(steps=150, checkpoint_every=150)
-  c.eval.update(every=150, steps=4)
+  c.pretrain.train.update(steps=50, checkpoint_every=50)
+  c.pretrain.eval.update(every=50, steps=1)
+  c.train.update(steps=75, checkpoint_every=75)  # observed: 0.84 (0.86 after 150 steps)
+  c.eval.update(every=75, steps=4)
   final = run(c, str(tmp_path))
   assert evals(tmp_path / "pretrain")  # the MLM stage ran in its own workdir
   # Chance is 0.5; the Bayes rate is 0.9. A model that learned the rule lands between.

@@ -122,7 +122,8 @@ def export(exp, state, workdir: str, evaluate_serving) -> dict:
     lambda v: quant.convert(convert_model.apply, v, ids),
   )(variables)
   directory = os.path.join(workdir, "export")
-  quant.save(directory, serving, storage_bits=q.storage_bits or None)
+  # a pruned model's zero codes cost a bit each (Deep Compression's prune + quantize)
+  quant.save(directory, serving, storage_bits=q.storage_bits or None, sparse=prunes(exp.config))
   loaded = quant.load(directory)
   row = evaluate_serving(exp.model_in("serve"), loaded)
   return _export_row("serve", row, directory, variables["params"], "export_bytes", quant.disk_bytes)

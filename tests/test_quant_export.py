@@ -104,3 +104,23 @@ def test_storage_bits_rounds_only_the_float_tables(checkpoints, bits):
   assert len([name for name in exact if name.endswith("w_scale")]) == 7  # + the tied head's
   for name in exact:
     np.testing.assert_array_equal(loaded[name], serving[name], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int4])
+def test_sparse_codes_are_stored_as_bitmask_and_load_exactly(tmp_path, dtype):
+  """A pruned model's codes (90% zeros): bitmask + non-zero codes, smaller, identical back."""
+  rng = np.random.default_rng(0)
+  hi = 127 if dtype == jnp.int8 else 7
+  codes = rng.integers(-hi, hi + 1, (256, 256)) * (rng.random((256, 256)) < 0.1)
+  serving = {"params": {"dense": {"kernel": jnp.asarray(codes, dtype)}, "b": jnp.ones(4)}}
+  quant.save(tmp_path / "dense", serving)
+  quant.save(tmp_path / "sparse", serving, sparse=True)
+  loaded = quant.load(tmp_path / "sparse")
+  kernel = loaded["params"]["dense"]["kernel"]
+  assert kernel.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(kernel, np.int8), codes)
+  np.testing.assert_array_equal(loaded["params"]["b"], 1.0)
+  with open(tmp_path / "sparse" / "format.json") as f:
+    assert json.load(f)["sparse"]["params/dense/kernel"]["nnz"] == np.count_nonzero(codes)
+  # orbax compresses (zstd) what it writes, zeros included: the bitmask still saves bytes
+  assert quant.disk_bytes(tmp_path / "sparse") < quant.disk_bytes(tmp_path / "dense")

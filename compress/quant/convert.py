@@ -13,6 +13,10 @@ layer keeps its float table (the embedding lookup needs it) and quantizes it on 
 `storage_bits` additionally stores the remaining float matrices (embedding tables, float
 heads) per row at that width; `load` dequantizes them, so they serve in float with that
 rounding (the one difference from the fake-quant model, which keeps them exact).
+
+`sparse=True` (a pruned model: Deep Compression's prune + quantize) stores each integer code
+array that is mostly zeros as a bitmask of its non-zeros plus their codes (int4 packed two
+per byte), whenever that is smaller.
 """
 
 import os
@@ -93,19 +97,39 @@ def _storable(keys, x) -> bool:
   )
 
 
-def save(directory: str, serving: dict, storage_bits: int | None = None):
+def _sparse_codes(arrays, meta, name, x) -> bool:
+  """Stores integer codes `x` as bitmask + non-zero codes if that is smaller; whether it did."""
+  codes = np.asarray(x.astype(jnp.int8))
+  nonzero = codes.reshape(-1) != 0
+  int4 = x.dtype == jnp.int4
+  nnz = int(nonzero.sum())
+  size = -(-codes.size // 8) + (-(-nnz // 2) if int4 else nnz)
+  if size >= (-(-codes.size // 2) if int4 else codes.size) or nnz == 0:
+    return False
+  values = codes.reshape(-1)[nonzero]
+  arrays[name + "#bits"] = np.packbits(nonzero)
+  arrays[name + "#nz"] = _pack_int4(values) if int4 else values
+  meta["sparse"][name] = {"shape": list(x.shape), "int4": bool(int4), "nnz": nnz}
+  return True
+
+
+def save(directory: str, serving: dict, storage_bits: int | None = None, sparse: bool = False):
   """Writes serving variables: int4 packed two per byte, other arrays as they are.
 
   `storage_bits` (2..8): float weight matrices (embedding tables, kernels left float) are
   stored as per-row symmetric codes plus float32 row scales; `load` dequantizes them.
+  `sparse`: integer codes that are mostly zeros as a bitmask + the non-zero codes.
   """
   if storage_bits is not None:
     qz.check_bits(storage_bits, "storage_bits")
   directory = os.path.abspath(directory)
-  arrays, meta = {}, {"int4": {}, "stored": {}}
+  arrays, meta = {}, {"int4": {}, "stored": {}, "sparse": {}}
   for keys, x in nested_items(serving):
     name = "/".join(keys)
     x = jax.device_get(x)
+    if sparse and x.dtype in (jnp.int4, jnp.int8) and x.ndim >= 2:
+      if _sparse_codes(arrays, meta, name, x):
+        continue
     if x.dtype == jnp.int4:
       arrays[name] = _pack_int4(x)
       meta["int4"][name] = list(x.shape)
@@ -130,9 +154,19 @@ def load(directory: str) -> dict:
   out = {}
   for name, x in arrays.items():
     base, _, part = name.partition("#")
-    if part == "scale":
+    if part in ("scale", "bits"):
       continue
-    if part == "codes":
+    if part == "nz":
+      info = meta["sparse"][base]
+      nonzero = np.unpackbits(np.asarray(arrays[base + "#bits"]))[: int(np.prod(info["shape"]))]
+      values = np.asarray(x)
+      if info["int4"]:
+        values = np.asarray(_unpack_int4(values, (info["nnz"],)).astype(jnp.int8))
+      dense = np.zeros(nonzero.size, np.int8)
+      dense[nonzero.astype(bool)] = values
+      value = jnp.asarray(dense.reshape(info["shape"]))
+      value = value.astype(jnp.int4) if info["int4"] else value
+    elif part == "codes":
       info = meta["stored"][base]
       codes = x if info["bits"] > 4 else _unpack_int4(x, info["shape"])
       value = qz.dequantize(codes, jnp.asarray(arrays[base + "#scale"]))

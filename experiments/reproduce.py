@@ -1,0 +1,328 @@
+"""Reproduce a paper's table: every arm through the one train loop, then the table and a plot.
+
+    python -m experiments.reproduce nm --workdir runs/repro                 # 2:4 vs 50% (Mishra)
+    python -m experiments.reproduce gmp --workdir runs/repro --seeds 5
+    python -m experiments.reproduce qat --workdir gs://bucket/repro --scale full
+
+Tables (experiments/tables/): gmp, qat, kd, nm, deep-compression, parallel. An arm is a run
+config from experiments/configs with a few fields changed; each (arm, seed) trains with
+`train.train_and_evaluate` in `DIR/TABLE/<arm>/seed<k>` and leaves `result.json` there, so a
+rerun skips what finished (and resumes what was interrupted, from its checkpoint). Arms that
+start from another arm's model (`init_from`) or distill from it (`teacher`) wait for it.
+The table lands in `DIR/TABLE.md`, `DIR/TABLE.json` and `DIR/TABLE.png`, with each paper claim
+checked: does the ordering hold, and is it beyond the seed-to-seed noise (a paired t-test
+over seeds, one-sided, 95%)?
+
+Scales: `tiny` (the synthetic source, CPU; seeds vary the initialization), `full` (real data:
+TFDS and HF checkpoints, for TPU/GPU; see each table's docstring for what it expects) and
+`test` (seconds: the tests' smoke version; its numbers mean nothing).
+
+On CPU the arms run in parallel worker processes, one per core, each pinned to its core (a
+tiny model's step does not use two cores well); on accelerators they run one after another in
+this process.
+"""
+
+import dataclasses
+import importlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent import futures
+
+from absl import app, flags, logging
+import ml_collections
+import tqdm
+
+from experiments import train  # noqa: F401 (defines --workdir, which the tables' runs share)
+from experiments.tables import Arm, Results
+
+TABLES = ("gmp", "qat", "kd", "nm", "deep-compression", "parallel")
+SCALES = ("tiny", "full", "test")
+
+
+def table_module(name: str):
+  if name not in TABLES:
+    raise ValueError(f"Unknown table {name!r}: choose one of {', '.join(TABLES)}.")
+  return importlib.import_module("experiments.tables." + name.replace("-", "_"))
+
+
+def run_dir(workdir: str, table: str, arm: Arm, seed: int) -> str:
+  return os.path.join(workdir, table, arm.name, f"seed{0 if arm.shared else seed}")
+
+
+def _jobs(table: str, arms: list[Arm], workdir: str, seeds: int) -> list[dict]:
+  """(arm, seed) runs with their final configs and the runs they wait for, in arm order."""
+  by_name = {a.name: a for a in arms}
+  jobs, seen = [], set()
+  for arm in arms:
+    for dep in (arm.init_from, arm.teacher):
+      if dep and dep not in by_name:
+        raise ValueError(f"Arm {arm.name!r} depends on {dep!r}, which the table lacks.")
+    for seed in range(1 if arm.shared else seeds):
+      path = run_dir(workdir, table, arm, seed)
+      if path in seen:
+        continue
+      seen.add(path)
+      config = ml_collections.ConfigDict(arm.config.to_dict())
+      config.seed = config.seed + seed
+      waits = []
+      if arm.init_from:
+        waits.append(run_dir(workdir, table, by_name[arm.init_from], seed))
+        config.init_from = waits[-1]
+      if arm.teacher:
+        teacher = by_name[arm.teacher]
+        waits.append(run_dir(workdir, table, teacher, seed))
+        config.teacher = ml_collections.ConfigDict(teacher.config.to_dict())
+        config.teacher.seed = config.teacher.seed + (0 if teacher.shared else seed)
+        config.distill.teacher_workdir = waits[-1]
+      jobs.append(dict(arm=arm.name, seed=seed, path=path, config=config, waits=waits, run=arm.run))
+  return jobs
+
+
+def _done(path: str) -> dict | None:
+  try:
+    with open(os.path.join(path, "result.json")) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+
+
+_CORE = None
+
+
+def _init_worker(cores, counter, cache_dir):
+  """A worker process: pinned to one core, quiet, sharing the compilation cache."""
+  global _CORE
+  with counter.get_lock():
+    _CORE = cores[counter.value % len(cores)]
+    counter.value += 1
+  if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {_CORE})
+  _setup_jax(cache_dir)
+
+
+def _setup_jax(cache_dir):
+  import jax
+
+  if cache_dir and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _run_job(job: dict, quiet: bool) -> dict:
+  """Trains one (arm, seed) and writes its result.json; the run's log goes to its run.log."""
+  os.makedirs(job["path"], exist_ok=True)
+  saved = None
+  if quiet:  # a worker: its logs and progress bars to the run's own file
+    log = open(os.path.join(job["path"], "run.log"), "a")
+    saved = os.dup(1), os.dup(2)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    logging.set_verbosity(logging.INFO)
+  try:
+    t0 = time.perf_counter()
+    if job["run"]:
+      module, fn = job["run"].split(":")
+      row = getattr(importlib.import_module(module), fn)(job["config"], job["path"])
+    else:
+      row = train.train_and_evaluate(job["config"], job["path"])
+    result = dict(
+      arm=job["arm"],
+      seed=job["seed"],
+      row={k: v for k, v in row.items() if isinstance(v, (int, float, str, bool))},
+      wall_s=time.perf_counter() - t0,
+      config=job["config"].to_dict(),
+    )
+    tmp = os.path.join(job["path"], "result.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump(result, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(job["path"], "result.json"))
+    return result
+  finally:
+    if saved is not None:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os.dup2(saved[0], 1)
+      os.dup2(saved[1], 2)
+      log.close()
+
+
+def _summary(result: dict) -> str:
+  row = result["row"]
+  keys = [k for k in row if "excess_loss" in k or k in ("accuracy", "tokens_per_sec")][:3]
+  return ", ".join(f"{k}={row[k]:.4g}" for k in keys)
+
+
+def run(
+  table: str,
+  workdir: str,
+  scale: str = "tiny",
+  seeds: int | None = None,
+  workers: int | None = None,
+  only: list[str] | None = None,
+) -> dict:
+  """Runs (or skips, when finished) every arm of `table` and writes DIR/TABLE.{md,json,png}.
+
+  `only`: these arms (and the arms they wait for); the table is then written from them.
+  Returns the table's JSON.
+  """
+  if scale not in SCALES:
+    raise ValueError(f"--scale={scale!r}: choose one of {', '.join(SCALES)}.")
+  module = table_module(table)
+  arms = module.arms(scale)
+  if only:
+    by_name, keep, todo = {a.name: a for a in arms}, set(), list(only)
+    unknown = [a for a in only if a not in by_name]
+    if unknown:
+      raise ValueError(f"--only: no arm {unknown} in table {table}; it has {list(by_name)}.")
+    while todo:
+      a = by_name[todo.pop()]
+      keep.add(a.name)
+      todo += [d for d in (a.init_from, a.teacher) if d]
+    arms = [a for a in arms if a.name in keep]
+  seeds = seeds or (3 if scale == "tiny" else 1)
+  if workers is None:
+    workers = (
+      len(os.sched_getaffinity(0)) if scale != "full" and hasattr(os, "sched_getaffinity") else 1
+    )
+  workers = max(1, min(workers, getattr(module, "MAX_WORKERS", workers)))
+  jobs = _jobs(table, arms, workdir, seeds)
+  os.makedirs(workdir, exist_ok=True)
+  cache_dir = os.path.join(workdir, ".jax_cache")
+
+  results = {j["path"]: _done(j["path"]) for j in jobs}
+  todo = [j for j in jobs if results[j["path"]] is None]
+  skipped = len(jobs) - len(todo)
+  print(
+    f"{table} ({scale}): {len(arms)} arms x {seeds} seeds -> {len(jobs)} runs"
+    f"{f', {skipped} already finished' if skipped else ''}; {workers} worker(s); logs in "
+    f"{os.path.join(workdir, table)}/<arm>/seed<k>/run.log",
+    flush=True,
+  )
+  t0 = time.perf_counter()
+  bar = tqdm.tqdm(
+    total=len(jobs), initial=skipped, unit="run", dynamic_ncols=True, file=sys.stdout, disable=None
+  )
+
+  def finished(job, result):
+    results[job["path"]] = result
+    bar.update(1)
+    elapsed = time.perf_counter() - t0
+    bar.write(
+      f"[{sum(r is not None for r in results.values())}/{len(jobs)}] {job['arm']} seed "
+      f"{job['seed']}: {_summary(result)} ({result['wall_s']:.0f}s; {elapsed / 60:.1f} min in)"
+    )
+
+  if workers == 1:
+    _setup_jax(cache_dir)
+    for job in todo:
+      bar.set_postfix_str(f"{job['arm']} seed {job['seed']}")
+      finished(job, _run_job(job, quiet=False))
+  else:
+    ctx = multiprocessing.get_context("spawn")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    counter = ctx.Value("i", 0)
+    with futures.ProcessPoolExecutor(
+      workers, mp_context=ctx, initializer=_init_worker, initargs=(cores, counter, cache_dir)
+    ) as pool:
+      running, pending = {}, list(todo)
+      while pending or running:
+        for job in list(pending):
+          if len(running) >= workers:
+            break
+          if all(results.get(w) is not None for w in job["waits"]):
+            pending.remove(job)
+            running[pool.submit(_run_job, job, True)] = job
+        if not running:
+          raise RuntimeError(f"Runs wait for runs that cannot start: {pending}")
+        bar.set_postfix_str(", ".join(f"{j['arm']}/{j['seed']}" for j in running.values()))
+        done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+        for fut in done:
+          job = running.pop(fut)
+          try:
+            finished(job, fut.result())
+          except Exception as e:
+            bar.close()
+            raise RuntimeError(
+              f"{table}: arm {job['arm']} seed {job['seed']} failed; see "
+              f"{os.path.join(job['path'], 'run.log')}"
+            ) from e
+  bar.close()
+  wall = time.perf_counter() - t0
+  return write(table, module, arms, jobs, results, workdir, scale, seeds, wall, skipped)
+
+
+def write(table, module, arms, jobs, results, workdir, scale, seeds, wall, skipped) -> dict:
+  """DIR/TABLE.md, .json and .png from the finished runs."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  by_arm = {a.name: [] for a in arms}
+  for job in jobs:
+    by_arm[job["arm"]].append(results[job["path"]])
+  res = Results(by_arm)
+  rep = module.report(res)
+  run_s = sum(r["wall_s"] for r in results.values())
+  command = f"python -m experiments.reproduce {table} --workdir {workdir} --scale {scale}"
+  timing = (
+    f"{len(jobs)} runs ({seeds} seed{'s' if seeds > 1 else ''}), {wall / 60:.1f} min wall "
+    f"({run_s / 60:.1f} run-minutes)" + (f", {skipped} runs reused" if skipped else "")
+  )
+  lines = [f"# {module.TITLE}", "", f"`{command}`: {timing}.", ""]
+  lines += ["| " + " | ".join(rep.columns) + " |", "|" + "---|" * len(rep.columns)]
+  lines += ["| " + " | ".join(map(str, r)) + " |" for r in rep.rows]
+  lines += ["", "Claims (paired over seeds; beyond noise: one-sided t-test at 95%):", ""]
+  lines += [f"- {c.claim}: **{c.mark}** ({c.detail})" for c in rep.checks]
+  if rep.notes:
+    lines += ["", rep.notes.strip()]
+  lines += ["", "The paper:", "", module.PAPER.strip(), ""]
+  with open(os.path.join(workdir, f"{table}.md"), "w") as f:
+    f.write("\n".join(lines))
+  out = dict(
+    table=table,
+    scale=scale,
+    seeds=seeds,
+    wall_s=wall,
+    columns=rep.columns,
+    rows=rep.rows,
+    checks=[dataclasses.asdict(c) for c in rep.checks],
+    runs={
+      name: [{k: r[k] for k in ("seed", "row", "wall_s")} for r in rs]
+      for name, rs in by_arm.items()
+    },
+  )
+  with open(os.path.join(workdir, f"{table}.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  fig = plt.figure(figsize=(10, 4.5))
+  rep.plot(fig, res)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, f"{table}.png"), dpi=120)
+  plt.close(fig)
+  print("\n".join(lines[4:]), flush=True)
+  print(f"Wrote {os.path.join(workdir, table)}.md, .json and .png", flush=True)
+  return out
+
+
+_SCALE = flags.DEFINE_enum("scale", "tiny", SCALES, "tiny: synthetic, CPU; full: real data.")
+_SEEDS = flags.DEFINE_integer("seeds", None, "Seeds per arm (default: 3 at tiny scale, else 1).")
+_WORKERS = flags.DEFINE_integer("workers", None, "Parallel runs (default: CPU cores; full: 1).")
+_ONLY = flags.DEFINE_list("only", None, "Run only these arms (and what they need).")
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError(f"Name one table: {', '.join(TABLES)} (got {argv[1:]}).")
+  names = TABLES if argv[1] == "all" else [argv[1]]
+  for name in names:
+    table_module(name)  # an unknown name fails before anything runs
+  for name in names:
+    run(name, flags.FLAGS.workdir, _SCALE.value, _SEEDS.value, _WORKERS.value, _ONLY.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

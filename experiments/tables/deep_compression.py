@@ -1,0 +1,125 @@
+"""Deep Compression (Han, Mao & Dally 2016): dense -> pruned -> pruned + quantized, and the same
+pipeline with distillation from the dense model, in bytes on disk and excess loss.
+
+Each stage starts from the previous stage's model and trains `ft` steps:
+- pruned: gradual magnitude pruning to 90% of every kernel (cubic over the first two thirds),
+  exported as bitmask + float32 values;
+- quantized (without pruning, for comparison): 4-bit weight QAT (8-bit activations), exported
+  as int4 codes packed two per byte;
+- pruned + quantized: the pruned model with its masks kept and 4-bit QAT; the export stores
+  each code matrix as a bitmask + its non-zero int4 codes;
+- + distilled: both stages again, each also distilling from the dense model (KD, T=1).
+Embedding tables are stored at 8 bits in every integer export. Losses are those of the
+exports as served (`sparse_*` / `serve_*`); the dense model's size is its float32 parameters.
+On disk, orbax compresses each array with zstd (Han et al. used Huffman coding as the third
+stage); the sizes are what `du` would count.
+
+- tiny: the tiny LM (experiments/configs/lm.py:tiny), dense 200 steps, 100 per stage; about
+  7 minutes on 2 CPU cores with 3 seeds.
+- full: GPT-2 small from `hf:gpt2` on lm1b (lm_tfds.py:lm1b,hf), 2,000 steps per stage:
+  about 4 hours on a TPU v4-8.
+"""
+
+from experiments.configs import lm_tfds
+from experiments.tables import Arm, Check, Report, copy, finetune, lm, loss_key
+
+TITLE = "Deep Compression: pruning x quantization (x distillation), bytes on disk (Han et al.)"
+PAPER = """
+Han, Mao & Dally: pruning (9-13x fewer connections), trained quantization (32 -> 5 bits) and
+Huffman coding compound without accuracy loss:
+
+| network | size | compressed | ratio | top-1 error (ref -> compressed) |
+|---|---:|---:|---:|---|
+| AlexNet | 240 MB | 6.9 MB | 35x | 42.78% -> 42.78% |
+| VGG-16 | 552 MB | 11.3 MB | 49x | 31.50% -> 31.17% |
+"""
+
+STEPS = {"tiny": (200, 100), "test": (6, 6), "full": (0, 2000)}
+SPARSITY, BITS = 0.9, 4
+
+# arm -> (the loss key prefix of its export, its bytes-on-disk key)
+EXPORT = {
+  "dense": ("", "float32_bytes"),
+  "pruned": ("sparse_", "sparse_bytes"),
+  "quantized": ("serve_", "export_bytes"),
+  "pruned-quantized": ("serve_", "export_bytes"),
+  "pruned-kd": ("sparse_", "sparse_bytes"),
+  "pruned-quantized-kd": ("serve_", "export_bytes"),
+}
+LABELS = {
+  "dense": "dense (float32)",
+  "pruned": f"pruned {SPARSITY:.0%}",
+  "quantized": f"quantized (int{BITS})",
+  "pruned-quantized": f"pruned {SPARSITY:.0%} + int{BITS}",
+  "pruned-kd": f"pruned {SPARSITY:.0%}, distilled",
+  "pruned-quantized-kd": f"pruned {SPARSITY:.0%} + int{BITS}, distilled",
+}
+
+
+def arms(scale: str) -> list[Arm]:
+  dense_steps, ft = STEPS[scale]
+  if scale == "full":
+    dense = finetune(lm_tfds.get_config("lm1b,hf"), 0)
+  else:
+    dense = lm(scale, dense_steps)
+  base = finetune(copy(dense, init_from=""), ft)
+  gradual = {"prune.method": "gradual", "prune.sparsity": SPARSITY}
+  gradual.update({"prune.start": 0, "prune.end": 2 * ft // 3, "prune.every": max(1, ft // 6)})
+  keep_masks = {"prune.method": "oneshot", "prune.sparsity": SPARSITY, "prune.start": 0}
+  q = {"quant.method": "qat", "quant.bits": BITS, "quant.act_bits": 8}
+  kd = {"distill.method": "kd", "distill.temperature": 1.0, "distill.task_weight": 0.1}
+  return [
+    Arm("dense", dense),
+    Arm("pruned", copy(base, **gradual), "dense"),
+    Arm("quantized", copy(base, **q), "dense"),
+    Arm("pruned-quantized", copy(base, **keep_masks, **q), "pruned"),
+    Arm("pruned-kd", copy(base, **gradual, **kd), "dense", teacher="dense"),
+    Arm("pruned-quantized-kd", copy(base, **keep_masks, **q, **kd), "pruned-kd", teacher="dense"),
+  ]
+
+
+def report(res) -> Report:
+  key = loss_key(res, "dense")
+  f32 = res.rows["pruned"][0]["row"]["float32_bytes"]
+
+  def size(arm):
+    k = EXPORT[arm][1]
+    return f32 if arm == "dense" else res.mean_std(arm, k)[0]
+
+  rows = []
+  for arm, (prefix, _) in EXPORT.items():
+    rows.append(
+      [LABELS[arm], res.fmt(arm, prefix + key), f"{size(arm):,.0f}", f"{f32 / size(arm):.1f}x"]
+    )
+  m = lambda arm: res.mean_std(arm, EXPORT[arm][0] + key)[0]  # noqa: E731
+  pq = "pruned-quantized"
+  checks = [
+    Check(
+      "pruning and quantization compound: pruned + quantized is smaller than either alone",
+      bool(size(pq) < min(size("pruned"), size("quantized"))),
+      f"{size(pq):,.0f} B vs pruned {size('pruned'):,.0f} B, quantized {size('quantized'):,.0f} B",
+    ),
+    Check(
+      "quantizing the pruned model costs less than pruning did",
+      bool(m(pq) - m("pruned") < m("pruned") - m("dense")),
+      f"+{m(pq) - m('pruned'):.4f} for int{BITS} vs +{m('pruned') - m('dense'):.4f} for pruning",
+    ),
+    res.less(
+      "pruned-quantized-kd", pq, "serve_" + key, "distillation lowers the compressed model's loss"
+    ),
+  ]
+
+  def plot(fig, res):
+    ax = fig.add_subplot(1, 1, 1)
+    for arm, (prefix, _) in EXPORT.items():
+      mean, std = res.mean_std(arm, prefix + key)
+      ax.errorbar(size(arm), mean, std, marker="o", capsize=3, label=LABELS[arm])
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes on disk")
+    ax.set_ylabel(f"{key} of the export (nats/token)")
+    ax.set_title("Deep Compression: size vs loss")
+    ax.legend(fontsize=8)
+
+  return Report(
+    ["model", f"{key} (as exported)", "bytes on disk", "compression"], rows, checks, plot
+  )

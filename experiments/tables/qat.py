@@ -1,0 +1,148 @@
+"""Float vs post-training quantization vs quantization-aware training (and LSQ) at 8/4/3/2
+bits (Jacob et al. 2018, Q8BERT, LSQ).
+
+Rows: the float model; PTQ of it (per-channel absmax weights, static per-tensor activation
+ranges calibrated on 8 batches, no training); QAT fine-tuning from it (fake quantization,
+straight-through gradients, weight ranges from the current weights); LSQ fine-tuning (learned
+step sizes with the 1/sqrt(N Q_P) gradient scale). Weights at `bits`, activations at 8 bits,
+the output layer float. Losses are those of the integer export served with int8 x int8 ->
+int32 dots (`serve_*`), and the float model trained on for the same fine-tuning steps is the
+reference after fine-tuning.
+
+- tiny: the tiny LM (experiments/configs/lm.py:tiny) trained 200 steps, fine-tuned 100;
+  about 10 minutes on 2 CPU cores with 3 seeds.
+- full: GPT-2 small from `hf:gpt2` on lm1b (lm_tfds.py:lm1b,hf), quantized as released and
+  fine-tuned 2,000 steps: about 2 hours on a TPU v4-8.
+"""
+
+from experiments import data
+from experiments.configs import lm_tfds
+from experiments.tables import Arm, Check, Report, copy, finetune, lm, loss_key
+
+TITLE = "Float vs PTQ vs QAT vs LSQ at 8/4/3/2 bits (Jacob et al.; Q8BERT; LSQ)"
+PAPER = """
+Q8BERT (BERT-base, float / 8-bit QAT): SST-2 92.36 / 92.24, QNLI 90.3 / 90.62, MRPC F1
+90.0 / 89.56, RTE 69.7 / 68.78 (the largest drop, -1.32% relative), SQuAD F1 88.46 / 87.74.
+LSQ (ImageNet top-1, ResNet-18, float 70.5): 2 bits 67.6, 3 bits 70.2, 4 bits 71.1, 8 bits
+71.1. GPTQ (OPT-125M WikiText-2 perplexity, weight-only, no training): fp16 27.65, 4-bit
+31.12, 3-bit 53.85: rounding without training falls apart below 4 bits.
+"""
+
+BITS = (8, 4, 3, 2)
+STEPS = {"tiny": (200, 100), "test": (6, 4), "full": (0, 2000)}
+
+
+def arms(scale: str) -> list[Arm]:
+  float_steps, ft = STEPS[scale]
+  if scale == "full":
+    dense = finetune(lm_tfds.get_config("lm1b,hf"), 0)
+  else:
+    dense = lm(scale, float_steps)
+  base = copy(dense, init_from="")
+  out = [Arm("float", dense), Arm("float-ft", finetune(copy(base), ft), "float")]
+  for b in BITS:
+    q = {"quant.bits": b, "quant.act_bits": 8}
+    ptq = copy(base, **q, **{"quant.method": "ptq", "quant.act_static": True})
+    out.append(Arm(f"ptq-{b}", finetune(ptq, 0), "float"))
+    out.append(Arm(f"qat-{b}", finetune(copy(base, **q, **{"quant.method": "qat"}), ft), "float"))
+    lsq = copy(base, **q, **{"quant.method": "qat", "quant.lsq": True})
+    out.append(Arm(f"lsq-{b}", finetune(lsq, ft), "float"))
+  return out
+
+
+def report(res) -> Report:
+  key = loss_key(res, "float")
+  serve = "serve_" + key
+  m = lambda arm, k=serve: res.mean_std(arm, k)[0]  # noqa: E731
+  rows = [["float", "32", res.fmt("float", key), res.fmt("float-ft", key), "", "", ""]]
+  for b in BITS:
+    size = res.rows[f"qat-{b}"][0]["row"]
+    share = f"{100 * size['export_bytes'] / size['float32_bytes']:.1f}%"
+    rows.append(
+      [
+        f"w{b}a8",
+        str(b),
+        res.fmt(f"ptq-{b}", serve),
+        "",
+        res.fmt(f"qat-{b}", serve),
+        res.fmt(f"lsq-{b}", serve),
+        f"{size['export_bytes']:,} ({share})",
+      ]
+    )
+  checks = []
+  f_loss = res.mean_std("float", "eval_loss")[0]
+  for arm in ("ptq-8", "qat-8", "lsq-8"):
+    rel = abs(res.mean_std(arm, "serve_eval_loss")[0] - f_loss) / f_loss
+    checks.append(
+      Check(
+        f"8 bits: {arm.split('-')[0].upper()} within 1% of float (relative, eval loss)",
+        bool(rel <= 0.01),
+        f"{100 * rel:.2f}%",
+      )
+    )
+  checks.append(res.less("qat-4", "ptq-4", serve, "4 bits: QAT beats PTQ"))
+  checks.append(res.less("lsq-4", "ptq-4", serve, "4 bits: LSQ beats PTQ"))
+  if key == "excess_loss":  # the synthetic source's unigram loss is known exactly
+    c = res.rows["float"][0]["config"]["data"]["markov"]
+    unigram = data.MarkovSource(c["n_symbols"], c["order"], seed=c["seed"]).unigram_loss
+    for b in (3, 2):
+      f = res.mean_std("float", "eval_loss")[0]
+      frac = (res.mean_std(f"ptq-{b}", "serve_eval_loss")[0] - f) / (unigram - f)
+      checks.append(
+        Check(
+          f"{b} bits: PTQ collapses towards the unigram model (loses >= half "
+          "of the float model's gain over it)",
+          bool(frac >= 0.5),
+          f"{100 * frac:.0f}% of the gain lost (unigram loss {unigram:.3f})",
+        )
+      )
+  for b in (3, 2):
+    gap = m(f"ptq-{b}") - m("float-ft")
+    kept = (m(f"ptq-{b}") - m(f"lsq-{b}")) / gap if gap > 0 else float("nan")
+    checks.append(
+      Check(
+        f"{b} bits: LSQ recovers most of PTQ's gap",
+        bool(kept >= 0.5),
+        f"{100 * kept:.0f}% of the gap to float recovered",
+      )
+    )
+  gaps = [m(f"ptq-{b}") - m(f"qat-{b}") for b in BITS]
+  checks.append(
+    Check(
+      "the PTQ-minus-QAT gap grows as bits fall",
+      all(a < b for a, b in zip(gaps, gaps[1:])),
+      ", ".join(f"{b} bits {g:+.4f}" for b, g in zip(BITS, gaps)),
+    )
+  )
+
+  def plot(fig, res):
+    ax = fig.add_subplot(1, 2, 1)
+    xs = list(BITS)
+    for name, label in (("ptq", "PTQ"), ("qat", "QAT"), ("lsq", "LSQ")):
+      stats = [res.mean_std(f"{name}-{b}", serve) for b in xs]
+      ax.errorbar(
+        xs, [s[0] for s in stats], [s[1] for s in stats], marker="o", capsize=3, label=label
+      )
+    ax.axhline(m("float", key), color="gray", ls="--", label="float")
+    ax.axhline(m("float-ft", key), color="black", ls=":", label="float, fine-tuned as long")
+    ax.set_xlabel("weight bits (activations 8)")
+    ax.set_ylabel(f"{key} of the integer export (nats/token)")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.legend()
+    ax = fig.add_subplot(1, 2, 2)
+    size = [res.rows[f"qat-{b}"][0]["row"]["export_bytes"] for b in xs]
+    ax.bar([str(b) for b in xs], size)
+    ax.axhline(res.rows["qat-8"][0]["row"]["float32_bytes"], color="gray", ls="--", label="float32")
+    ax.set_xlabel("weight bits")
+    ax.set_ylabel("export on disk (bytes)")
+    ax.legend()
+
+  cols = ["model", "bits", "PTQ", "float fine-tuned", "QAT", "LSQ", "export on disk"]
+  return Report(
+    cols,
+    rows,
+    checks,
+    plot,
+    notes="PTQ/QAT/LSQ columns: the integer export's loss; float rows: the model's.",
+  )

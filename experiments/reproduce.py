@@ -36,7 +36,7 @@ import ml_collections
 import tqdm
 
 from experiments import train  # noqa: F401 (defines --workdir, which the tables' runs share)
-from experiments.tables import Arm, Results
+from experiments.tables import Arm, Report, Results
 
 TABLES = ("gmp", "qat", "kd", "nm", "deep-compression", "parallel")
 SCALES = ("tiny", "full", "test")
@@ -81,12 +81,33 @@ def _jobs(table: str, arms: list[Arm], workdir: str, seeds: int) -> list[dict]:
   return jobs
 
 
-def _done(path: str) -> dict | None:
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _done(job: dict) -> dict | None:
+  """The finished run's result, None if it has not finished; an error if it ran another config."""
   try:
-    with open(os.path.join(path, "result.json")) as f:
-      return json.load(f)
+    with open(os.path.join(job["path"], "result.json")) as f:
+      result = json.load(f)
   except FileNotFoundError:
     return None
+  now = _flat(json.loads(json.dumps(job["config"].to_dict(), default=str)))
+  then = _flat(result["config"])
+  diff = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+  if diff:
+    changes = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in diff[:5])
+    raise ValueError(
+      f"{job['path']} holds a finished run of another config ({changes}). Use another "
+      "--workdir, or delete that directory to rerun it."
+    )
+  return result
 
 
 _CORE = None
@@ -181,7 +202,10 @@ def run(
       a = by_name[todo.pop()]
       keep.add(a.name)
       todo += [d for d in (a.init_from, a.teacher) if d]
+    complete = len(keep) == len(arms)
     arms = [a for a in arms if a.name in keep]
+  else:
+    complete = True
   seeds = seeds or (3 if scale == "tiny" else 1)
   if workers is None:
     workers = (
@@ -192,7 +216,7 @@ def run(
   os.makedirs(workdir, exist_ok=True)
   cache_dir = os.path.join(workdir, ".jax_cache")
 
-  results = {j["path"]: _done(j["path"]) for j in jobs}
+  results = {j["path"]: _done(j) for j in jobs}
   todo = [j for j in jobs if results[j["path"]] is None]
   skipped = len(jobs) - len(todo)
   print(
@@ -251,11 +275,37 @@ def run(
             ) from e
   bar.close()
   wall = time.perf_counter() - t0
-  return write(table, module, arms, jobs, results, workdir, scale, seeds, wall, skipped)
+  return write(table, module, arms, jobs, results, workdir, scale, seeds, wall, skipped, complete)
 
 
-def write(table, module, arms, jobs, results, workdir, scale, seeds, wall, skipped) -> dict:
-  """DIR/TABLE.md, .json and .png from the finished runs."""
+def partial_report(res: Results) -> Report:
+  """Some arms only (--only): each run's final numbers, no claims."""
+  keys = sorted(
+    {
+      k
+      for rs in res.rows.values()
+      for r in rs
+      for k, v in r["row"].items()
+      if isinstance(v, (int, float)) and "loss" in k
+    }
+  )
+  rows = [
+    [arm, str(len(rs))] + [res.fmt(arm, k) if k in rs[0]["row"] else "" for k in keys]
+    for arm, rs in res.rows.items()
+  ]
+
+  def plot(fig, res):
+    ax = fig.add_subplot(1, 1, 1)
+    names = list(res.rows)
+    ax.bar(names, [res.mean_std(a, keys[0])[0] if keys else 0 for a in names])
+    ax.set_ylabel(keys[0] if keys else "")
+
+  return Report(["arm", "seeds"] + keys, rows, [], plot, notes="Only some arms ran (--only).")
+
+
+def write(table, module, arms, jobs, results, workdir, scale, seeds, wall, skipped, complete=True):
+  """DIR/TABLE.md, .json and .png from the finished runs (all of them: the table's report;
+  some: each arm's numbers)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -265,7 +315,7 @@ def write(table, module, arms, jobs, results, workdir, scale, seeds, wall, skipp
   for job in jobs:
     by_arm[job["arm"]].append(results[job["path"]])
   res = Results(by_arm)
-  rep = module.report(res)
+  rep = module.report(res) if complete else partial_report(res)
   run_s = sum(r["wall_s"] for r in results.values())
   command = f"python -m experiments.reproduce {table} --workdir {workdir} --scale {scale}"
   timing = (
@@ -275,8 +325,9 @@ def write(table, module, arms, jobs, results, workdir, scale, seeds, wall, skipp
   lines = [f"# {module.TITLE}", "", f"`{command}`: {timing}.", ""]
   lines += ["| " + " | ".join(rep.columns) + " |", "|" + "---|" * len(rep.columns)]
   lines += ["| " + " | ".join(map(str, r)) + " |" for r in rep.rows]
-  lines += ["", "Claims (paired over seeds; beyond noise: one-sided t-test at 95%):", ""]
-  lines += [f"- {c.claim}: **{c.mark}** ({c.detail})" for c in rep.checks]
+  if rep.checks:
+    lines += ["", "Claims (paired over seeds; beyond noise: one-sided t-test at 95%):", ""]
+    lines += [f"- {c.claim}: **{c.mark}** ({c.detail})" for c in rep.checks]
   if rep.notes:
     lines += ["", rep.notes.strip()]
   lines += ["", "The paper:", "", module.PAPER.strip(), ""]

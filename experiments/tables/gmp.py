@@ -17,6 +17,9 @@ Rows, at 50/75/90/95% of every kernel pruned (embeddings, norms and biases stay 
 """
 
 import dataclasses
+import functools
+
+import numpy as np
 
 import models
 from experiments.tables import Arm, Check, Report, copy, finetune, lm, loss_key, model_config
@@ -50,12 +53,18 @@ def _pct(s: float) -> str:
   return f"{round(100 * s)}"
 
 
+@functools.lru_cache(maxsize=None)
+def _count(model) -> int:
+  return models.count_params(model)
+
+
 def nonzeros(config, sparsity: float) -> int:
   """Non-zero parameters of `config`'s model with `sparsity` of its kernels pruned."""
   model = model_config(config)
-  return models.count_params(model) - round(sparsity * _kernel_params(model))
+  return _count(model) - round(sparsity * _kernel_params(model))
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel_params(model) -> int:
   """Parameters in the pruned kernels (every `kernel` of rank >= 2), from shapes only."""
   import jax
@@ -72,15 +81,17 @@ def _kernel_params(model) -> int:
 
 
 def small_dense(config, nnz: int) -> tuple[int, int]:
-  """(d_model, parameters) of the narrower model (d_ff = 4 d_model) closest to `nnz`."""
+  """(d_model, parameters) of the narrower model (d_ff = 4 d_model) closest to `nnz`.
+
+  With d_ff = 4 d_model the count is a quadratic in d_model: three counts give all of them.
+  """
   model = model_config(config)
   step = 2 * model.n_heads
-  best = None
-  for d in range(step, model.d_model, step):
-    n = models.count_params(dataclasses.replace(model, d_model=d, d_ff=4 * d, head_dim=None))
-    if best is None or abs(n - nnz) < abs(best[1] - nnz):
-      best = (d, n)
-  return best
+  at = lambda d: _count(dataclasses.replace(model, d_model=d, d_ff=4 * d, head_dim=None))  # noqa: E731
+  xs = [step, 2 * step, 3 * step]
+  coef = np.polyfit(xs, [at(x) for x in xs], 2)
+  best = min(range(step, model.d_model, step), key=lambda d: abs(np.polyval(coef, d) - nnz))
+  return best, at(best)
 
 
 def arms(scale: str) -> list[Arm]:
@@ -104,7 +115,7 @@ def arms(scale: str) -> list[Arm]:
 
 def report(res) -> Report:
   key = loss_key(res, "dense")
-  n_dense = models.count_params(model_config(res.rows["dense"][0]["config"]))
+  n_dense = _count(model_config(res.rows["dense"][0]["config"]))
   rows = [["0 (dense)", f"{n_dense:,}", res.fmt("dense", key), "", "", "", ""]]
   nnz = {}
   for s in SPARSITIES:
@@ -120,7 +131,7 @@ def report(res) -> Report:
         res.fmt(f"oneshot-ft-{p}", key),
         res.fmt(f"gradual-{p}", key),
         res.fmt(f"small-dense-{p}", key),
-        f"d_model {small_cfg.d_model}: {models.count_params(small_cfg):,}",
+        f"d_model {small_cfg.d_model}: {_count(small_cfg):,}",
       ]
     )
   checks = [

@@ -84,7 +84,7 @@ def report(res) -> Report:
   checks.append(res.less("lsq-4", "ptq-4", serve, "4 bits: LSQ beats PTQ"))
   if key == "excess_loss":  # the synthetic source's unigram loss is known exactly
     c = res.rows["float"][0]["config"]["data"]["markov"]
-    unigram = data.MarkovSource(c["n_symbols"], c["order"], seed=c["seed"]).unigram_loss
+    unigram = data.MarkovSource(**c).unigram_loss
     for b in (3, 2):
       f = res.mean_std("float", "eval_loss")[0]
       frac = (res.mean_std(f"ptq-{b}", "serve_eval_loss")[0] - f) / (unigram - f)

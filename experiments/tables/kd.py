@@ -1,0 +1,244 @@
+"""Knowledge distillation: a KD student against the same student from scratch, with full and
+with low data, at several temperatures (Hinton, Vinyals & Dean 2015); and DistilBERT's
+ablation of its loss terms and its init (Sanh et al. 2019) on an encoder.
+
+Decoder (Hinton): a teacher with twice the student's layers trains once (seed 0, fresh data
+every step); 2-layer students then train with the same data, schedule and steps, from scratch
+or on the teacher's soft targets at T = 1, 2, 4 (KD term x T^2, hard labels at weight 0.1).
+Low data: the students see only K distinct batches (`train.data_batches`), the teacher saw
+the full stream (Hinton's 3%-of-the-speech-data experiment). Eval is on held-out batches.
+
+Encoder (DistilBERT): a masked-LM teacher with twice the student's layers; the full recipe
+(5 L_ce at T=2 + 2 L_mlm + 1 L_cos on the last hidden states, the student initialized from
+every other teacher layer), each term removed in turn, random init instead of the teacher's
+layers, and the student alone (scratch). Metric: the student's masked-LM eval loss.
+
+- tiny: the synthetic source on CPU. Decoder: the tiny LM (experiments/configs/lm.py:tiny),
+  4-layer teacher {dt} steps, 2-layer students {ds} steps, low data {low} batches ({pct}% of
+  the students' full-data batches). Encoder: tiny-encoder MLM (lr 1e-3, as distill.py:encoder),
+  4-layer teacher {et} steps, 2-layer students {es} steps. About 12 minutes on 2 CPU cores with
+  3 seeds.
+- full: decoder on lm1b (experiments/configs/lm_tfds.py): the teacher is GPT-2 small from
+  `hf:gpt2` fine-tuned 2,000 steps on lm1b; the students are 6-layer GPT-2s (DistilGPT2's
+  shape) trained from scratch 5,000 steps of 512 x 128 tokens, low data 150 batches (3%).
+  Encoder on glue/sst2 (experiments/configs/glue.py:sst2,distil): the teacher BERT-base from
+  `hf:bert-base-uncased` fine-tuned 3 epochs, 6-layer students 3 epochs; on a GLUE task the
+  hard-label term is the classification loss (L_mlm's place) and L_cos matches the last
+  hidden states. Hardware: a TPU v4-8 / v5e-8 or 8 GPUs, bfloat16; about 2.5 hours for the
+  decoder (the teacher ~20 min, 8 students ~15 min each) and 1.5 hours for the encoder (the
+  teacher ~15 min, 6 students ~10 min each) per seed. The TFDS data must be prepared
+  (`tfds build lm1b glue/sst2`) and the Hugging Face checkpoints and tokenizers reachable.
+"""
+
+import math
+
+from experiments.configs import common, glue, lm_tfds
+from experiments.tables import Arm, Check, Report, _t95, copy, finetune, lm, loss_key
+
+TITLE = "Knowledge distillation: KD vs scratch, full and low data, T (Hinton); DistilBERT ablation"
+PAPER = """
+Hinton, Vinyals & Dean (2015), soft targets softmax(z/T), the KD term x T^2:
+
+| MNIST | test errors |
+|---|---:|
+| big net | 67 |
+| small net, from scratch | 146 |
+| small net, distilled (T=20) | 74 |
+
+| speech, 3% of the training data | frame accuracy |
+|---|---:|
+| hard targets (baseline on 100% of the data: 58.9%) | 44.5% (overfits) |
+| soft targets of the full-data model | 57.0% |
+
+DistilBERT (Sanh et al. 2019): 6 of BERT-base's 12 layers, initialized from every other layer,
+trained with 5 L_ce (soft targets) + 2 L_mlm + 1 L_cos (hidden states); GLUE dev macro score
+77.0 vs BERT-base 79.5 (97% retained). Ablation, change in the GLUE macro score:
+
+| removed | change |
+|---|---:|
+| L_ce (soft targets) | -2.96 |
+| L_cos (hidden states) | -1.46 |
+| L_mlm (hard labels) | -0.31 |
+| teacher-layer init (random init instead) | -3.69 |
+"""
+
+# Per scale: decoder teacher / student steps, the low-data batches, encoder teacher / student.
+STEPS = {
+  "tiny": dict(dec_teacher=400, dec_student=150, low=8, enc_teacher=300, enc_student=150),
+  "test": dict(dec_teacher=6, dec_student=4, low=2, enc_teacher=6, enc_student=4),
+  "full": dict(dec_teacher=2000, dec_student=5000, low=150, enc_teacher=0, enc_student=0),
+}
+TEMPERATURES = (1, 2, 4)
+KD = {"distill.method": "kd", "distill.task_weight": 0.1, "distill.kd_weight": 1.0}
+# DistilBERT's loss: alpha_ce 5 (T=2), alpha_mlm 2, alpha_cos 1; the student from every other
+# teacher layer. Each ablation changes one of these.
+DISTILBERT = {
+  "distill.method": "kd",
+  "distill.temperature": 2.0,
+  "distill.kd_weight": 5.0,
+  "distill.task_weight": 2.0,
+  "distill.hidden_weight": 1.0,
+  "distill.hidden_kind": "cosine",
+  "distill.layer_map": "last",
+  "distill.init": "every_other",
+}
+ABLATIONS = {  # arm -> (label, change)
+  "distilbert": ("full recipe: 5 L_ce + 2 L_mlm + 1 L_cos, teacher init", {}),
+  "no-ce": ("without L_ce", {"distill.kd_weight": 0.0}),
+  "no-cos": ("without L_cos", {"distill.hidden_weight": 0.0}),
+  "no-mlm": ("without L_mlm", {"distill.task_weight": 0.0}),
+  "random-init": ("random init instead of teacher layers", {"distill.init": ""}),
+}
+
+
+def _decoder(scale: str, steps: int, n_layers: int):
+  if scale == "full":
+    c = finetune(lm_tfds.get_config("lm1b"), steps, warmup=min(1000, steps // 10))
+  else:
+    c = lm(scale, steps)
+  c.model.n_layers = n_layers
+  return c
+
+
+def _encoder(scale: str, steps: int, n_layers: int):
+  c = common.shrink_for_cpu(common.base_config("tiny-encoder", task="mlm"), steps=steps)
+  c.optim.lr = 1e-3  # post-LN BERT at the decoder's 3e-3 stays at the unigram loss
+  if scale == "test":
+    c.eval.update(steps=1, batch_size=16)
+  c = finetune(c, steps, warmup=c.optim.warmup_steps)
+  c.model.n_layers = n_layers
+  return c
+
+
+def arms(scale: str) -> list[Arm]:
+  s = STEPS[scale]
+  # Decoder (Hinton): the teacher has twice the student's layers.
+  if scale == "full":
+    teacher = finetune(lm_tfds.get_config("lm1b,hf"), s["dec_teacher"], warmup=200)
+    student = _decoder(scale, s["dec_student"], 6)
+  else:
+    teacher = _decoder(scale, s["dec_teacher"], 4)
+    student = _decoder(scale, s["dec_student"], 2)
+  out = [Arm("teacher", teacher, shared=True)]
+  for suffix, k in (("", 0), ("-low", s["low"])):
+    base = copy(student, **{"train.data_batches": k})
+    out.append(Arm("scratch" + suffix, base))
+    for t in TEMPERATURES:
+      kd = copy(base, **KD, **{"distill.temperature": float(t)})
+      out.append(Arm(f"kd-T{t}{suffix}", kd, teacher="teacher"))
+  # Encoder (DistilBERT).
+  if scale == "full":
+    enc_student = glue.get_config("sst2,distil")
+    enc_teacher = enc_student.teacher
+    del enc_student["teacher"]
+    enc_student.distill.update(method="none", init="")
+  else:
+    enc_teacher = _encoder(scale, s["enc_teacher"], 4)
+    enc_student = _encoder(scale, s["enc_student"], 2)
+  out.append(Arm("enc-teacher", enc_teacher, shared=True))
+  out.append(Arm("enc-scratch", enc_student))
+  for name, (_, change) in ABLATIONS.items():
+    c = copy(enc_student, **{**DISTILBERT, **change})
+    out.append(Arm(name, c, teacher="enc-teacher"))
+  return out
+
+
+def _paired(claim: str, d, what: str) -> Check:
+  """Claim: the per-seed differences `d` are > 0 (paired over seeds; one-sided t-test)."""
+  n = len(d)
+  mean = sum(d) / n
+  holds = bool(mean > 0)
+  if n < 2:
+    return Check(claim, holds, f"{what} {mean:+.4f} (one seed)", False)
+  se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+  t = mean / se if se > 0 else math.copysign(math.inf, mean)
+  return Check(claim, holds, f"{what} {mean:+.4f}, t={t:.1f}", bool(t > _t95(n - 1)))
+
+
+def report(res) -> Report:
+  key, ekey = loss_key(res, "scratch"), loss_key(res, "distilbert")
+  m = lambda arm, k=key: res.mean_std(arm, k)[0]  # noqa: E731
+  k_low = res.rows["scratch-low"][0]["config"]["train"]["data_batches"]
+  models = [("scratch", "student from scratch")]
+  models += [(f"kd-T{t}", f"KD student, T={t}") for t in TEMPERATURES]
+  rows = [["teacher (decoder)", key, res.fmt("teacher", key), "", ""]]
+  for arm, label in models:
+    if arm == "scratch":
+      change = ""
+    else:
+      change = " / ".join(f"{m(arm + s) - m('scratch' + s):+.3f}" for s in ("", "-low"))
+    rows.append([label, key, res.fmt(arm, key), res.fmt(arm + "-low", key), change])
+  rows.append(["teacher (encoder)", ekey, res.fmt("enc-teacher", ekey), "", ""])
+  rows.append(["encoder student from scratch", ekey, res.fmt("enc-scratch", ekey), "", ""])
+  for arm, (label, _) in ABLATIONS.items():
+    change = "" if arm == "distilbert" else f"{m(arm, ekey) - m('distilbert', ekey):+.3f}"
+    rows.append([label, ekey, res.fmt(arm, ekey), "", change])
+
+  def gaps(suffix):
+    return res.values("scratch" + suffix, key) - res.values("kd-T1" + suffix, key)
+
+  g_full, g_low = gaps(""), gaps("-low")
+  n = min(len(g_full), len(g_low))
+  hurt = {arm: m(arm, ekey) - m("distilbert", ekey) for arm in ABLATIONS if arm != "distilbert"}
+  most = min(hurt["no-ce"], hurt["random-init"])
+  least = max(hurt["no-cos"], hurt["no-mlm"])
+  checks = [
+    res.less("kd-T1", "scratch", key, "full data: the KD student (T=1) beats the scratch student"),
+    res.less("kd-T1-low", "scratch-low", key, "low data: the KD student (T=1) beats scratch"),
+    _paired(
+      "KD's gain over scratch is larger with low data (Hinton)",
+      list(g_low[:n] - g_full[:n]),
+      f"gain {g_full.mean():.4f} (full) vs {g_low.mean():.4f} (low data); paired difference",
+    ),
+    res.less("distilbert", "enc-scratch", ekey, "DistilBERT's recipe beats the scratch student"),
+    res.less("distilbert", "no-ce", ekey, "removing L_ce hurts"),
+    res.less("distilbert", "random-init", ekey, "random init instead of teacher layers hurts"),
+    Check(
+      "ablation order: removing the teacher init or L_ce hurts more than removing L_cos or L_mlm",
+      bool(most > least),
+      ", ".join(f"{ABLATIONS[a][0]} {d:+.4f}" for a, d in hurt.items()),
+    ),
+  ]
+
+  def plot(fig, res):
+    import numpy as np
+
+    ax = fig.add_subplot(1, 2, 1)
+    xs = np.arange(1 + len(TEMPERATURES))
+    for i, (suffix, label) in enumerate(
+      (("", "full data"), ("-low", f"low data ({k_low} batches)"))
+    ):
+      stats = [res.mean_std(arm + suffix, key) for arm, _ in models]
+      ax.errorbar(
+        xs + 0.05 * (2 * i - 1),
+        [s[0] for s in stats],
+        [s[1] for s in stats],
+        marker="o",
+        capsize=3,
+        label=label,
+      )
+    ax.axhline(m("teacher"), color="gray", ls="--", label="teacher (4 layers)")
+    ax.set_xticks(xs, ["scratch"] + [f"KD T={t}" for t in TEMPERATURES])
+    ax.set_ylabel(f"{key} (nats/token)")
+    ax.set_title("Decoder: KD vs scratch (Hinton)")
+    ax.legend(fontsize=8)
+    ax = fig.add_subplot(1, 2, 2)
+    names = ["enc-scratch", *ABLATIONS]
+    labels = ["scratch", "full recipe", "- L_ce", "- L_cos", "- L_mlm", "random init"]
+    stats = [res.mean_std(a, ekey) for a in names]
+    ax.bar(labels, [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3)
+    ax.axhline(m("enc-teacher", ekey), color="gray", ls="--", label="teacher")
+    lo = min(s[0] - s[1] for s in stats + [(m("enc-teacher", ekey), 0)])
+    hi = max(s[0] + s[1] for s in stats)
+    ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+    ax.set_ylabel(f"masked-LM {ekey} (nats/token)")
+    ax.set_title("Encoder: DistilBERT ablation")
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    ax.legend(fontsize=8)
+
+  cols = ["model", "metric", "full data", f"low data ({k_low} batches)", "change vs reference"]
+  notes = (
+    "Change vs reference: decoder rows, KD minus scratch (full data / low data); encoder rows, "
+    "the ablation minus the full recipe. Lower losses are better."
+  )
+  return Report(cols, rows, checks, plot, notes=notes)

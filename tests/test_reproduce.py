@@ -1,0 +1,92 @@
+"""experiments.reproduce: each table's smallest arm end to end, every table's report from
+made-up results, skipping finished runs, and the claim arithmetic."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from experiments import reproduce
+from experiments.tables import Results
+
+# The arm each table runs end to end at --scale test (with the arms it needs).
+SMALLEST = {
+  "gmp": "dense",
+  "qat": "float",
+  "kd": None,  # its first arm
+  "nm": "2:4-oneshot",  # needs "dense": covers init_from
+  "deep-compression": "dense",
+  "parallel": None,
+}
+
+# Every key a table's report reads, with made-up values.
+ROW_KEYS = (
+  "eval_loss excess_loss eval_accuracy sparse_eval_loss sparse_excess_loss serve_eval_loss "
+  "serve_excess_loss sparsity sparsity_all accuracy"
+).split()
+SIZE_KEYS = ("export_bytes", "float32_bytes", "sparse_bytes")
+
+
+def _smallest(table):
+  return SMALLEST[table] or reproduce.table_module(table).arms("test")[0].name
+
+
+@pytest.mark.parametrize("table", reproduce.TABLES)
+def test_smallest_arm_end_to_end(tmp_path, table):
+  arm = _smallest(table)
+  out = reproduce.run(table, str(tmp_path), scale="test", seeds=1, workers=1, only=[arm])
+  result = json.loads((tmp_path / table / arm / "seed0" / "result.json").read_text())
+  numbers = [v for v in result["row"].values() if isinstance(v, float)]
+  assert numbers and all(math.isfinite(v) for v in numbers)
+  assert arm in out["runs"] and (tmp_path / f"{table}.png").stat().st_size > 0
+  assert (tmp_path / f"{table}.md").read_text().startswith("# ")
+
+
+def test_rerun_skips_finished_runs_and_refuses_a_changed_config(tmp_path, capsys):
+  reproduce.run("nm", str(tmp_path), scale="test", seeds=1, workers=1, only=["dense"])
+  result = tmp_path / "nm" / "dense" / "seed0" / "result.json"
+  before = result.stat().st_mtime_ns
+  reproduce.run("nm", str(tmp_path), scale="test", seeds=1, workers=1, only=["dense"])
+  assert result.stat().st_mtime_ns == before
+  assert "1 already finished" in capsys.readouterr().out
+  saved = json.loads(result.read_text())
+  saved["config"]["train"]["steps"] += 1
+  result.write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match="another config .*train.steps"):
+    reproduce.run("nm", str(tmp_path), scale="test", seeds=1, workers=1, only=["dense"])
+
+
+@pytest.mark.parametrize("table", reproduce.TABLES)
+def test_report_from_made_up_results(tmp_path, table):
+  """Every table's md / json / png from 3 seeds of made-up numbers: each claim is checked."""
+  module = reproduce.table_module(table)
+  arms = module.arms("test")
+  jobs = reproduce._jobs(table, arms, str(tmp_path), seeds=3)
+  rng = np.random.default_rng(0)
+  results = {}
+  for job in jobs:
+    row = {k: float(rng.uniform(0.5, 1.5)) for k in ROW_KEYS}
+    row.update({k: int(rng.integers(10_000, 100_000)) for k in SIZE_KEYS})
+    row.update(getattr(module, "FAKE_ROW", lambda rng: {})(rng))
+    results[job["path"]] = dict(
+      arm=job["arm"], seed=job["seed"], row=row, wall_s=1.0, config=job["config"].to_dict()
+    )
+  out = reproduce.write(table, module, arms, jobs, results, str(tmp_path), "test", 3, 1.0, 0)
+  md = (tmp_path / f"{table}.md").read_text()
+  assert md.startswith(f"# {module.TITLE}") and "The paper:" in md
+  assert len(out["rows"]) >= 2 and all(len(r) == len(out["columns"]) for r in out["rows"])
+  assert out["checks"] and all(c["claim"] in md for c in out["checks"])
+  assert os.path.getsize(tmp_path / f"{table}.png") > 0
+
+
+def test_paired_claims():
+  rows = lambda xs: [dict(row={"x": x}) for x in xs]  # noqa: E731
+  res = Results({"a": rows([1.0, 2.0, 3.0]), "b": rows([1.5, 2.4, 3.6]), "c": rows([3, 1, 2.1])})
+  clear = res.less("a", "b", "x", "a < b")
+  assert clear.holds and clear.beyond_noise and clear.mark == "yes"  # t = 0.5 / 0.058 = 8.7
+  noisy = res.less("a", "c", "x", "a < c")  # differences 2, -1, -0.9: mean 0.03, t = 0.03
+  assert noisy.holds and not noisy.beyond_noise and noisy.mark == "yes, within noise"
+  assert res.less("b", "a", "x", "b < a").mark == "no"
+  assert res.fmt("a", "x") == "2.000 ± 1.000"

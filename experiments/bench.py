@@ -14,6 +14,7 @@ the decoder LM passes none, so `attention_impl=cudnn` works there (with a bf16/f
 """
 
 import json
+import math
 import os
 import resource
 import statistics
@@ -39,6 +40,37 @@ def _peak_bytes(devices) -> int | None:
   return max(peaks) if peaks else None
 
 
+def state_bytes_per_device(tree) -> int:
+  """Bytes of `tree`'s arrays one device holds: each leaf's shard (jax.Arrays, or
+  ShapeDtypeStructs with shardings as `Experiment.shard_shapes` gives; no allocation needed).
+
+  For a train state: the parameters and optimizer state on one device, after sharding.
+  """
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * leaf.dtype.itemsize
+  return int(total)
+
+
+def memory_analysis(compiled) -> dict:
+  """XLA's memory analysis of one device's compiled program, in bytes (`{}` where the backend
+  gives none): its arguments, outputs, the outputs aliased to (donated) arguments, the
+  temporaries (activations, gradients, workspace) and XLA's peak estimate. The CPU backend's
+  peak counts arguments and outputs only, not the temporaries; on TPU/GPU it includes them.
+  """
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  return {
+    "xla_argument_bytes": int(m.argument_size_in_bytes),
+    "xla_output_bytes": int(m.output_size_in_bytes),
+    "xla_alias_bytes": int(m.alias_size_in_bytes),
+    "xla_temp_bytes": int(m.temp_size_in_bytes),
+    "xla_peak_bytes": int(getattr(m, "peak_memory_in_bytes", 0)) or None,
+  }
+
+
 def _max_rss_bytes() -> int:
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
@@ -51,6 +83,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 2) -> 
   train_step, _ = exp.jit_steps(shardings)
   batch = exp.batch(0)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  state_bytes = state_bytes_per_device(state)
 
   t0 = time.perf_counter()
   lowered = train_step.lower(state, batch)
@@ -104,6 +137,8 @@ def run(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 2) -> 
     **throughput.throughput_metrics(
       flops_per_step, exp.task.tokens_per_step, step_time, n_devices, peak
     ),
+    "state_bytes_per_device": state_bytes,
+    **memory_analysis(compiled),
     "peak_bytes_in_use": _peak_bytes(devices),
     "max_rss_bytes": _max_rss_bytes(),
     "final_loss": float(metrics["loss"]),
@@ -147,6 +182,11 @@ def summary(r: dict) -> str:
     (
       f"memory     device peak {opt(r['peak_bytes_in_use'], '{:,} B')}, "
       f"host max RSS {r['max_rss_bytes'] / 2**20:,.0f} MiB"
+    ),
+    (
+      f"per device params + optimizer state {r['state_bytes_per_device']:,} B; XLA: "
+      f"temporaries {opt(r.get('xla_temp_bytes'), '{:,} B')}, "
+      f"peak {opt(r.get('xla_peak_bytes'), '{:,} B')}"
     ),
     f"loss       {r['final_loss']:.4f} after the last step",
   ]

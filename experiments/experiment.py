@@ -102,6 +102,11 @@ class Experiment:
   schedule: optax.Schedule
   policy: object = None  # compress.quant.Policy when the run quantizes
   teacher: distillation.Teacher | None = None  # when the run distills
+  # train.data_batches > 0: the local train batches, by step % data_batches (per instance:
+  # dataclasses.replace, e.g. with the teacher's cached logits, starts an empty one)
+  _train_batches: dict = dataclasses.field(
+    default_factory=dict, init=False, repr=False, compare=False
+  )
 
   def inputs(self, batch: dict) -> dict:
     """The model's keyword inputs in a batch (beyond the token ids)."""
@@ -117,8 +122,21 @@ class Experiment:
     return parallel.batch_sharding(self.mesh, self.rules)
 
   def batch(self, step: int, split: str = "train") -> dict:
-    """The global batch at `step`: this process's NumPy slice -> one jax.Array per key."""
-    local = self.task.batch(step, split)
+    """The global batch at `step`: this process's NumPy slice -> one jax.Array per key.
+
+    With `train.data_batches` = K > 0, train step s gets batch s % K (a low-data run: K
+    distinct batches, kept in host memory, so a TFDS stream is not restarted every K steps);
+    eval batches are unaffected. The teacher's logit cache is built through this method, so
+    its logits stay those of the batches the student sees.
+    """
+    k = self.config.train.get("data_batches", 0)
+    if split == "train" and k > 0:
+      step %= k
+      if step not in self._train_batches:
+        self._train_batches[step] = self.task.batch(step, split)
+      local = self._train_batches[step]
+    else:
+      local = self.task.batch(step, split)
     return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), local
     )
@@ -301,6 +319,11 @@ def build(
   # Each process feeds the batch rows its devices hold (not always block process_index).
   feed = parallel.sharding.process_batch_slice(parallel.batch_sharding(mesh, rules))
   check_batch(config, mesh, feed[1])
+  if config.train.get("data_batches", 0) < 0:
+    raise ValueError(
+      f"train.data_batches={config.train.data_batches}: 0 (a fresh batch every step) or the "
+      "number of distinct train batches (> 0)."
+    )
   task = tasks.make_task(config, tokenizer, *feed)
   policy = compression.quant_policy(config)
   tx, schedule = optim.make_optimizer(config, config.train.steps)

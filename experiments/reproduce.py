@@ -55,6 +55,7 @@ def run_dir(workdir: str, table: str, arm: Arm, seed: int) -> str:
 def _jobs(table: str, arms: list[Arm], workdir: str, seeds: int) -> list[dict]:
   """(arm, seed) runs with their final configs and the runs they wait for, in arm order."""
   by_name = {a.name: a for a in arms}
+  seed_data = getattr(table_module(table), "SEED_DATA", False)
   jobs, seen = [], set()
   for arm in arms:
     for dep in (arm.init_from, arm.teacher):
@@ -67,6 +68,8 @@ def _jobs(table: str, arms: list[Arm], workdir: str, seeds: int) -> list[dict]:
       seen.add(path)
       config = ml_collections.ConfigDict(arm.config.to_dict())
       config.seed = config.seed + seed
+      if seed_data and config.data.source == "markov":
+        config.data.stream = seed  # also another sample of the training data
       waits = []
       if arm.init_from:
         waits.append(run_dir(workdir, table, by_name[arm.init_from], seed))
@@ -76,6 +79,8 @@ def _jobs(table: str, arms: list[Arm], workdir: str, seeds: int) -> list[dict]:
         waits.append(run_dir(workdir, table, teacher, seed))
         config.teacher = ml_collections.ConfigDict(teacher.config.to_dict())
         config.teacher.seed = config.teacher.seed + (0 if teacher.shared else seed)
+        if seed_data and not teacher.shared and config.teacher.data.source == "markov":
+          config.teacher.data.stream = seed
         config.distill.teacher_workdir = waits[-1]
       jobs.append(dict(arm=arm.name, seed=seed, path=path, config=config, waits=waits, run=arm.run))
   return jobs
@@ -100,7 +105,8 @@ def _done(job: dict) -> dict | None:
     return None
   now = _flat(json.loads(json.dumps(job["config"].to_dict(), default=str)))
   then = _flat(result["config"])
-  diff = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+  new_off = lambda k: k not in then and not now[k]  # noqa: E731 (a field added since, left off)
+  diff = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k) and not new_off(k))
   if diff:
     changes = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in diff[:5])
     raise ValueError(

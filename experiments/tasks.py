@@ -108,9 +108,14 @@ def make_task(
     raise ValueError("eval.steps=0 (the whole eval split) needs data.source='tfds'.")
   source = data_lib.MarkovSource(**d.markov)
   slicing = dict(process_index=process_index, process_count=process_count)
+  # data.stream: which independent sample of the language the train steps read (eval is fixed)
+  offset = int(d.get("stream", 0)) << 40
 
   def sizes(split):
     return (t.batch_size, t.seq_len) if split == "train" else (config.eval.batch_size, t.seq_len)
+
+  def at(s, split):
+    return s + offset if split == "train" else s
 
   if config.task == "lm":
     optimum = source.optimal_loss(t.seq_len)
@@ -121,7 +126,7 @@ def make_task(
 
     return Task(
       "lm",
-      lambda s, split: source.batch(s, *sizes(split), split=split, **slicing),
+      lambda s, split: source.batch(at(s, split), *sizes(split), split=split, **slicing),
       summarize,
       t.batch_size * t.seq_len,
     )
@@ -131,7 +136,7 @@ def make_task(
     def batch(s, split):
       return encoder_data.mlm_batch(
         source,
-        s,
+        at(s, split),
         *sizes(split),
         split=split,
         mask_id=tokenizer.mask_id,
@@ -152,7 +157,7 @@ def make_task(
 
     return Task(
       "classify",
-      lambda s, split: cls_source.batch(s, *sizes(split), split=split, **slicing),
+      lambda s, split: cls_source.batch(at(s, split), *sizes(split), split=split, **slicing),
       summarize,
       t.batch_size * t.seq_len,
       targets=_classify_targets,

@@ -14,7 +14,11 @@ from steps import run_steps
 
 
 def tiny(mesh=(1, 1, 1), rules="fsdp_tp", config=lm, **model):
+  """The tiny run on `mesh` with `rules`, 6 steps long (the learning rate warms up over them):
+  the checkpoint test's runs are the run_steps cases' (1, 8, 1) "fsdp" and (2, 1, 4) "tp"
+  configs, so the init and the train step compile once for both."""
   c = config.get_config("tiny")
+  c.train.steps = 6
   c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   c.sharding.rules = rules
   c.model.update(model)
@@ -95,16 +99,17 @@ def test_fsdp_shards_bytes_eightfold():
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
-  def config(mesh, **train_overrides):
-    c = tiny(mesh, "fsdp_tp")
-    c.train.update(steps=12, log_every=2, checkpoint_every=6, **train_overrides)
-    c.eval.update(every=6, steps=1)
+  def config(mesh, rules, **train_overrides):
+    c = tiny(mesh, rules)
+    c.train.update(log_every=1, checkpoint_every=3, **train_overrides)
+    c.eval.update(every=3, steps=1)
     return c
 
-  train.train_and_evaluate(config((1, 8, 1)), str(tmp_path / "whole"))
-  # Save on fsdp=8, stop; resume on data=2 x tensor=4.
-  train.train_and_evaluate(config((1, 8, 1), stop_after_steps=6), str(tmp_path / "moved"))
-  train.train_and_evaluate(config((2, 1, 4)), str(tmp_path / "moved"))
+  train.train_and_evaluate(config((1, 8, 1), "fsdp"), str(tmp_path / "whole"))
+  # Save on fsdp=8, stop; resume on data=2 x tensor=4 (tensor-parallel rules).
+  moved = str(tmp_path / "moved")
+  train.train_and_evaluate(config((1, 8, 1), "fsdp", stop_after_steps=3), moved)
+  train.train_and_evaluate(config((2, 1, 4), "tp"), moved)
   whole, moved = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "moved")
   assert [r["step"] for r in whole] == [r["step"] for r in moved]
   for a, b in zip(whole, moved):

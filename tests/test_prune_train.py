@@ -129,14 +129,17 @@ def test_qat_pruning_and_kd_resume_equals_uninterrupted_and_exports(tmp_path):
   assert evals[12] == full["sparsity"]
 
 
-def test_oneshot_without_training(tmp_path):
+def test_oneshot_without_training(tiny_lm_run, tmp_path):
+  """prune.py:oneshot (train.steps=0) of the trained dense model (conftest.py's tiny_lm_run,
+  trained on one device, loaded onto the 8 through init_from as the config's pretrain stage
+  would be), pruned 2:4 on the 8 devices."""
+  dense_dir, _, dense = tiny_lm_run
   c = prune_configs.get_config("oneshot")
-  c.pretrain.train.update(steps=60, checkpoint_every=60)
-  c.pretrain.eval.update(every=60, steps=2)
+  del c.pretrain  # the trained model: init_from, which is what a pretrain stage sets
+  c.init_from = str(dense_dir)
   c.eval.steps = 2
   c.prune.granularity = "2:4"
   out = train.train_and_evaluate(c, str(tmp_path))
-  dense = [r for r in read_metrics(tmp_path / "pretrain") if "eval_loss" in r][-1]
   assert out["sparsity"] == pytest.approx(0.5)
   assert out["eval_loss"] > dense["eval_loss"]  # pruned without retraining: worse
   assert out["sparse_eval_loss"] == out["eval_loss"]

@@ -44,22 +44,18 @@ def test_sharded_qat_equals_one_device(quant):
   assert spec(scale) == expected and "tensor" in spec(scale), (spec(scale), spec(kernel))
 
 
-def test_qat_int8_matches_float_and_exports(tmp_path):
-  """QAT int8 of the tiny LM ends within 2% of the float model's eval loss; its integer
-  export is < 30% of float32 and serves the same loss. Observed after 150 steps: float 3.505,
-  QAT 3.513 (after 300: 3.399 and 3.408), between the source's unigram (4.13) and bigram
-  (3.41) losses."""
-  steps = 150
-
-  def config(method):
-    c = lm.get_config("tiny")
-    c.train.update(steps=steps, checkpoint_every=steps)
-    c.eval.update(every=steps, steps=2)
-    c.quant.method = method
-    return c
-
-  ref = train.train_and_evaluate(config("none"), str(tmp_path / "float"), jax.devices()[:1])
-  qat = train.train_and_evaluate(config("qat"), str(tmp_path / "qat"), jax.devices()[:1])
+def test_qat_int8_matches_float_and_exports(tiny_lm_run, tmp_path):
+  """QAT int8 of the tiny LM ends within 2% of the float model's eval loss (the same run in
+  float: conftest.py's tiny_lm_run); its integer export is < 30% of float32 and serves the
+  same loss. Observed after 150 steps: float 3.505, QAT 3.513 (after 300: 3.399 and 3.408),
+  between the source's unigram (4.13) and bigram (3.41) losses."""
+  _, float_config, ref = tiny_lm_run
+  steps = float_config.train.steps
+  c = lm.get_config("tiny")
+  c.train.update(steps=steps, checkpoint_every=steps)
+  c.eval.update(every=steps, steps=float_config.eval.steps)
+  c.quant.method = "qat"
+  qat = train.train_and_evaluate(c, str(tmp_path / "qat"), jax.devices()[:1])
   assert ref["eval_loss"] < 3.8, ref  # a trained model (the unigram loss is 4.13)
   assert abs(qat["eval_loss"] - ref["eval_loss"]) <= 0.02 * ref["eval_loss"], (qat, ref)
   assert qat["export_bytes"] <= 0.30 * qat["float32_bytes"]
@@ -69,15 +65,18 @@ def test_qat_int8_matches_float_and_exports(tmp_path):
   assert len(rows) == 1 and rows[0]["step"] == steps
 
 
-def test_ptq_calibrates_and_quantizes_without_training(tmp_path):
+def test_ptq_calibrates_and_quantizes_without_training(tiny_lm_run, tmp_path):
+  """PTQ (quant.py:ptq, train.steps=0) of the trained float model (conftest.py's tiny_lm_run,
+  loaded through init_from as the config's pretrain stage would be) keeps its eval loss."""
+  float_dir, _, float_eval = tiny_lm_run
   c = quant_configs.get_config("ptq")
-  c.pretrain.train.update(steps=100, checkpoint_every=100)
-  c.pretrain.eval.update(every=100, steps=2)
+  del c.pretrain  # the trained model: init_from, which is what a pretrain stage sets
+  c.init_from = str(float_dir)
   c.eval.update(steps=2)
   c.quant.calib_batches = 2
   out = train.train_and_evaluate(c, str(tmp_path), jax.devices()[:1])
-  float_loss = [r for r in read_metrics(tmp_path / "pretrain") if "eval_loss" in r][-1]
-  assert out["eval_loss"] == pytest.approx(float_loss["eval_loss"], rel=0.01)
+  assert out["eval_loss"] == pytest.approx(float_eval["eval_loss"], rel=0.01)
+  assert out["eval_loss"] != float_eval["eval_loss"]  # quantized
   assert out["serve_eval_loss"] == pytest.approx(out["eval_loss"], rel=1e-3)
   rows = read_metrics(tmp_path)
   assert [r["step"] for r in rows] == [0, 0] and "eval_loss" in rows[0]

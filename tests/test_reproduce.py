@@ -33,7 +33,7 @@ def _smallest(table):
   return SMALLEST[table] or reproduce.table_module(table).arms("test")[0].name
 
 
-@pytest.mark.parametrize("table", reproduce.TABLES)
+@pytest.mark.parametrize("table", [t for t in reproduce.TABLES if t != "kd"])  # kd: below
 def test_smallest_arm_end_to_end(tmp_path, table):
   arm = _smallest(table)
   out = reproduce.run(table, str(tmp_path), scale="test", seeds=1, workers=1, only=[arm])
@@ -69,7 +69,14 @@ def test_report_from_made_up_results(tmp_path, table):
   for job in jobs:
     row = {k: float(rng.uniform(0.5, 1.5)) for k in ROW_KEYS}
     row.update({k: int(rng.integers(10_000, 100_000)) for k in SIZE_KEYS})
-    row.update(getattr(module, "FAKE_ROW", lambda rng: {})(rng))
+    if table == "parallel":  # a benchmark row: the mesh it ran on, throughput, memory
+      mesh = job["config"].mesh
+      row.update(data=mesh.data, fsdp=mesh.fsdp, tensor=mesh.tensor, n_devices=8)
+      row.update(rules=job["config"].sharding.rules, device_kind="cpu", mfu=None)
+      row.update(train_loss=1.0, eval_loss=1.0, timed_rows=5, peak_bytes_in_use=None)
+      for k in ("tokens_per_sec", "tflops_per_device", "step_time_s", "xla_temp_bytes"):
+        row[k] = float(rng.uniform(1, 2))
+      row["state_bytes_per_device"] = int(8e6 / max(1, mesh.fsdp * mesh.tensor))
     results[job["path"]] = dict(
       arm=job["arm"], seed=job["seed"], row=row, wall_s=1.0, config=job["config"].to_dict()
     )
@@ -90,3 +97,28 @@ def test_paired_claims():
   assert noisy.holds and not noisy.beyond_noise and noisy.mark == "yes, within noise"
   assert res.less("b", "a", "x", "b < a").mark == "no"
   assert res.fmt("a", "x") == "2.000 ± 1.000"
+
+
+@pytest.mark.parametrize("table", reproduce.TABLES)
+def test_full_scale_arms_are_real_data_configs(table):
+  """--scale full builds (not runs) configs on real data or real model sizes."""
+  arms = reproduce.table_module(table).arms("full")
+  assert len({a.name for a in arms}) == len(arms)
+  names = {a.name for a in arms}
+  assert all(d in names for a in arms for d in (a.init_from, a.teacher) if d)
+  assert any(a.config.data.source == "tfds" or a.config.model.preset != "tiny" for a in arms), (
+    "full scale should not be the synthetic tiny setting"
+  )
+
+
+def test_kd_smallest_arm(tmp_path):
+  """kd's smallest distilling arm: a low-data KD student (train.data_batches) after its teacher."""
+  out = reproduce.run("kd", str(tmp_path), scale="test", seeds=1, workers=1, only=["kd-T1-low"])
+  assert set(out["runs"]) == {"teacher", "kd-T1-low"}
+  result = json.loads((tmp_path / "kd" / "kd-T1-low" / "seed0" / "result.json").read_text())
+  assert result["config"]["train"]["data_batches"] > 0
+  assert result["config"]["distill"]["teacher_workdir"] == str(
+    tmp_path / "kd" / "teacher" / "seed0"
+  )
+  assert math.isfinite(result["row"]["excess_loss"])
+  assert "low data" in (tmp_path / "kd.md").read_text()

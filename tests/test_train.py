@@ -5,6 +5,7 @@ These test the loop itself on one device (fast); tests/test_parallel.py covers m
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -31,29 +32,38 @@ def evals(workdir):
   return [r for r in read_metrics(workdir) if "eval_loss" in r]
 
 
-def test_lm_learns(tmp_path):
-  c = tiny_lm(steps=150)
-  final = run(c, str(tmp_path))
-  rows = evals(tmp_path)
+def test_lm_learns(tiny_lm_run):
+  """The tiny LM trained 150 steps, evaluated every 50 (conftest.py, shared with other files)."""
+  workdir, c, final = tiny_lm_run
+  rows = evals(workdir)
   assert [r["step"] for r in rows] == [50, 100, 150]
   first, last = rows[0]["excess_loss"], rows[-1]["excess_loss"]
   assert last < 0.75 * first, (first, last)
   assert final["excess_loss"] == last
-  train_rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+  train_rows = [r for r in read_metrics(workdir) if "loss" in r]
+  assert [r["step"] for r in train_rows] == list(range(25, 151, 25))
   for key in ("loss", "learning_rate", "tokens_per_sec"):
     assert all(np.isfinite(r[key]) for r in train_rows), key
-  assert os.listdir(tmp_path / "tensorboard")
-  assert json.load(open(tmp_path / "config.json"))["model"]["d_model"] == c.model.d_model
+  assert os.listdir(workdir / "tensorboard")
+  assert json.load(open(workdir / "config.json"))["model"]["d_model"] == c.model.d_model
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-  full = run(tiny_lm(steps=30, every=10), str(tmp_path / "full"))
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """30 steps of the tiny LM, checkpointed and evaluated every 10 (workdir, last eval row): the
+  run the resumed and the microbatched runs must equal."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  return workdir, run(tiny_lm(steps=30, every=10), workdir)
+
+
+def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
+  full_dir, full = uninterrupted
   # The first invocation stops at step 20 (after its checkpoint), the second resumes.
   run(tiny_lm(steps=30, every=10, stop_after_steps=20), str(tmp_path / "split"))
   assert max(r["step"] for r in read_metrics(tmp_path / "split")) == 20
   resumed = run(tiny_lm(steps=30, every=10), str(tmp_path / "split"))
   assert resumed["eval_loss"] == pytest.approx(full["eval_loss"], abs=1e-6)
-  a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
+  a, b = read_metrics(full_dir), read_metrics(tmp_path / "split")
   assert [r["step"] for r in a] == [r["step"] for r in b]
   for ra, rb in zip(a, b):
     for k in ("loss", "eval_loss"):
@@ -61,10 +71,14 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert rb[k] == pytest.approx(ra[k], abs=1e-6), (ra["step"], k)
 
 
-def test_microbatches_equal_full_batch(tmp_path):
-  a = run(tiny_lm(steps=20), str(tmp_path / "a"))
-  b = run(tiny_lm(steps=20, microbatches=4), str(tmp_path / "b"))
-  assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-5)
+def test_microbatches_equal_full_batch(uninterrupted, tmp_path):
+  full_dir, full = uninterrupted
+  b = run(tiny_lm(steps=30, every=10, microbatches=4), str(tmp_path / "b"))
+  assert b["eval_loss"] == pytest.approx(full["eval_loss"], abs=1e-5)
+  a, b = evals(full_dir), evals(tmp_path / "b")
+  assert [r["step"] for r in a] == [r["step"] for r in b] == [10, 20, 30]
+  for ra, rb in zip(a, b):
+    assert rb["eval_loss"] == pytest.approx(ra["eval_loss"], abs=1e-5), ra["step"]
 
 
 def test_classify_pretrain_then_finetune(tmp_path):
@@ -129,9 +143,10 @@ def test_unknown_preset_in_config_arg():
     lm.get_config("gpt5")
 
 
-def test_workdir_with_other_model_is_refused(tmp_path):
-  run(tiny_lm(steps=2), str(tmp_path))
+def test_workdir_with_other_model_is_refused(tiny_lm_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_lm_run[0], workdir)  # a copy of a finished run: it must stay unchanged
   c = tiny_lm(steps=2)
   c.model.n_layers = 3
   with pytest.raises(ValueError, match="n_layers: 2 -> 3"):
-    run(c, str(tmp_path))
+    run(c, str(workdir))

@@ -25,6 +25,7 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
   # The built-in synthetic language (experiments/data.py): an order-2 Markov source over
   # 64 printable symbols with an exactly known entropy rate.
   c.data.markov = ml_collections.ConfigDict(dict(n_symbols=64, order=2, seed=0))
+  c.data.stream = 0  # markov: which independent sample of the language the train steps read
   # A TFDS dataset (experiments/tfds_data.py): packed text for lm / mlm (lm1b, c4/en),
   # glue/<task> for classify.
   c.data.tfds = ml_collections.ConfigDict(
@@ -51,8 +52,11 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       async_checkpoint=True,
       stop_after_steps=0,
+      data_batches=0,
     )
-  )  # >0: end this invocation after that many steps (time-sliced jobs)
+  )  # stop_after_steps > 0: end this invocation after that many steps (time-sliced jobs).
+  # data_batches > 0: train on that many distinct batches only (step s uses batch
+  # s % data_batches): a low-data run; 0: a fresh batch every step. Eval batches are unaffected.
   c.eval = ml_collections.ConfigDict(dict(every=1000, steps=16, batch_size=256))
   c.optim = ml_collections.ConfigDict(
     dict(

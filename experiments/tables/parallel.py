@@ -241,7 +241,7 @@ def report(res) -> Report:
   spread = max(losses.values()) - min(losses.values())
   checks.append(
     Check(
-      f"sharding does not change the math: the presets' {loss_key}s agree within "
+      f"sharding does not change the math: the presets' {loss_key} values agree within "
       f"{LOSS_TOLERANCE} nats",
       bool(spread <= LOSS_TOLERANCE),
       f"max - min = {spread:.2g}",

@@ -111,6 +111,14 @@ def lm(scale: str, steps: int) -> ml_collections.ConfigDict:
   return finetune(c, steps, warmup=c.optim.warmup_steps)
 
 
+def dense_lm(scale: str, steps: int) -> ml_collections.ConfigDict:
+  """The dense model a compression table starts from: at full scale GPT-2 as released
+  (`hf:gpt2`, evaluated on lm1b without training, lm_tfds.py:lm1b,hf); else lm(scale, steps)."""
+  if scale == "full":
+    return finetune(lm_tfds.get_config("lm1b,hf"), 0)
+  return lm(scale, steps)
+
+
 def finetune(c: ml_collections.ConfigDict, steps: int, warmup: int | None = None):
   """`c` set to train `steps` (the schedule spans them; warmup default: a tenth)."""
   c.train.update(steps=steps, checkpoint_every=max(steps, 1), keep_checkpoints=1)

@@ -20,8 +20,7 @@ stage); the sizes are what `du` would count.
   about 4 hours on a TPU v4-8.
 """
 
-from experiments.configs import lm_tfds
-from experiments.tables import Arm, Check, Report, copy, finetune, lm, loss_key
+from experiments.tables import Arm, Check, Report, copy, dense_lm, finetune, loss_key
 
 TITLE = "Deep Compression: pruning x quantization (x distillation), bytes on disk (Han et al.)"
 PAPER = """
@@ -58,10 +57,7 @@ LABELS = {
 
 def arms(scale: str) -> list[Arm]:
   dense_steps, ft = STEPS[scale]
-  if scale == "full":
-    dense = finetune(lm_tfds.get_config("lm1b,hf"), 0)
-  else:
-    dense = lm(scale, dense_steps)
+  dense = dense_lm(scale, dense_steps)
   base = finetune(copy(dense, init_from=""), ft)
   gradual = {"prune.method": "gradual", "prune.sparsity": SPARSITY}
   gradual.update({"prune.start": 0, "prune.end": 2 * ft // 3, "prune.every": max(1, ft // 6)})

@@ -12,8 +12,7 @@ one-shot unstructured 50% and one-shot 2:4, each evaluated as pruned and after r
   2,000 steps of 512 x 128 tokens: about an hour on a TPU v4-8 (bfloat16, fsdp).
 """
 
-from experiments.tables import Arm, Check, Report, copy, finetune, lm, loss_key
-from experiments.configs import lm_tfds
+from experiments.tables import Arm, Check, Report, copy, dense_lm, finetune, loss_key
 
 TITLE = "2:4 sparsity vs unstructured 50%, before and after retraining (Mishra et al. 2021)"
 PAPER = """
@@ -33,10 +32,7 @@ STEPS = {"tiny": (240, 120), "test": (8, 4), "full": (0, 2000)}
 
 def arms(scale: str) -> list[Arm]:
   dense_steps, retrain = STEPS[scale]
-  if scale == "full":  # GPT-2 as released, evaluated on lm1b
-    dense = finetune(lm_tfds.get_config("lm1b,hf"), 0)
-  else:
-    dense = lm(scale, dense_steps)
+  dense = dense_lm(scale, dense_steps)
   base = copy(dense, init_from="")
   oneshot = {"prune.method": "oneshot", "prune.start": 0}
   arms = [Arm("dense", dense), Arm("dense-retrained", finetune(copy(base), retrain), "dense")]
@@ -95,14 +91,15 @@ def report(res) -> Report:
     x = np.arange(len(groups))
     for i, (label, col) in enumerate((("as pruned", 1), ("after retraining", 2))):
       stats = [res.mean_std(g[col], key) for g in groups]
-      ax.bar(
-        x + (i - 0.5) * 0.38,
+      ax.errorbar(
+        x + (i - 0.5) * 0.2,
         [s[0] for s in stats],
-        0.38,
-        yerr=[s[1] for s in stats],
-        capsize=3,
+        [s[1] for s in stats],
+        fmt="o",
+        capsize=4,
+        markersize=8,
         label=label,
-      )
+      )  # points: the differences are small
     ax.set_xticks(x, [g[0] for g in groups])
     ax.set_ylabel(f"{key} (nats/token)")
     ax.set_title("2:4 vs unstructured 50% (mean ± std over seeds)")

@@ -16,8 +16,7 @@ reference after fine-tuning.
 """
 
 from experiments import data
-from experiments.configs import lm_tfds
-from experiments.tables import Arm, Check, Report, copy, finetune, lm, loss_key
+from experiments.tables import Arm, Check, Report, copy, dense_lm, finetune, loss_key
 
 TITLE = "Float vs PTQ vs QAT vs LSQ at 8/4/3/2 bits (Jacob et al.; Q8BERT; LSQ)"
 PAPER = """
@@ -34,10 +33,7 @@ STEPS = {"tiny": (200, 100), "test": (6, 4), "full": (0, 2000)}
 
 def arms(scale: str) -> list[Arm]:
   float_steps, ft = STEPS[scale]
-  if scale == "full":
-    dense = finetune(lm_tfds.get_config("lm1b,hf"), 0)
-  else:
-    dense = lm(scale, float_steps)
+  dense = dense_lm(scale, float_steps)
   base = copy(dense, init_from="")
   out = [Arm("float", dense), Arm("float-ft", finetune(copy(base), ft), "float")]
   for b in BITS:

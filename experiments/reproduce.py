@@ -86,6 +86,19 @@ def _jobs(table: str, arms: list[Arm], workdir: str, seeds: int) -> list[dict]:
   return jobs
 
 
+def _validate(job: dict):
+  """The checks of the compression sections that need no model or data."""
+  import optax
+
+  from experiments import compression
+
+  try:
+    compression.quant_policy(job["config"])
+    compression.prune_tx(job["config"], optax.identity())
+  except ValueError as e:
+    raise ValueError(f"Arm {job['arm']} (seed {job['seed']}): {e}") from e
+
+
 def _flat(d, prefix=""):
   out = {}
   for k, v in d.items():
@@ -222,6 +235,8 @@ def run(
   os.makedirs(workdir, exist_ok=True)
   cache_dir = os.path.join(workdir, ".jax_cache")
 
+  for job in jobs:  # a config the loop would refuse fails now, not after hours of other runs
+    _validate(job)
   results = {j["path"]: _done(j) for j in jobs}
   todo = [j for j in jobs if results[j["path"]] is None]
   skipped = len(jobs) - len(todo)
@@ -321,11 +336,18 @@ def write(table, module, arms, jobs, results, workdir, scale, seeds, wall, skipp
   for job in jobs:
     by_arm[job["arm"]].append(results[job["path"]])
   res = Results(by_arm)
+  n_seeds = max(len(rs) for rs in by_arm.values())  # shared arms (a teacher) run once
   rep = module.report(res) if complete else partial_report(res)
   run_s = sum(r["wall_s"] for r in results.values())
+  previous = os.path.join(workdir, f"{table}.json")
+  if skipped == len(jobs) and os.path.exists(previous):  # nothing ran: keep the time it took
+    with open(previous) as f:
+      old = json.load(f)
+    if old.get("runs_total") == len(jobs):
+      wall, skipped = old["wall_s"], old.get("runs_reused", 0)
   command = f"python -m experiments.reproduce {table} --workdir {workdir} --scale {scale}"
   timing = (
-    f"{len(jobs)} runs ({seeds} seed{'s' if seeds > 1 else ''}), {wall / 60:.1f} min wall "
+    f"{len(jobs)} runs ({n_seeds} seed{'s' if n_seeds > 1 else ''}), {wall / 60:.1f} min wall "
     f"({run_s / 60:.1f} run-minutes)" + (f", {skipped} runs reused" if skipped else "")
   )
   lines = [f"# {module.TITLE}", "", f"`{command}`: {timing}.", ""]
@@ -344,6 +366,8 @@ def write(table, module, arms, jobs, results, workdir, scale, seeds, wall, skipp
     scale=scale,
     seeds=seeds,
     wall_s=wall,
+    runs_total=len(jobs),
+    runs_reused=skipped,
     columns=rep.columns,
     rows=rep.rows,
     checks=[dataclasses.asdict(c) for c in rep.checks],

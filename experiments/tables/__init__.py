@@ -67,16 +67,20 @@ class Results:
 
   def less(self, a: str, b: str, key: str, claim: str, a_key: str | None = None) -> Check:
     """Claim: arm `a`'s `a_key` (default `key`) < arm `b`'s `key`, paired over seeds."""
-    va, vb = self.values(a, a_key or key), self.values(b, key)
-    n = min(va.size, vb.size)
-    d = vb[:n] - va[:n]
-    holds = bool(d.mean() > 0)
-    if n < 2:
-      return Check(claim, holds, f"{va.mean():.4f} vs {vb.mean():.4f} (one seed)", False)
-    se = d.std(ddof=1) / math.sqrt(n)
-    t = d.mean() / se if se > 0 else math.copysign(math.inf, d.mean())
-    detail = f"{va.mean():.4f} vs {vb.mean():.4f}; paired difference {d.mean():.4f}, t={t:.1f}"
-    return Check(claim, holds, detail, bool(t > _t95(n - 1)))
+    return paired_less(self.values(a, a_key or key), self.values(b, key), claim)
+
+
+def paired_less(va: np.ndarray, vb: np.ndarray, claim: str) -> Check:
+  """Claim: va < vb (per-seed values, paired by seed), with a one-sided paired t-test."""
+  n = min(va.size, vb.size)
+  d = vb[:n] - va[:n]
+  holds = bool(d.mean() > 0)
+  if n < 2:
+    return Check(claim, holds, f"{va.mean():.4f} vs {vb.mean():.4f} (one seed)", False)
+  se = d.std(ddof=1) / math.sqrt(n)
+  t = d.mean() / se if se > 0 else math.copysign(math.inf, d.mean())
+  detail = f"{va.mean():.4f} vs {vb.mean():.4f}; paired difference {d.mean():.4f}, t={t:.1f}"
+  return Check(claim, holds, detail, bool(t > _t95(n - 1)))
 
 
 def _t95(df: int) -> float:
@@ -158,6 +162,7 @@ def loss_key(res, arm: str) -> str:
 __all__ = [
   "Arm",
   "Check",
+  "paired_less",
   "Report",
   "Results",
   "common",

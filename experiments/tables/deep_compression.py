@@ -60,7 +60,8 @@ def arms(scale: str) -> list[Arm]:
   dense = dense_lm(scale, dense_steps)
   base = finetune(copy(dense, init_from=""), ft)
   gradual = {"prune.method": "gradual", "prune.sparsity": SPARSITY}
-  gradual.update({"prune.start": 0, "prune.end": 2 * ft // 3, "prune.every": max(1, ft // 6)})
+  every = max(1, ft // 6)  # 4 mask updates, the last at about two thirds of the stage
+  gradual.update({"prune.start": 0, "prune.end": 4 * every, "prune.every": every})
   keep_masks = {"prune.method": "oneshot", "prune.sparsity": SPARSITY, "prune.start": 0}
   q = {"quant.method": "qat", "quant.bits": BITS, "quant.act_bits": 8}
   kd = {"distill.method": "kd", "distill.temperature": 1.0, "distill.task_weight": 0.1}

@@ -173,10 +173,11 @@ def report(res) -> Report:
       ax.errorbar(
         xs, [m for m, _ in stats], [e for _, e in stats], marker="o", capsize=3, label=label
       )
-    ax.axhline(res.mean_std("dense", key)[0], color="gray", ls="--", label="dense")
+    ax.axhline(
+      res.mean_std("dense", key)[0], color="gray", ls="--", label="dense (before fine-tuning)"
+    )
     ax.set_xlabel("sparsity of the kernels")
     ax.set_ylabel(f"{key} (nats/token)")
-    ax.set_yscale("log")
     ax.set_title("Gradual vs one-shot")
     ax.legend()
     ax = fig.add_subplot(1, 2, 2)

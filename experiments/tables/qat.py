@@ -16,7 +16,7 @@ reference after fine-tuning.
 """
 
 from experiments import data
-from experiments.tables import Arm, Check, Report, copy, dense_lm, finetune, loss_key
+from experiments.tables import Arm, Check, Report, copy, dense_lm, finetune, loss_key, paired_less
 
 TITLE = "Float vs PTQ vs QAT vs LSQ at 8/4/3/2 bits (Jacob et al.; Q8BERT; LSQ)"
 PAPER = """
@@ -28,6 +28,13 @@ LSQ (ImageNet top-1, ResNet-18, float 70.5): 2 bits 67.6, 3 bits 70.2, 4 bits 71
 """
 
 BITS = (8, 4, 3, 2)
+NOTES = """PTQ / QAT / LSQ columns: the loss of the integer export as served; float rows: the
+model's own. A method's cost in the claims is its loss minus its float reference's, per seed
+(PTQ: the float model; QAT / LSQ: the float model fine-tuned as long). At `--scale tiny` the
+model is small and still far from converged, and rounding its weights costs little down to 3
+bits (a few thousandths of a nat, the size of seed noise), so the claims about 3 and 4 bits
+compare very small differences; at 2 bits PTQ pays clearly and fine-tuning recovers most of it,
+but PTQ does not collapse to the unigram level as the converged models of the papers do."""
 STEPS = {"tiny": (200, 100), "test": (6, 4), "full": (0, 2000)}
 
 
@@ -65,24 +72,34 @@ def report(res) -> Report:
         f"{size['export_bytes']:,} ({share})",
       ]
     )
+  # A quantized model's cost: its loss minus its float reference's, per seed. PTQ's reference
+  # is the float model it quantizes; QAT / LSQ fine-tune, so theirs is the float model
+  # fine-tuned as long (otherwise the extra training would count as a quantization gain).
+  ref = {"ptq": "float", "qat": "float-ft", "lsq": "float-ft"}
+
+  def cost(method, b):
+    return res.values(f"{method}-{b}", serve) - res.values(ref[method], key)
+
   checks = []
-  f_loss = res.mean_std("float", "eval_loss")[0]
-  for arm in ("ptq-8", "qat-8", "lsq-8"):
-    rel = abs(res.mean_std(arm, "serve_eval_loss")[0] - f_loss) / f_loss
+  for method in ("ptq", "qat", "lsq"):
+    f_loss = res.values(ref[method], "eval_loss")
+    rel = abs(res.values(f"{method}-8", "serve_eval_loss") - f_loss).mean() / f_loss.mean()
     checks.append(
       Check(
-        f"8 bits: {arm.split('-')[0].upper()} within 1% of float (relative, eval loss)",
+        f"8 bits: {method.upper()} within 1% of its float model (relative, eval loss)",
         bool(rel <= 0.01),
         f"{100 * rel:.2f}%",
       )
     )
-  checks.append(res.less("qat-4", "ptq-4", serve, "4 bits: QAT beats PTQ"))
-  checks.append(res.less("lsq-4", "ptq-4", serve, "4 bits: LSQ beats PTQ"))
+  for method in ("qat", "lsq"):
+    checks.append(
+      paired_less(cost(method, 4), cost("ptq", 4), f"4 bits: {method.upper()} costs less than PTQ")
+    )
   if key == "excess_loss":  # the synthetic source's unigram loss is known exactly
     c = res.rows["float"][0]["config"]["data"]["markov"]
     unigram = data.MarkovSource(**c).unigram_loss
+    f = res.mean_std("float", "eval_loss")[0]
     for b in (3, 2):
-      f = res.mean_std("float", "eval_loss")[0]
       frac = (res.mean_std(f"ptq-{b}", "serve_eval_loss")[0] - f) / (unigram - f)
       checks.append(
         Check(
@@ -93,19 +110,19 @@ def report(res) -> Report:
         )
       )
   for b in (3, 2):
-    gap = m(f"ptq-{b}") - m("float-ft")
-    kept = (m(f"ptq-{b}") - m(f"lsq-{b}")) / gap if gap > 0 else float("nan")
+    ptq, lsq = cost("ptq", b).mean(), cost("lsq", b).mean()
+    kept = (ptq - lsq) / ptq if ptq > 0 else float("nan")
     checks.append(
       Check(
-        f"{b} bits: LSQ recovers most of PTQ's gap",
+        f"{b} bits: LSQ recovers most of PTQ's cost",
         bool(kept >= 0.5),
-        f"{100 * kept:.0f}% of the gap to float recovered",
+        f"PTQ costs {ptq:+.4f}, LSQ {lsq:+.4f}: {100 * kept:.0f}% recovered",
       )
     )
-  gaps = [m(f"ptq-{b}") - m(f"qat-{b}") for b in BITS]
+  gaps = [(cost("ptq", b) - cost("qat", b)).mean() for b in BITS]
   checks.append(
     Check(
-      "the PTQ-minus-QAT gap grows as bits fall",
+      "PTQ's cost minus QAT's grows as bits fall",
       all(a < b for a, b in zip(gaps, gaps[1:])),
       ", ".join(f"{b} bits {g:+.4f}" for b, g in zip(BITS, gaps)),
     )
@@ -113,9 +130,9 @@ def report(res) -> Report:
 
   def plot(fig, res):
     ax = fig.add_subplot(1, 2, 1)
-    xs = list(BITS)
+    xs = list(range(len(BITS)))
     for name, label in (("ptq", "PTQ"), ("qat", "QAT"), ("lsq", "LSQ")):
-      stats = [res.mean_std(f"{name}-{b}", serve) for b in xs]
+      stats = [res.mean_std(f"{name}-{b}", serve) for b in BITS]
       ax.errorbar(
         xs, [s[0] for s in stats], [s[1] for s in stats], marker="o", capsize=3, label=label
       )
@@ -123,12 +140,11 @@ def report(res) -> Report:
     ax.axhline(m("float-ft", key), color="black", ls=":", label="float, fine-tuned as long")
     ax.set_xlabel("weight bits (activations 8)")
     ax.set_ylabel(f"{key} of the integer export (nats/token)")
-    ax.set_yscale("log")
-    ax.invert_xaxis()
+    ax.set_xticks(xs, [str(b) for b in BITS])
     ax.legend()
     ax = fig.add_subplot(1, 2, 2)
-    size = [res.rows[f"qat-{b}"][0]["row"]["export_bytes"] for b in xs]
-    ax.bar([str(b) for b in xs], size)
+    size = [res.rows[f"qat-{b}"][0]["row"]["export_bytes"] for b in BITS]
+    ax.bar([str(b) for b in BITS], size)
     ax.axhline(res.rows["qat-8"][0]["row"]["float32_bytes"], color="gray", ls="--", label="float32")
     ax.set_xlabel("weight bits")
     ax.set_ylabel("export on disk (bytes)")
@@ -140,5 +156,5 @@ def report(res) -> Report:
     rows,
     checks,
     plot,
-    notes="PTQ/QAT/LSQ columns: the integer export's loss; float rows: the model's.",
+    notes=NOTES,
   )

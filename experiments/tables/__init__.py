@@ -65,9 +65,9 @@ class Results:
       return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
-  def less(self, a: str, b: str, key: str, claim: str, a_key: str | None = None) -> Check:
-    """Claim: arm `a`'s `a_key` (default `key`) < arm `b`'s `key`, paired over seeds."""
-    return paired_less(self.values(a, a_key or key), self.values(b, key), claim)
+  def less(self, a: str, b: str, key: str, claim: str) -> Check:
+    """Claim: arm `a`'s `key` < arm `b`'s, paired over seeds."""
+    return paired_less(self.values(a, key), self.values(b, key), claim)
 
 
 def paired_less(va: np.ndarray, vb: np.ndarray, claim: str) -> Check:

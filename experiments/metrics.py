@@ -2,11 +2,24 @@
 
 import json
 import os
+import sys
 
 from absl import logging
 import tqdm
 
-from tensorboardX import SummaryWriter
+
+def _summary_writer(logdir: str):
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX loads torch when it is
+  installed (2-3 s at every start) only to accept torch tensors, which are never passed here."""
+  if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+    sys.modules["torch"] = None  # import torch -> ImportError, inside tensorboardX only
+    try:
+      import tensorboardX
+    finally:
+      del sys.modules["torch"]
+  import tensorboardX
+
+  return tensorboardX.SummaryWriter(logdir)
 
 
 class MetricWriter:
@@ -29,11 +42,11 @@ class MetricWriter:
     if not enabled:
       return
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        rows = [r for r in map(json.loads, filter(str.strip, f)) if r["step"] <= start_step]
-      with open(self.path, "w") as f:
+      rows = [r for r in read_metrics(workdir) if r["step"] <= start_step]
+      with open(self.path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      os.replace(self.path + ".tmp", self.path)
+    self.tb = _summary_writer(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -65,6 +78,15 @@ def _py(v):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """All rows of a run's metrics.jsonl."""
+  """All rows of a run's metrics.jsonl (a last line cut short by a killed run is left out)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:  # only the last line can be cut by a kill
+        raise ValueError(f"{workdir}/metrics.jsonl line {i + 1} is not JSON: {line[:80]!r}")
+      logging.warning("Dropping the cut last line of %s/metrics.jsonl: %r", workdir, line[:80])
+  return rows

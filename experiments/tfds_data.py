@@ -202,6 +202,15 @@ class _Source:
     self.builder = builder(name, data_dir)
     self._streams = {}
 
+  def empty(self, split: str, what: str, keys=("name",)) -> ValueError:
+    """The error for a `split` that `what` (e.g. "holds no documents"), naming what to check."""
+    key = "train_split" if split == "train" else "eval_split"
+    check = ", ".join(f"data.tfds.{k}" for k in (*keys, key, "data_dir"))
+    part = f" (process {self.process_index}'s part)" if self.process_count > 1 else ""
+    return ValueError(
+      f"The {split} split {self.splits[split]!r} of {self.name}{part} {what}: check {check}."
+    )
+
   def process_split(self, split: str):
     _, tfds = _tf()
     return tfds.split_for_jax_process(
@@ -233,6 +242,12 @@ class TextSource(_Source):
     if task not in ("lm", "mlm"):
       raise ValueError(f"TextSource: task={task!r}: choose 'lm' or 'mlm'.")
     self.task, self.text_key, self.mask_prob = task, text_key, mask_prob
+    features = getattr(self.builder.info, "features", None)
+    if features is not None and text_key not in features.keys():
+      raise ValueError(
+        f"data.tfds.text_key={text_key!r} is not a feature of {name}: choose one of "
+        f"{sorted(features.keys())}."
+      )
     tok = tokenizer
     self.doc_end = tok.eos_id if tok.eos_id is not None else tok.sep_id
     if task == "mlm":
@@ -261,10 +276,25 @@ class TextSource(_Source):
       yield np.fromiter(itertools.chain.from_iterable(x + [self.doc_end] for x in ids), np.int32)
 
   def _start(self, split: str, step: int):
-    rows = self.rows[split]
-    blocks = pack(self.token_chunks(split), rows, self.width)
+    rows, tokens = self.rows[split], [0]
+
+    def counted():
+      for chunk in self.token_chunks(split):
+        tokens[0] += len(chunk)
+        yield chunk
+
+    blocks = pack(counted(), rows, self.width)
     for s in itertools.count():  # s < step: the replay (every document tokenized again)
       block = next(blocks, None)
+      if block is None and not tokens[0]:
+        raise self.empty(split, "holds no documents", ("name", "text_key"))
+      if block is None and not s:
+        batch_size = "train.batch_size" if split == "train" else "eval.batch_size"
+        raise self.empty(
+          split,
+          f"holds {tokens[0]} tokens, less than one batch of {rows} x {self.width} tokens per "
+          f"process: lower {batch_size} or train.seq_len, or use a larger split",
+        )
       if block is None:
         raise ValueError(
           f"The {split} split {self.splits[split]!r} of {self.name} has only {s} batches of "
@@ -339,7 +369,7 @@ class GlueSource(_Source):
     ds = read_eval(self.builder, self.splits["eval"]).batch(4096)
     parts = [self.encode(ex) for ex in tfds.as_numpy(ds)]
     if not parts:
-      raise ValueError(f"The eval split {self.splits['eval']!r} of {self.name} is empty.")
+      raise self.empty("eval", "holds no examples")
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def _start(self, split: str, step: int):
@@ -348,7 +378,12 @@ class GlueSource(_Source):
       return (self._eval_batch(s) for s in itertools.count(step))
     ds = read_train(self.builder, self.process_split("train"), self.seed, self.shuffle_buffer)
     ds = ds.batch(self.rows["train"], drop_remainder=True).skip(step)
-    return (self.encode(ex) for ex in tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
+    return self._train_batches(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
+
+  def _train_batches(self, examples):
+    yield from (self.encode(ex) for ex in examples)
+    # the train split repeats forever: it ends only when it holds nothing
+    raise self.empty("train", "holds no examples")
 
   def _eval_batch(self, step: int) -> dict:
     """Eval rows [step * b, (step + 1) * b) of this process's part; weight-0 rows past it."""

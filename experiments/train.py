@@ -11,6 +11,7 @@ uninterrupted run.
 
 import dataclasses
 import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -21,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 import parallel
 from parallel import launch  # not re-exported: `python -m parallel.launch` runs it
-from experiments import compression, distillation, tasks, teacher_cache, throughput
+from experiments import compression, configs, distillation, tasks, teacher_cache, throughput
 from experiments.experiment import build
 from experiments.metrics import MetricWriter
 
@@ -54,9 +55,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   teacher_vars = teacher_shardings = None
   if exp.teacher is not None:
     teacher_vars, teacher_shardings = exp.load_teacher()
-  if ckpt.latest_step() is not None:
+  if ckpt.latest_step() is not None:  # the newest complete one that reads back, or an error
     abstract, shardings = exp.shard_shapes()
-    state = ckpt.restore(abstract)
+    state, _ = ckpt.restore_latest(abstract)
   else:
     state, shardings = exp.init_state()
     if init_from.startswith("hf:"):  # a Hugging Face checkpoint: a directory or a Hub name
@@ -132,35 +133,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
           flops_per_step, task.tokens_per_step, step_time, exp.mesh.size, peak
         )
       writer.write(
-        step, {**{k: float(v) for k, v in metrics.items()}, "learning_rate": lr, **speed}
+        step, {**{k: v.item() for k, v in metrics.items()}, "learning_rate": lr, **speed}
       )
       pending, clock[:] = None, [now, step]
+      check_nonfinite(config.train, int(metrics.get("nonfinite_steps", 0)), state, ckpt)
 
   t, last_eval = config.train, {}
-  for step in range(start, t.steps):
-    state, metrics = train_step(state, exp.batch(step), *frozen)
-    done = step + 1
-    if step == start:  # compilation is not throughput
-      jax.block_until_ready(metrics)
-      logging.info("First step (compilation included) took %.1fs", time.perf_counter() - clock[0])
-      clock[:] = [time.perf_counter(), done]
-    flush()
-    if done % t.log_every == 0 or done == t.steps:
-      pending = (done, metrics, float(schedule(step)))
-    if done % config.eval.every == 0 or done == t.steps:
+  preemption = parallel.Preemption()  # SIGTERM: save after the current step, then stop
+  try:
+    for step in range(start, t.steps):
+      state, metrics = train_step(state, exp.batch(step), *frozen)
+      done = step + 1
+      if step == start:  # compilation is not throughput
+        jax.block_until_ready(metrics)
+        logging.info("First step (compilation included) took %.1fs", time.perf_counter() - clock[0])
+        clock[:] = [time.perf_counter(), done]
       flush()
-      last_eval = evaluate(done)
-      clock[:] = [time.perf_counter(), done]  # eval time does not count against throughput
-    stop = t.stop_after_steps and done - start >= t.stop_after_steps
-    if done % t.checkpoint_every == 0 or done == t.steps or stop:
-      ckpt.save(done, state)
-    writer.advance()
-    if stop:
-      logging.info(
-        "Stopping after %d steps as train.stop_after_steps asks; rerun to resume.", done - start
-      )
-      break
-  flush()
+      if done % t.log_every == 0 or done == t.steps:
+        pending = (done, metrics, float(schedule(step)))
+      if done % config.eval.every == 0 or done == t.steps:
+        flush()
+        last_eval = evaluate(done)
+        clock[:] = [time.perf_counter(), done]  # eval time does not count against throughput
+      stop = t.stop_after_steps and done - start >= t.stop_after_steps
+      preempted = preemption.reached(done)
+      if done % t.checkpoint_every == 0 or done == t.steps or stop or preempted:
+        ckpt.save(done, state)
+      writer.advance()
+      if preempted:
+        flush()
+        ckpt.close()
+        writer.close()
+        logging.warning("Preempted: saved the checkpoint at step %d; rerun to resume.", done)
+        raise parallel.Preempted(done)
+      if stop:
+        logging.info(
+          "Stopping after %d steps as train.stop_after_steps asks; rerun to resume.", done - start
+        )
+        break
+    flush()
+  finally:
+    preemption.close()
   if not last_eval:  # no training (PTQ), or resumed after the final step (row written)
     last_eval = evaluate(start, write=t.steps == 0)
   if t.steps == 0 and ckpt.latest_step() is None:  # e.g. an HF teacher used as it is
@@ -188,6 +201,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   return last_eval
 
 
+def check_nonfinite(t: ml_collections.ConfigDict, count: int, state: dict, ckpt):
+  """Applies `train.nonfinite` to the count of steps skipped for a non-finite loss or
+  gradient: "stop" stops at the first, "skip" after more than `train.max_nonfinite`."""
+  policy = t.get("nonfinite", "skip")
+  limit = 0 if policy == "stop" else t.get("max_nonfinite", 10)
+  if count <= limit:
+    return
+  first, last = (int(jax.device_get(state["nonfinite"][k])) for k in ("first", "last"))
+  ckpt.wait()
+  where = (
+    f"at step {first}" if count == 1 else f"at {count} steps, the first {first}, the last {last}"
+  )
+  fix = (
+    "set train.nonfinite='skip' to skip such steps"
+    if policy == "stop"
+    else f"raise train.max_nonfinite (now {limit}) to skip more"
+  )
+  raise FloatingPointError(
+    f"Non-finite loss or gradients {where} (train.nonfinite={policy!r}); those updates "
+    f"were not applied. The latest checkpoint is step {ckpt.latest_step()}. Lower optim.lr, "
+    f"check the data, or {fix}."
+  )
+
+
 def train_teacher(teacher: distillation.Teacher, devices=None):
   """Runs the teacher's experiment in its workdir first, unless it already finished there."""
   latest = parallel.checkpoint.latest_step(os.path.join(teacher.workdir, "checkpoints"))
@@ -207,9 +244,17 @@ def main(argv):
   del argv
   launch.initialize_from_env()  # multi-process runs join before anything touches devices
   logging.set_verbosity(logging.INFO)
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except parallel.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(143)  # 128 + SIGTERM: a terminated job (to be rerun), not a finished one
 
 
 if __name__ == "__main__":
+  try:  # a mistyped --config.x.y: one line naming the closest key, not a traceback
+    configs.check_overrides(sys.argv)
+  except ValueError as e:
+    sys.exit(f"FATAL: {e}")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

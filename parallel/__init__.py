@@ -6,6 +6,7 @@
 
 from parallel import flops
 from parallel.checkpoint import Checkpointer, load_params, load_variables
+from parallel.preemption import Preempted, Preemption
 from parallel.mesh import MESH_AXES, RULES, get_rules, make_mesh, resolve_mesh_shape
 from parallel.sharding import (
   abstract_with_shardings,
@@ -33,4 +34,6 @@ __all__ = [
   "shard_shapes",
   "jit_with_mesh",
   "make_train_step",
+  "Preempted",
+  "Preemption",
 ]

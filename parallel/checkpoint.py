@@ -2,7 +2,11 @@
 
 Saves are asynchronous (training continues while the previous state is written) and
 atomic: orbax writes into a temporary directory and renames it when complete, so a
-run killed mid-save leaves the previous checkpoint as the latest complete one.
+run killed mid-save leaves the previous checkpoint as the latest complete one (the
+temporary directory is logged and removed). A complete checkpoint that does not read back
+(a disk fault, files deleted by hand) is moved to `<directory>.unreadable/` and the one
+before it is restored, loudly; when none reads back the run stops with the error, never
+restarting from step 0.
 """
 
 import os
@@ -10,6 +14,7 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -20,6 +25,13 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    if jax.process_index() == 0 and (partial := incomplete(self.directory)):
+      logging.warning(
+        "Ignoring (and removing) %d checkpoint(s) whose save was interrupted in %s: %s",
+        len(partial),
+        self.directory,
+        ", ".join(partial),
+      )
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
@@ -35,6 +47,63 @@ class Checkpointer:
   def save(self, step: int, state: PyTree) -> bool:
     return self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
+  def restore_latest(self, target: PyTree) -> tuple[PyTree, int]:
+    """(state, step) from the newest checkpoint that reads back onto `target`.
+
+    Newer ones that fail to read while an older one reads are moved aside to
+    `<directory>.unreadable/<step>` (kept for inspection; the run continues from the older
+    one). When none reads, the newest's error is raised and nothing is moved: a checkpoint
+    that does not fit `target` (another model or optimizer) is not a damaged one.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"No complete checkpoint in {self.directory}.")
+    failed = []
+    for step in steps:
+      try:
+        state = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+      except Exception as e:  # any failure to read: try the one before, then say so
+        logging.error(
+          "Checkpoint %d in %s does not read back: %s: %s",
+          step,
+          self.directory,
+          type(e).__name__,
+          e,
+        )
+        failed.append((step, e))
+        continue
+      if failed:
+        self._set_aside([f for f, _ in failed])
+        logging.warning(
+          "Resumed from step %d, the newest checkpoint that reads back; the unreadable "
+          "one(s) at step(s) %s were moved to %s.unreadable/",
+          step,
+          [f for f, _ in failed],
+          self.directory,
+        )
+      else:
+        logging.info("Restored the checkpoint at step %d from %s", step, self.directory)
+      return state, step
+    step, error = failed[0]
+    raise RuntimeError(
+      f"No checkpoint in {self.directory} reads back (steps {steps}); the newest, step {step}, "
+      f"failed with {type(error).__name__}: {error}. If the model or optimizer config changed, "
+      "restore it; if the files are damaged, move the directory away to start over."
+    ) from error
+
+  def _set_aside(self, steps: list[int]):
+    if jax.process_index() == 0:
+      aside = self.directory + ".unreadable"
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        dest, n = os.path.join(aside, str(step)), 1
+        while os.path.exists(dest):
+          dest, n = os.path.join(aside, f"{step}.{n}"), n + 1
+        os.replace(os.path.join(self.directory, str(step)), dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("trimformer: unreadable checkpoints set aside")
+    self.manager.reload()
+
   def restore(self, target: PyTree, step: int | None = None) -> PyTree:
     """Restores onto `target`: ShapeDtypeStructs whose shardings say where each shard goes."""
     step = self.latest_step() if step is None else step
@@ -47,6 +116,13 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def incomplete(directory: str) -> list[str]:
+  """The checkpoints in `directory` whose save never finished: orbax's temporary directories."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(n for n in os.listdir(directory) if ".orbax-checkpoint-tmp" in n)
 
 
 def _reader(directory: str):

@@ -2,7 +2,11 @@
 
 The state is a plain dict {"step", "params", "opt", "rng"}, plus "collections" when the
 model has non-trainable variables (e.g. a quantizer's calibrated ranges): they are passed
-to the loss and carried along unchanged. Inputs that are neither trained nor part of the
+to the loss and carried along unchanged. A step whose loss or gradients are not finite
+leaves params and optimizer state as they were (the step count still advances, so the next
+step reads the next batch); with a "nonfinite" entry {"count", "first", "last"} (int32) in
+the state, the step counts such steps and records the first and last, and the train loop
+applies its policy (`train.nonfinite`) to them. Inputs that are neither trained nor part of the
 state (a distillation teacher's variables) follow the batch: `step(state, batch, *frozen)`
 passes them to every microbatch's loss, and they are never donated. A loss function returns
 *sums* (loss summed over tokens, the token weight, other counts), never means: sums add
@@ -49,13 +53,30 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatc
       (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), mbs))
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt = tx.update(grads, state["opt"], params)
+    # A step whose loss or gradients are not finite changes nothing but the step count.
+    finite = jnp.isfinite(grad_norm) & jnp.all(
+      jnp.array([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(sums)])
+    )
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = dict(
-      state, step=state["step"] + 1, params=optax.apply_updates(params, updates), opt=opt
+      state,
+      step=state["step"] + 1,
+      params=keep(optax.apply_updates(params, updates), params),
+      opt=keep(opt, state["opt"]),
     )
     metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
     metrics["weight"] = sums["weight"]
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["grad_norm"] = grad_norm
+    if "nonfinite" in state:  # {"count", "first", "last"}: the skipped steps, for the loop's policy
+      n = state["nonfinite"]
+      bad = jnp.where(finite, 0, 1).astype(n["count"].dtype)
+      done = state["step"] + 1  # numbered as metrics.jsonl numbers steps
+      at = jnp.where(finite, n["last"], done)
+      first = jnp.where((n["count"] == 0) & ~finite, done, n["first"])
+      new_state["nonfinite"] = {"count": n["count"] + bad, "first": first, "last": at}
+      metrics["nonfinite_steps"] = new_state["nonfinite"]["count"]
     return new_state, metrics
 
   return step

@@ -1,11 +1,19 @@
 """The fields every config has; each experiment's file changes only what differs."""
 
 import dataclasses
+import difflib
+import functools
+import inspect
 
 import ml_collections
 
 import models
-from experiments import compression, distillation
+from experiments import compression, distillation, encoder_data
+from experiments import data as data_lib
+
+# Sections that are whole run configs of their own (a classifier's MLM pretraining run, the
+# teacher a student distills from): their keys are checked against the same schema.
+RUN_SECTIONS = ("pretrain", "teacher")
 
 
 def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
@@ -53,8 +61,13 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
       async_checkpoint=True,
       stop_after_steps=0,
       data_batches=0,
+      nonfinite="skip",
+      max_nonfinite=10,
     )
   )  # stop_after_steps > 0: end this invocation after that many steps (time-sliced jobs).
+  # nonfinite: a step with a non-finite loss or gradient never updates the model; "skip" goes
+  # on (and stops once more than max_nonfinite steps were skipped), "stop" stops at the first.
+  # The count is the `nonfinite_steps` column of metrics.jsonl.
   # data_batches > 0: train on that many distinct batches only (step s uses batch
   # s % data_batches): a low-data run; 0: a fresh batch every step. Eval batches are unaffected.
   c.eval = ml_collections.ConfigDict(dict(every=1000, steps=16, batch_size=256))
@@ -90,3 +103,64 @@ def shrink_for_cpu(c: ml_collections.ConfigDict, steps: int) -> ml_collections.C
   c.eval.update(every=50, steps=4, batch_size=64)
   c.optim.update(lr=3e-3, warmup_steps=50, weight_decay=0.0)
   return c
+
+
+def _keyword_args(fn, *skip) -> dict:
+  params = inspect.signature(fn).parameters.values()
+  return {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY and p.name not in skip}
+
+
+@functools.cache
+def schema() -> dict[str, bool]:
+  """{dotted key: whether it is a section} of every key a run config may hold: base_config's,
+  the synthetic sources' keyword arguments (data.markov, data.classify) and RUN_SECTIONS."""
+  c = base_config("tiny", task="lm")
+  c.data.markov.update(_keyword_args(data_lib.MarkovSource))
+  c.data.classify = _keyword_args(encoder_data.ClassifySource, "source")
+  return {**dict.fromkeys(RUN_SECTIONS, True), **flat_keys(c)}
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, bool]:
+  """{dotted key: whether it is a section} of every key in `config`."""
+  out = {}
+  for k, v in config.items():
+    out[prefix + k] = isinstance(v, ml_collections.ConfigDict)
+    if out[prefix + k]:
+      out.update(flat_keys(v, f"{prefix}{k}."))
+  return out
+
+
+def closest(key: str, keys) -> list[str]:
+  """The valid keys `key` most likely meant: the same name in other sections (`dtype` for
+  `model.dtype`), else a close name in its section, else a close dotted key."""
+  parent, _, name = key.rpartition(".")
+  same = [k for k in keys if k.rpartition(".")[2] == name]
+  if same:
+    return same[:2]
+  siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+  close = difflib.get_close_matches(name, list(siblings), n=1)
+  return [siblings[close[0]]] if close else difflib.get_close_matches(key, list(keys), n=1)
+
+
+def check_keys(config: ml_collections.ConfigDict, prefix: str = ""):
+  """Refuses a key no config file defines: set on an unlocked ConfigDict (`c.train.setps = 3`
+  in a notebook) it would be ignored, the run silently using the default."""
+  keys = schema()
+
+  def walk(node, path):
+    for k, v in node.items():
+      key = path + k
+      if key not in keys:
+        close = " or ".join(prefix + c for c in closest(key, keys))
+        hint = f" (did you mean {close}?)" if close else ""
+        raise ValueError(
+          f"Unknown config key {prefix}{key}{hint}: nothing reads it. Fix the name, or add "
+          "the key to experiments/configs/common.py if the code reads it."
+        )
+      if k in RUN_SECTIONS and not path:
+        if v:
+          check_keys(v, f"{prefix}{key}.")
+      elif keys[key] and isinstance(v, (ml_collections.ConfigDict, dict)):
+        walk(v, key + ".")
+
+  walk(config, "")

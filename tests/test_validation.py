@@ -1,0 +1,223 @@
+"""Bad input is refused with an error naming the problem and the fix: unknown config keys and
+values out of range in `experiment.build` (before anything compiles), token ids and sequence
+lengths the model cannot read in `Experiment.batch`, empty TFDS splits and a missing text
+feature (mocked with tfds.testing.mock_data)."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import experiment, reproduce, tfds_data
+from experiments.configs import classify, common, distill, glue, lm, lm_tfds, prune, quant
+
+
+def tiny_lm(steps=2):
+  c = lm.get_config("tiny")
+  c.train.steps = steps
+  return c
+
+
+def build(c):
+  return experiment.build(c, devices=jax.devices()[:1])
+
+
+def with_key(c, key: str, value):
+  """`c` with the dotted `key` set to `value` (a `pretrain.` key: in a pretraining run added)."""
+  if key.startswith("pretrain."):
+    c.pretrain = tiny_lm()
+  *path, name = key.split(".")
+  node = c
+  for p in path:
+    node = node[p]
+  node[name] = value
+  return c
+
+
+def config_files():
+  """Every variant of every config file."""
+  yield from (lm.get_config(a) for a in ("tiny", "gpt2-small", "llama-1b"))
+  yield from (lm_tfds.get_config(a) for a in ("lm1b", "c4,hf", "lm1b,tiny"))
+  yield from (glue.get_config(f"{t}{f}") for t in tfds_data.GLUE for f in ("", ",distil,tiny"))
+  yield from (classify.get_config(a) for a in ("tiny", "bert-base"))
+  yield from (distill.get_config(a) for a in distill.ARGS)
+  yield from (prune.get_config(a) for a in ("tiny", "nm", "oneshot"))
+  yield from (quant.get_config(a) for a in ("tiny", "ptq", "lsq"))
+
+
+def test_every_config_file_and_table_passes_the_checks():
+  configs = list(config_files())
+  for table in reproduce.TABLES:
+    for scale in ("tiny", "full"):
+      arms = reproduce.table_module(table).arms(scale)
+      configs += [job["config"] for job in reproduce._jobs(table, arms, "/unused", seeds=1)]
+  for c in configs:
+    common.check_keys(c)
+    experiment.check_ranges(c)
+
+
+@pytest.mark.parametrize(
+  "key, message",
+  [
+    ("train.setps", r"Unknown config key train.setps \(did you mean train.steps\?\)"),
+    ("steps", r"Unknown config key steps \(did you mean eval.steps or train.steps\?\)"),
+    ("model.dtype", r"Unknown config key model.dtype \(did you mean dtype\?\)"),
+    ("quant.bitz", r"quant.bitz \(did you mean quant.bits\?\)"),
+    ("data.markov.oder", r"data.markov.oder \(did you mean data.markov.order\?\)"),
+    ("pretrain.optim.lrr", r"pretrain.optim.lrr \(did you mean pretrain.optim.lr\?\)"),
+  ],
+)
+def test_unknown_config_key_fails_before_compiling(no_compile, key, message):
+  with pytest.raises(ValueError, match=message):
+    build(with_key(tiny_lm(), key, 3))  # an unlocked ConfigDict takes any new key
+
+
+def test_keys_the_sources_take_are_known():
+  c = tiny_lm()
+  c.data.markov.low_order_weight = 0.3  # a MarkovSource argument base_config leaves out
+  c.teacher = tiny_lm()
+  common.check_keys(c)
+
+
+def test_unknown_command_line_override():
+  from experiments import configs
+
+  argv = ["train", "--config", "experiments/configs/classify.py:tiny", "--workdir=/tmp/unused"]
+  configs.check_overrides(argv + ["--config.pretrain.train.steps=3", "--noconfig.quant.lsq"])
+  with pytest.raises(ValueError, match=r"--config.train.setps \(did you mean --config.train.steps"):
+    configs.check_overrides(argv + ["--config.train.setps=3"])
+  argv = ["train", "--config=experiments/configs/classify.py", "--config.pretrain.optim.lrr", "1"]
+  with pytest.raises(ValueError, match=r"--config.pretrain.optim.lrr \(did you mean --config.pre"):
+    configs.check_overrides(argv)
+
+
+@pytest.mark.parametrize(
+  "key, value, message",
+  [
+    ("train.steps", -1, "train.steps=-1 must be >= 0"),
+    ("train.log_every", 0, "train.log_every=0 must be >= 1"),
+    ("train.checkpoint_every", 0, "train.checkpoint_every=0 must be >= 1"),
+    ("train.keep_checkpoints", 0, "train.keep_checkpoints=0 must be >= 1"),
+    ("train.microbatches", 0, "train.microbatches=0 must be >= 1"),
+    ("eval.every", 0, "eval.every=0 must be >= 1"),
+    ("eval.steps", -1, "eval.steps=-1 must be >= 0"),
+    ("optim.b2", 1.0, r"optim.b2=1.0 must be in \[0, 1\)"),
+    ("optim.lr", -1e-3, "optim.lr=-0.001 must be >= 0"),
+    ("quant.step_lr_scale", 0.0, "quant.step_lr_scale=0.0 must be > 0"),
+    ("data.markov.order", 0, "data.markov.order=0 must be >= 1"),
+    ("pretrain.train.log_every", 0, "pretrain.train.log_every=0 must be >= 1"),
+  ],
+)
+def test_value_out_of_range_fails_before_compiling(no_compile, key, value, message):
+  with pytest.raises(ValueError, match=message):
+    build(with_key(tiny_lm(), key, value))
+
+
+@pytest.fixture(scope="module")
+def tiny_exp():
+  return build(tiny_lm())
+
+
+def with_batch(exp, batch):
+  """`exp` whose task returns `batch` (copied) at every step."""
+  task = dataclasses.replace(exp.task, batch=lambda step, split: dict(batch))
+  return dataclasses.replace(exp, task=task)
+
+
+def lm_batch(exp):
+  b = exp.task.batch(0, "train")
+  return {k: v.copy() for k, v in b.items()}
+
+
+def test_token_ids_outside_the_vocabulary(no_compile, tiny_exp):
+  b = lm_batch(tiny_exp)
+  b["inputs"][1, 5] = 300
+  with pytest.raises(ValueError, match=r"train batch at step 3: inputs\[row 1, position 5\] = 300"):
+    with_batch(tiny_exp, b).batch(3)
+  b = lm_batch(tiny_exp)
+  b["targets"][2, 7] = -1
+  with pytest.raises(ValueError, match=r"eval batch at step 0: targets\[row 2, position 7\] = -1 "):
+    with_batch(tiny_exp, b).batch(0, "eval")
+  b["weights"][2, 7] = 0.0  # an ignored position may hold anything
+  assert with_batch(tiny_exp, b).batch(0, "eval")["targets"].shape == b["targets"].shape
+
+
+def test_sequences_longer_than_the_learned_positions(no_compile, tiny_exp):
+  b = lm_batch(tiny_exp)
+  width = tiny_exp.model_config.max_len + 1
+  b = {k: np.resize(v, (v.shape[0], width)) for k, v in b.items()}
+  with pytest.raises(ValueError, match=f"sequences of {width} tokens.*model.max_len=256"):
+    with_batch(tiny_exp, b).batch(0)
+
+
+# ---- TFDS --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tfds():
+  return pytest.importorskip("tensorflow_datasets")
+
+
+def documents(train: int, eval_: int):
+  """A mocked `_as_dataset` of short documents: `train` in the train split, `eval_` in others."""
+
+  def as_dataset(self, split, **kwargs):
+    tf, _ = tfds_data._tf()
+    n = train if "train" in str(split) else eval_
+    return tf.data.Dataset.from_tensor_slices({"text": tf.constant(["a b c"] * n, tf.string)})
+
+  return as_dataset
+
+
+def sentences(train: int, eval_: int):
+  """A mocked glue/sst2 `_as_dataset`: `train` examples in the train split, `eval_` in others."""
+
+  def as_dataset(self, split, **kwargs):
+    tf, _ = tfds_data._tf()
+    n = train if "train" in str(split) else eval_
+    return tf.data.Dataset.from_tensor_slices(
+      {
+        "sentence": tf.constant(["a b c"] * n, tf.string),
+        "label": tf.zeros([n], tf.int64),
+        "idx": tf.range(n, dtype=tf.int32),
+      }
+    )
+
+  return as_dataset
+
+
+def test_text_key_not_a_feature(tfds):
+  c = lm_tfds.get_config("lm1b,tiny")
+  c.data.tfds.text_key = "sentence"
+  with tfds.testing.mock_data(num_examples=8):
+    with pytest.raises(
+      ValueError, match=r"text_key='sentence' is not a feature of lm1b: .*\['text'\]"
+    ):
+      build(c)
+
+
+def test_empty_text_splits(tfds):
+  c = lm_tfds.get_config("lm1b,tiny")
+  with tfds.testing.mock_data(as_dataset_fn=documents(train=0, eval_=1)):
+    exp = build(c)
+    message = (
+      "train split 'train' of lm1b holds no documents: check data.tfds.name, data.tfds.text_key"
+    )
+    with pytest.raises(ValueError, match=message):
+      exp.task.batch(0, "train")
+    with pytest.raises(
+      ValueError, match=r"eval split 'test' of lm1b holds 6 tokens, less than one"
+    ):
+      exp.task.batch(0, "eval")
+
+
+def test_empty_glue_splits(tfds):
+  c = glue.get_config("sst2,tiny")
+  with tfds.testing.mock_data(as_dataset_fn=sentences(train=0, eval_=4)):
+    exp = build(c)
+    with pytest.raises(ValueError, match="train split 'train' of glue/sst2 holds no examples"):
+      exp.task.batch(0, "train")
+  with tfds.testing.mock_data(as_dataset_fn=sentences(train=4, eval_=0)):
+    with pytest.raises(ValueError, match="eval split 'validation' of glue/sst2 holds no examples"):
+      build(c)

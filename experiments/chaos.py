@@ -12,7 +12,7 @@ after its first step (uniform over the reference's training time, from `--seed`)
   directory exists), so the checkpoint being written is incomplete;
 - `term`: SIGTERM, as Cloud TPU sends before preemption: it must save and exit with 143.
 The modes take turns. The same command then runs again to the end, and its metrics.jsonl
-(every loss and eval row, timings aside) and final checkpoint (params, optimizer state with
+(every loss and eval row; timings and export file sizes aside) and final checkpoint (params, optimizer state with
 any pruning masks, QAT ranges, step, RNG) must equal the reference's bit for bit.
 `WORKDIR/chaos.md` and `chaos.json` get one row per kill; the exit status is 1 if any differs.
 Config overrides (`--config.train.steps=60`) go to every run.
@@ -29,6 +29,7 @@ import threading
 import time
 
 from absl import app, flags
+import jax
 import numpy as np
 
 from experiments import train
@@ -36,7 +37,9 @@ from experiments.metrics import read_metrics
 from parallel import checkpoint
 
 MODES = ("kill", "kill-in-save", "term")
-TIMING = ("tokens_per_sec", "tflops_per_device", "mfu")  # wall-clock columns, never equal
+# Not compared: wall-clock columns, and the exports' file sizes (their serialized layout
+# varies by a few percent between identical runs; what they hold is compared: serve_eval_loss).
+UNCOMPARED = ("tokens_per_sec", "tflops_per_device", "mfu", "export_bytes", "sparse_bytes")
 
 
 class Run:
@@ -119,13 +122,14 @@ def _rows(workdir: str) -> list[dict]:
 
 
 def _state(workdir: str) -> tuple[int, dict]:
+  """(step, the whole train state as NumPy) of a run's latest checkpoint, whatever its mesh."""
   import orbax.checkpoint as ocp
 
-  manager = ocp.CheckpointManager(
-    os.path.join(workdir, "checkpoints"), options=ocp.CheckpointManagerOptions(read_only=True)
-  )
+  manager = checkpoint._reader(os.path.join(workdir, "checkpoints"))
   step = manager.latest_step()
-  state = manager.restore(step)
+  meta = manager.item_metadata(step)
+  to_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+  state = manager.restore(step, args=ocp.args.PyTreeRestore(restore_args=to_numpy))
   manager.close()
   return step, state
 
@@ -133,7 +137,7 @@ def _state(workdir: str) -> tuple[int, dict]:
 def compare(reference: str, workdir: str) -> list[str]:
   """How the run in `workdir` differs from the reference run (empty: bit for bit equal)."""
   diffs = []
-  strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+  strip = lambda rows: [{k: v for k, v in r.items() if k not in UNCOMPARED} for r in rows]  # noqa: E731
   a, b = strip(_rows(reference)), strip(_rows(workdir))
   if [r["step"] for r in a] != [r["step"] for r in b]:
     diffs.append(f"metrics.jsonl steps differ: {[r['step'] for r in b]}")
@@ -141,8 +145,6 @@ def compare(reference: str, workdir: str) -> list[str]:
   (sa, ta), (sb, tb) = _state(reference), _state(workdir)
   if sa != sb:
     diffs.append(f"final checkpoint step {sb} != {sa}")
-  import jax
-
   fa, fb = jax.tree_util.tree_flatten_with_path(ta)[0], jax.tree_util.tree_flatten_with_path(tb)[0]
   if [p for p, _ in fa] != [p for p, _ in fb]:
     diffs.append("the final checkpoints hold different trees")

@@ -27,6 +27,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from concurrent import futures
@@ -35,6 +36,7 @@ from absl import app, flags, logging
 import ml_collections
 import tqdm
 
+import parallel
 from experiments import train  # noqa: F401 (defines --workdir, which the tables' runs share)
 from experiments.tables import Arm, Report, Results
 
@@ -269,6 +271,13 @@ def run(
     ctx = multiprocessing.get_context("spawn")
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     counter = ctx.Value("i", 0)
+
+    # SIGTERM (preemption) to this process reaches the workers: each saves its run and stops.
+    def forward(*_):
+      for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     with futures.ProcessPoolExecutor(
       workers, mp_context=ctx, initializer=_init_worker, initargs=(cores, counter, cache_dir)
     ) as pool:
@@ -288,12 +297,16 @@ def run(
           job = running.pop(fut)
           try:
             finished(job, fut.result())
+          except parallel.Preempted:
+            bar.close()
+            raise
           except Exception as e:
             bar.close()
             raise RuntimeError(
               f"{table}: arm {job['arm']} seed {job['seed']} failed; see "
               f"{os.path.join(job['path'], 'run.log')}"
             ) from e
+    signal.signal(signal.SIGTERM, previous)
   bar.close()
   wall = time.perf_counter() - t0
   return write(table, module, arms, jobs, results, workdir, scale, seeds, wall, skipped, complete)
@@ -400,8 +413,12 @@ def main(argv):
   names = TABLES if argv[1] == "all" else [argv[1]]
   for name in names:
     table_module(name)  # an unknown name fails before anything runs
-  for name in names:
-    run(name, flags.FLAGS.workdir, _SCALE.value, _SEEDS.value, _WORKERS.value, _ONLY.value)
+  try:
+    for name in names:
+      run(name, flags.FLAGS.workdir, _SCALE.value, _SEEDS.value, _WORKERS.value, _ONLY.value)
+  except parallel.Preempted as e:  # the runs saved where they were: rerun the command to go on
+    print(f"{e} Finished runs are kept; the same command resumes the rest.", flush=True)
+    sys.exit(143)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -60,17 +61,24 @@ class Checkpointer:
       raise FileNotFoundError(f"No complete checkpoint in {self.directory}.")
     failed = []
     for step in steps:
+      error = None
       try:
         state = self.manager.restore(step, args=ocp.args.StandardRestore(target))
       except Exception as e:  # any failure to read: try the one before, then say so
+        error = e
+      if jax.process_count() > 1:  # every process goes on from this step, or none does
+        read = multihost_utils.process_allgather(np.array(error is None))
+        if error is None and not read.all():
+          error = RuntimeError(f"another process could not read step {step}")
+      if error is not None:
         logging.error(
           "Checkpoint %d in %s does not read back: %s: %s",
           step,
           self.directory,
-          type(e).__name__,
-          e,
+          type(error).__name__,
+          error,
         )
-        failed.append((step, e))
+        failed.append((step, error))
         continue
       if failed:
         self._set_aside([f for f, _ in failed])

@@ -35,6 +35,8 @@ NUM_PROCESSES = "TRIMFORMER_NUM_PROCESSES"
 PROCESS_ID = "TRIMFORMER_PROCESS_ID"
 DISTRIBUTED = "TRIMFORMER_DISTRIBUTED"
 _EXPLICIT = (COORDINATOR, NUM_PROCESSES, PROCESS_ID)
+# Seconds the processes get, after a forwarded SIGTERM, to save their checkpoint and exit.
+SAVE_GRACE = 120.0
 
 
 def _int_env(name: str) -> int:
@@ -186,7 +188,7 @@ def launch(
       failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
       if received:
         log(f"got signal {received[0]}; forwarded it to the processes")
-        _stop_all(procs)
+        _stop_all(procs, grace=SAVE_GRACE)  # a preempted train run saves before it exits
         code = 128 + received[0]
         break
       if failed:

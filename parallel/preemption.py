@@ -35,6 +35,9 @@ class Preempted(Exception):
     super().__init__(f"Preempted (SIGTERM): saved the checkpoint at step {step}; rerun to resume.")
     self.step = step
 
+  def __reduce__(self):  # crosses process boundaries intact (a worker pool's result)
+    return Preempted, (self.step,)
+
 
 class Preemption:
   """Whether the run has been asked to stop: `reached(step)` is True at the step to save at."""

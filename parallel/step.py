@@ -59,12 +59,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatc
     finite = jnp.isfinite(grad_norm) & jnp.all(
       jnp.array([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(sums)])
     )
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_params = optax.apply_updates(params, updates)
     new_state = dict(
       state,
       step=state["step"] + 1,
-      params=keep(optax.apply_updates(params, updates), params),
-      opt=keep(opt, state["opt"]),
+      params=jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params),
+      opt=jax.tree.map(lambda n, o: jnp.where(finite, n, o), opt, state["opt"]),
     )
     metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
     metrics["weight"] = sums["weight"]

@@ -205,6 +205,36 @@ time.sleep(60)
       os.kill(int(f.read_text()), 0)
 
 
+@pytest.mark.skipif(not SLOW, reason="slow (3 two-process runs): set TRIMFORMER_TEST_SLOW=1")
+def test_sigterm_saves_on_every_process_at_one_step_and_resumes_bit_for_bit(tmp_path):
+  """SIGTERM to a two-process run (each process gets it, as on a TPU pod): JAX's preemption
+  sync picks one step, both processes save it and exit 143; the rerun ends bit for bit where
+  an uninterrupted two-process run ends."""
+  from experiments import chaos
+
+  train = [*TRAIN, "--config.train.steps=30", "--config.train.checkpoint_every=15"]
+  two = [*LAUNCH, "--devices-per-process", "4", "--timeout", "300", "--", *train]
+  run = lambda name: [*two, "--workdir", str(tmp_path / name)]  # noqa: E731
+  log = open(tmp_path / "preempted.log", "w+")
+  p = subprocess.Popen(run("run"), cwd=REPO, env=clean_env(), stdout=log, stderr=log, text=True)
+  deadline = time.monotonic() + 300
+  while "First step" not in (tmp_path / "preempted.log").read_text():
+    assert p.poll() is None and time.monotonic() < deadline, "no first step"
+    time.sleep(0.1)
+  p.send_signal(signal.SIGTERM)
+  assert p.wait(timeout=300) == 128 + signal.SIGTERM
+  text = (tmp_path / "preempted.log").read_text()
+  saved = {
+    line.split("step ")[-1].split(";")[0] for line in text.splitlines() if "Preempted:" in line
+  }
+  assert len(saved) == 1 and text.count("Preempted: saved") == 2, text[-3000:]
+  assert max(os.listdir(tmp_path / "run" / "checkpoints"), key=int) == saved.pop()
+  for name in ("run", "reference"):
+    done = subprocess.run(run(name), cwd=REPO, env=clean_env(), capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+  assert chaos.compare(str(tmp_path / "reference"), str(tmp_path / "run")) == []
+
+
 def test_timeout_stops_the_job():
   p = subprocess.run(
     [*LAUNCH, "--timeout", "1", "--", sys.executable, "-c", "import time; time.sleep(60)"],

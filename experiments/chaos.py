@@ -90,12 +90,18 @@ def run_to_end(config, workdir, overrides) -> Run:
   return run
 
 
-def interrupt(run: Run, mode: str, delay: float) -> dict:
-  """Sends `mode`'s signal `delay` seconds after the run's first step; what it left behind."""
+def interrupt(run: Run, mode: str, delay: float, after_step: int = 0) -> dict:
+  """Sends `mode`'s signal `delay` seconds after the run's first step (and once metrics.jsonl
+  has a row at `after_step` or later); what it left behind."""
   ckpt_dir = os.path.join(run.workdir, "checkpoints")
   if not run.first_step.wait(timeout=600):
     raise RuntimeError(f"No first step in {run.workdir} after 600 s: see train.log")
   time.sleep(max(0.0, run.first_step_at + delay - time.perf_counter()))
+  while after_step and run.proc.poll() is None:
+    rows = _rows(run.workdir)
+    if rows and rows[-1]["step"] >= after_step:
+      break
+    time.sleep(0.005)
   if mode == "kill-in-save":  # wait for a save in flight
     while run.proc.poll() is None and not checkpoint.incomplete(ckpt_dir):
       time.sleep(0.0005)

@@ -33,6 +33,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   `devices` (default: all) are the devices the mesh spans.
   """
   exp = build(config, workdir, devices)  # everything wrong with the input is caught here
+  # ... and every sharded dimension its mesh axes must divide, before a teacher or pretraining
+  # stage runs for minutes first (a trace of the init: nothing compiles or allocates).
+  abstract, shardings = exp.shard_shapes()
   init_from = config.get("init_from") or ""
   if config.get("pretrain"):  # e.g. MLM pretraining before classification: same loop, own workdir
     init_from = os.path.join(workdir, "pretrain")
@@ -56,7 +59,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   if exp.teacher is not None:
     teacher_vars, teacher_shardings = exp.load_teacher()
   if ckpt.latest_step() is not None:  # the newest complete one that reads back, or an error
-    abstract, shardings = exp.shard_shapes()
     state, _ = ckpt.restore_latest(abstract)
   else:
     state, shardings = exp.init_state()

@@ -33,18 +33,17 @@ OVERRIDES = [
 @pytest.fixture(autouse=True)
 def _cwd(monkeypatch):
   monkeypatch.chdir(REPO)  # `python -m experiments.train` in the subprocesses
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")  # data-parallel
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # faster to compile
 
 
 def test_kills_and_sigterm_then_rerun_equal_the_uninterrupted_run(tmp_path):
   """One workdir through three faults, then to the end: SIGKILL while the first checkpoint is
   being written (nothing complete yet: the rerun starts at step 0 and says why), SIGTERM at
-  a random moment (it saves where it is and exits 143), SIGKILL at a random moment. Every
-  row of metrics.jsonl and every array of the final checkpoint equal the uninterrupted
-  run's, bit for bit."""
-  rng = random.Random(0)
-  ref = chaos.run_to_end(CONFIG, str(tmp_path / "reference"), OVERRIDES)
-  train_s = ref.proc_ended_at - ref.first_step_at
+  a random moment between steps 5 and 20 (it saves where it is and exits 143), SIGKILL after
+  step 25. Every row of metrics.jsonl and every array of the final checkpoint equal the
+  uninterrupted run's, bit for bit."""
+  rng = random.Random()  # the moments vary from run to run; the outcome must not
+  chaos.run_to_end(CONFIG, str(tmp_path / "reference"), OVERRIDES)
   workdir = str(tmp_path / "run")
 
   in_save = chaos.interrupt(chaos.Run(CONFIG, workdir, OVERRIDES), "kill-in-save", 0.0)
@@ -52,13 +51,13 @@ def test_kills_and_sigterm_then_rerun_equal_the_uninterrupted_run(tmp_path):
   assert in_save["left_incomplete"] and in_save["latest_checkpoint"] is None, in_save
 
   run = chaos.Run(CONFIG, workdir, OVERRIDES)
-  term = chaos.interrupt(run, "term", rng.uniform(0.1, 0.6) * train_s)
+  term = chaos.interrupt(run, "term", rng.uniform(0, 0.5), after_step=rng.choice([5, 10, 15]))
   assert run.said("checkpoint(s) whose save was interrupted")  # the first fault, logged
   assert term["exit"] == 143, term
   (saved,) = run.said("Preempted: saved the checkpoint at step")
   assert term["latest_checkpoint"] == int(saved.split("step ")[-1].split(";")[0])
 
-  kill = chaos.interrupt(chaos.Run(CONFIG, workdir, OVERRIDES), "kill", 0.5 * train_s)
+  kill = chaos.interrupt(chaos.Run(CONFIG, workdir, OVERRIDES), "kill", 0, after_step=25)
   assert kill["exit"] == -9 and kill["latest_checkpoint"] >= term["latest_checkpoint"], kill
 
   rerun = chaos.run_to_end(CONFIG, workdir, OVERRIDES)

@@ -66,9 +66,9 @@ def test_resume_equals_uninterrupted_past_an_unreadable_checkpoint(uninterrupted
   assert max(r["step"] for r in read_metrics(split)) == 20
   for root, _, files in os.walk(split / "checkpoints" / "20"):  # the array data, truncated
     for name in files:
-      if os.sep + "d" in root:
+      if os.path.basename(root) == "d":
         open(os.path.join(root, name), "wb").close()
-  with caplog.at_level("WARNING"):
+  with caplog.at_level("WARNING", logger="absl"):
     resumed = run(tiny_lm(steps=30, every=10), str(split))
   assert "Resumed from step 10, the newest checkpoint that reads back" in caplog.text
   assert os.listdir(tmp_path / "split" / "checkpoints.unreadable") == ["20"]
@@ -107,10 +107,8 @@ def test_init_from_copies_matching_params(tmp_path):
   c = classify.get_config("tiny")
   c.pretrain.train.update(steps=5, checkpoint_every=5)
   c.pretrain.eval.update(every=5, steps=1)
-  c.train.update(steps=1, checkpoint_every=1)
+  c.train.update(steps=0, checkpoint_every=1)  # no fine-tuning: the initialized model, saved
   c.eval.update(every=1, steps=1)
-  c.optim.lr = 0.0  # so the fine-tuned params still equal their initialization
-  c.optim.warmup_steps = 0
   run(c, str(tmp_path))
 
   def params(workdir):

@@ -221,3 +221,15 @@ def test_empty_glue_splits(tfds):
   with tfds.testing.mock_data(as_dataset_fn=sentences(train=4, eval_=0)):
     with pytest.raises(ValueError, match="eval split 'validation' of glue/sst2 holds no examples"):
       build(c)
+
+
+def test_a_student_mesh_that_does_not_fit_fails_before_its_teacher_trains(tmp_path, no_compile):
+  """The tensor axis (8) does not divide the student's 4 heads: refused before the teacher's
+  run starts (it would take minutes first), and before anything compiles."""
+  from experiments import train
+
+  c = distill.get_config("tiny")
+  c.mesh.update(data=1, tensor=8)
+  with pytest.raises(ValueError, match="mesh.tensor"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert not (tmp_path / "teacher").exists()

@@ -9,22 +9,18 @@ experiments/train.py runs the loop over it.
 """
 
 import dataclasses
-import json
-import numbers
-import os
 
 from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from compress import quant
 import models
 import parallel
-from experiments import compression, distillation, optim, tasks
+from experiments import checks, compression, distillation, optim, tasks
 from experiments.configs import common
 from experiments.tokenizer import get_tokenizer
 
@@ -46,126 +42,6 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> models.ModelCo
       f"(model.max_len={mc.max_len}): shorten the sequences or raise max_len."
     )
   return mc
-
-
-def check_workdir(workdir: str, config: ml_collections.ConfigDict):
-  """Refuses a workdir that holds a run of a different model (its checkpoints would not fit)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    old = json.load(f)
-  old_model, new_model = old.get("model", {}), config.model.to_dict()
-  diff = {
-    k: (old_model.get(k), new_model.get(k))
-    for k in set(old_model) | set(new_model)
-    if old_model.get(k) != new_model.get(k)
-  }
-  if old.get("task") != config.task:
-    diff["task"] = (old.get("task"), config.task)
-  for section in ("quant", "prune", "distill"):
-    if section in config and old.get(section, {}) != config[section].to_dict():
-      diff[section] = (old.get(section), config[section].to_dict())
-  if diff:
-    changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-    raise ValueError(
-      f"--workdir {workdir} holds a run with a different model config ({changes}). "
-      "Use a new --workdir, or the same model config to resume that run."
-    )
-
-
-def check_batch(config: ml_collections.ConfigDict, mesh, n_feeds: int):
-  """Batch sizes must split over the data-parallel shards, feeding processes, microbatches."""
-  t, n_proc = config.train, n_feeds
-  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  for name, bs in (("train.batch_size", t.batch_size), ("eval.batch_size", config.eval.batch_size)):
-    if bs % batch_shards or bs % n_proc:
-      raise ValueError(
-        f"{name}={bs} is not divisible by the data-parallel shards "
-        f"(mesh.data*mesh.fsdp={batch_shards}) and processes ({n_proc})."
-      )
-  if t.batch_size % (t.microbatches * batch_shards):
-    raise ValueError(
-      f"train.batch_size={t.batch_size} does not split into train.microbatches="
-      f"{t.microbatches} microbatches of a multiple of {batch_shards} rows."
-    )
-
-
-# (dotted key, the test its value must pass, what it must be): the counts, sizes and rates
-# that nothing else checks before compiling. A key the config lacks is not checked.
-RANGES = (
-  ("train.steps", lambda v: v >= 0, ">= 0 (0: no training, e.g. PTQ or a one-shot prune)"),
-  ("train.batch_size", lambda v: v >= 1, ">= 1"),
-  ("train.seq_len", lambda v: v >= 1, ">= 1"),
-  ("train.microbatches", lambda v: v >= 1, ">= 1 (1: the whole batch at once)"),
-  ("train.log_every", lambda v: v >= 1, ">= 1 (steps between train metrics)"),
-  ("train.checkpoint_every", lambda v: v >= 1, ">= 1 (steps between checkpoints)"),
-  ("train.keep_checkpoints", lambda v: v >= 1, ">= 1 (checkpoints kept on disk)"),
-  ("train.stop_after_steps", lambda v: v >= 0, ">= 0 (0: run to train.steps)"),
-  ("eval.every", lambda v: v >= 1, ">= 1 (steps between evaluations)"),
-  ("eval.steps", lambda v: v >= 0, ">= 0 (0: the whole eval split)"),
-  ("eval.batch_size", lambda v: v >= 1, ">= 1"),
-  ("optim.lr", lambda v: v >= 0, ">= 0"),
-  ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
-  ("optim.final_lr_fraction", lambda v: 0 <= v <= 1, "in [0, 1] (of optim.lr)"),
-  ("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
-  ("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
-  ("optim.eps", lambda v: v > 0, "> 0"),
-  ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
-  ("optim.grad_clip", lambda v: v >= 0, ">= 0 (0: no clipping)"),
-  ("quant.step_lr_scale", lambda v: v > 0, "> 0 (LSQ: the step sizes' lr multiplier)"),
-  ("data.markov.n_symbols", lambda v: 2 <= v <= 64, "in [2, 64] (the source's alphabet)"),
-  ("data.markov.order", lambda v: v >= 1, ">= 1"),
-  ("data.tfds.shuffle_buffer", lambda v: v >= 1, ">= 1 (1: no shuffling)"),
-)
-
-
-def check_ranges(config: ml_collections.ConfigDict, prefix: str = ""):
-  """Refuses the RANGES values out of range, in `config` and the runs it holds (pretrain,
-  teacher), which would otherwise fail (or misbehave) only after compiling."""
-  for key, ok, want in RANGES:
-    node = config
-    for part in key.split("."):
-      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
-    if node is None:
-      continue
-    if isinstance(node, bool) or not isinstance(node, numbers.Real) or not ok(node):
-      raise ValueError(f"{prefix}{key}={node!r} must be {want}: set --config.{prefix}{key}.")
-  for section in common.RUN_SECTIONS:
-    if config.get(section):
-      check_ranges(config[section], f"{prefix}{section}.")
-
-
-def check_tokens(batch: dict, mc: models.ModelConfig, split: str, step: int):
-  """Refuses a batch the model cannot read, on the host, before it reaches the devices
-  (where an id past the embedding table would be clamped silently): token ids outside
-  [0, vocab_size) in "inputs" (and "targets" where their weight is not 0), and sequences
-  longer than the model's learned positions."""
-  where = f"The {split} batch at step {step}"
-  inputs = batch["inputs"]
-  if mc.positions == "learned" and inputs.shape[-1] > mc.max_len:
-    raise ValueError(
-      f"{where} has sequences of {inputs.shape[-1]} tokens, more than the model's learned "
-      f"positions (model.max_len={mc.max_len}): raise model.max_len or shorten the sequences "
-      "(train.seq_len)."
-    )
-  for key in ("inputs", "targets"):
-    ids = batch.get(key)
-    if ids is None or ids.shape != inputs.shape or not ids.size:
-      continue  # classification's "label" is not a token
-    if ids.min() >= 0 and ids.max() < mc.vocab_size:
-      continue
-    bad = (ids < 0) | (ids >= mc.vocab_size)
-    weights = batch.get("weights")
-    if key == "targets" and weights is not None and weights.shape == ids.shape:
-      bad &= weights != 0  # ignored positions may hold anything
-    if bad.any():
-      row, pos = np.argwhere(bad)[0]
-      raise ValueError(
-        f"{where}: {key}[row {row}, position {pos}] = {ids[row, pos]} is outside the "
-        f"model's vocabulary [0, {mc.vocab_size}) ({bad.sum()} such ids in the batch). Check "
-        "the data and data.tokenizer, or raise model.vocab_size above the largest id."
-      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +93,7 @@ class Experiment:
       local = self._train_batches[step]
     else:
       local = self.task.batch(step, split)
-    check_tokens(local, self.model_config, split, step)
+    checks.check_tokens(local, self.model_config, split, step)
     return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), local
     )
@@ -383,11 +259,11 @@ def build(
   `devices` (default: all) is what the mesh spans, e.g. `jax.devices()[:1]` for a reference.
   """
   common.check_keys(config)
-  check_ranges(config)
+  checks.check_ranges(config)
   tokenizer = get_tokenizer(config.data.tokenizer)
   mc = model_config(config, tokenizer)
   if workdir:
-    check_workdir(workdir, config)
+    checks.check_workdir(workdir, config)
 
   def build_model(run_config, record_attention=False):
     run_mc = model_config(run_config, tokenizer)
@@ -403,18 +279,7 @@ def build(
   rules = parallel.get_rules(config.sharding.rules)
   # Each process feeds the batch rows its devices hold (not always block process_index).
   feed = parallel.sharding.process_batch_slice(parallel.batch_sharding(mesh, rules))
-  check_batch(config, mesh, feed[1])
-  if config.train.nonfinite not in ("skip", "stop") or config.train.max_nonfinite < 0:
-    raise ValueError(
-      f"train.nonfinite={config.train.nonfinite!r}, train.max_nonfinite="
-      f"{config.train.max_nonfinite}: 'skip' (skip steps with a non-finite loss or gradient, "
-      "at most max_nonfinite >= 0 of them) or 'stop' (stop at the first)."
-    )
-  if config.train.get("data_batches", 0) < 0:
-    raise ValueError(
-      f"train.data_batches={config.train.data_batches}: 0 (a fresh batch every step) or the "
-      "number of distinct train batches (> 0)."
-    )
+  checks.check_batch(config, mesh, feed[1])
   task = tasks.make_task(config, tokenizer, *feed)
   policy = compression.quant_policy(config)
   tx, schedule = optim.make_optimizer(config, config.train.steps)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import experiment, reproduce, tfds_data
+from experiments import checks, experiment, reproduce, tfds_data
 from experiments.configs import classify, common, distill, glue, lm, lm_tfds, prune, quant
 
 
@@ -54,7 +54,7 @@ def test_every_config_file_and_table_passes_the_checks():
       configs += [job["config"] for job in reproduce._jobs(table, arms, "/unused", seeds=1)]
   for c in configs:
     common.check_keys(c)
-    experiment.check_ranges(c)
+    checks.check_ranges(c)
 
 
 @pytest.mark.parametrize(
@@ -107,6 +107,8 @@ def test_unknown_command_line_override():
     ("quant.step_lr_scale", 0.0, "quant.step_lr_scale=0.0 must be > 0"),
     ("data.markov.order", 0, "data.markov.order=0 must be >= 1"),
     ("pretrain.train.log_every", 0, "pretrain.train.log_every=0 must be >= 1"),
+    ("train.max_nonfinite", -1, "train.max_nonfinite=-1 must be >= 0"),
+    ("train.nonfinite", "ignore", "train.nonfinite='ignore': 'skip' .* or 'stop'"),
   ],
 )
 def test_value_out_of_range_fails_before_compiling(no_compile, key, value, message):

@@ -1,0 +1,140 @@
+"""The checks `experiment.build` runs before anything compiles, and the check of every batch:
+each error names the value, what it must be, and the override that fixes it."""
+
+import json
+import numbers
+import os
+
+import ml_collections
+import numpy as np
+
+import models
+from experiments.configs import common
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict):
+  """Refuses a workdir that holds a run of a different model (its checkpoints would not fit)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  old_model, new_model = old.get("model", {}), config.model.to_dict()
+  diff = {
+    k: (old_model.get(k), new_model.get(k))
+    for k in set(old_model) | set(new_model)
+    if old_model.get(k) != new_model.get(k)
+  }
+  if old.get("task") != config.task:
+    diff["task"] = (old.get("task"), config.task)
+  for section in ("quant", "prune", "distill"):
+    if section in config and old.get(section, {}) != config[section].to_dict():
+      diff[section] = (old.get(section), config[section].to_dict())
+  if diff:
+    changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+    raise ValueError(
+      f"--workdir {workdir} holds a run with a different model config ({changes}). "
+      "Use a new --workdir, or the same model config to resume that run."
+    )
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh, n_feeds: int):
+  """Batch sizes must split over the data-parallel shards, feeding processes, microbatches."""
+  t, n_proc = config.train, n_feeds
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for name, bs in (("train.batch_size", t.batch_size), ("eval.batch_size", config.eval.batch_size)):
+    if bs % batch_shards or bs % n_proc:
+      raise ValueError(
+        f"{name}={bs} is not divisible by the data-parallel shards "
+        f"(mesh.data*mesh.fsdp={batch_shards}) and processes ({n_proc})."
+      )
+  if t.batch_size % (t.microbatches * batch_shards):
+    raise ValueError(
+      f"train.batch_size={t.batch_size} does not split into train.microbatches="
+      f"{t.microbatches} microbatches of a multiple of {batch_shards} rows."
+    )
+
+
+# (dotted key, the test its value must pass, what it must be): the counts, sizes and rates
+# that nothing else checks before compiling. A key the config lacks is not checked.
+RANGES = (
+  ("train.steps", lambda v: v >= 0, ">= 0 (0: no training, e.g. PTQ or a one-shot prune)"),
+  ("train.batch_size", lambda v: v >= 1, ">= 1"),
+  ("train.seq_len", lambda v: v >= 1, ">= 1"),
+  ("train.microbatches", lambda v: v >= 1, ">= 1 (1: the whole batch at once)"),
+  ("train.log_every", lambda v: v >= 1, ">= 1 (steps between train metrics)"),
+  ("train.checkpoint_every", lambda v: v >= 1, ">= 1 (steps between checkpoints)"),
+  ("train.keep_checkpoints", lambda v: v >= 1, ">= 1 (checkpoints kept on disk)"),
+  ("train.stop_after_steps", lambda v: v >= 0, ">= 0 (0: run to train.steps)"),
+  ("eval.every", lambda v: v >= 1, ">= 1 (steps between evaluations)"),
+  ("eval.steps", lambda v: v >= 0, ">= 0 (0: the whole eval split)"),
+  ("eval.batch_size", lambda v: v >= 1, ">= 1"),
+  ("optim.lr", lambda v: v >= 0, ">= 0"),
+  ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
+  ("optim.final_lr_fraction", lambda v: 0 <= v <= 1, "in [0, 1] (of optim.lr)"),
+  ("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+  ("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+  ("optim.eps", lambda v: v > 0, "> 0"),
+  ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+  ("optim.grad_clip", lambda v: v >= 0, ">= 0 (0: no clipping)"),
+  ("quant.step_lr_scale", lambda v: v > 0, "> 0 (LSQ: the step sizes' lr multiplier)"),
+  ("data.markov.n_symbols", lambda v: 2 <= v <= 64, "in [2, 64] (the source's alphabet)"),
+  ("data.markov.order", lambda v: v >= 1, ">= 1"),
+  ("data.tfds.shuffle_buffer", lambda v: v >= 1, ">= 1 (1: no shuffling)"),
+  ("train.data_batches", lambda v: v >= 0, ">= 0 (0: a fresh batch every step)"),
+  ("train.max_nonfinite", lambda v: v >= 0, ">= 0 (non-finite steps skipped before stopping)"),
+)
+
+
+def check_ranges(config: ml_collections.ConfigDict, prefix: str = ""):
+  """Refuses the RANGES values out of range, in `config` and the runs it holds (pretrain,
+  teacher), which would otherwise fail (or misbehave) only after compiling."""
+  nonfinite = config.get("train", {}).get("nonfinite", "skip")
+  if nonfinite not in ("skip", "stop"):
+    raise ValueError(
+      f"{prefix}train.nonfinite={nonfinite!r}: 'skip' (skip a step whose loss or gradient is "
+      "not finite, up to train.max_nonfinite of them) or 'stop' (stop at the first)."
+    )
+  for key, ok, want in RANGES:
+    node = config
+    for part in key.split("."):
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if node is None:
+      continue
+    if isinstance(node, bool) or not isinstance(node, numbers.Real) or not ok(node):
+      raise ValueError(f"{prefix}{key}={node!r} must be {want}: set --config.{prefix}{key}.")
+  for section in common.RUN_SECTIONS:
+    if config.get(section):
+      check_ranges(config[section], f"{prefix}{section}.")
+
+
+def check_tokens(batch: dict, mc: models.ModelConfig, split: str, step: int):
+  """Refuses a batch the model cannot read, on the host, before it reaches the devices
+  (where an id past the embedding table would be clamped silently): token ids outside
+  [0, vocab_size) in "inputs" (and "targets" where their weight is not 0), and sequences
+  longer than the model's learned positions."""
+  where = f"The {split} batch at step {step}"
+  inputs = batch["inputs"]
+  if mc.positions == "learned" and inputs.shape[-1] > mc.max_len:
+    raise ValueError(
+      f"{where} has sequences of {inputs.shape[-1]} tokens, more than the model's learned "
+      f"positions (model.max_len={mc.max_len}): raise model.max_len or shorten the sequences "
+      "(train.seq_len)."
+    )
+  for key in ("inputs", "targets"):
+    ids = batch.get(key)
+    if ids is None or ids.shape != inputs.shape or not ids.size:
+      continue  # classification's "label" is not a token
+    if ids.min() >= 0 and ids.max() < mc.vocab_size:
+      continue
+    bad = (ids < 0) | (ids >= mc.vocab_size)
+    weights = batch.get("weights")
+    if key == "targets" and weights is not None and weights.shape == ids.shape:
+      bad &= weights != 0  # ignored positions may hold anything
+    if bad.any():
+      row, pos = np.argwhere(bad)[0]
+      raise ValueError(
+        f"{where}: {key}[row {row}, position {pos}] = {ids[row, pos]} is outside the "
+        f"model's vocabulary [0, {mc.vocab_size}) ({bad.sum()} such ids in the batch). Check "
+        "the data and data.tokenizer, or raise model.vocab_size above the largest id."
+      )

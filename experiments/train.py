@@ -4,9 +4,11 @@
     python -m experiments.train --config experiments/configs/lm.py:tiny --workdir /tmp/lm \
         --config.train.steps=1000 --config.model.n_layers=4
 
-Running the same command again with the same workdir resumes from the last complete
-checkpoint; batches are a function of (seed, step), so the result equals an
-uninterrupted run.
+Running the same command again with the same workdir resumes from the newest checkpoint
+that reads back; batches are a function of (seed, step), so the result equals an
+uninterrupted run, bit for bit on CPU, after a `kill -9` at any moment. On SIGTERM the loop
+saves after the current step and the command exits with 143. A step whose loss or gradients
+are not finite is not applied, and is counted against `train.nonfinite` (skip | stop).
 """
 
 import dataclasses

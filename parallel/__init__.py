@@ -1,4 +1,4 @@
-"""Meshes, logical-axis rules, sharded init, the jitted train step and checkpoints.
+"""Meshes, logical-axis rules, sharded init, the jitted train step, checkpoints and preemption.
 
 `parallel` takes plain values: a loss function, pytrees, axis rules. It never imports
 `models`, `compress` or `experiments`.

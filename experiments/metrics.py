@@ -26,7 +26,9 @@ class MetricWriter:
   """Appends one JSON object per logged step to `workdir/metrics.jsonl` and to TensorBoard.
 
   On resume from step `start_step`, rows past it (written by the interrupted run after
-  its last checkpoint) are dropped, so the file reads as one uninterrupted run.
+  its last checkpoint) are dropped, and a row at `start_step` written again with the same
+  columns (the exports after the last step, when a run that had finished training is run
+  again) replaces the old one, so the file reads as one uninterrupted run.
   """
 
   def __init__(self, workdir: str, start_step: int, total_steps: int, enabled: bool = True):
@@ -39,21 +41,26 @@ class MetricWriter:
       dynamic_ncols=True,
       desc=os.path.basename(os.path.normpath(workdir)),
     )
+    self.start_step, self._rows_at_start = start_step, set()
     if not enabled:
       return
     if os.path.exists(self.path):
       rows = [r for r in read_metrics(workdir) if r["step"] <= start_step]
-      with open(self.path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-      os.replace(self.path + ".tmp", self.path)
+      self._rewrite(rows)
+      self._rows_at_start = {frozenset(r) for r in rows if r["step"] == start_step}
     self.tb = _summary_writer(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
       return
     row = {"step": int(step), **{k: _py(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    if step == self.start_step and frozenset(row) in self._rows_at_start:
+      self._rows_at_start.remove(frozenset(row))
+      old = read_metrics(os.path.dirname(self.path))
+      self._rewrite([row if r["step"] == step and set(r) == set(row) else r for r in old])
+    else:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
     for k, v in row.items():
       if k != "step" and isinstance(v, (int, float)):
         self.tb.add_scalar(k, v, step)
@@ -62,6 +69,11 @@ class MetricWriter:
     logging.info("step %d: %s", step, ", ".join(f"{k}={v}" for k, v in shown.items()))
     keys = ("loss", "eval_loss", "excess_loss", "accuracy", "tokens_per_sec")
     self.bar.set_postfix({k: shown[k] for k in keys if k in shown}, refresh=False)
+
+  def _rewrite(self, rows: list[dict]):
+    with open(self.path + ".tmp", "w") as f:  # atomic: a kill leaves the old file or the new
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(self.path + ".tmp", self.path)
 
   def advance(self, n: int = 1):
     self.bar.update(n)

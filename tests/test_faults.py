@@ -173,6 +173,15 @@ def test_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
   writer.write(3, {"loss": 1.25})
   writer.close()
   assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+  # A finished run run again writes its last rows (the exports) again: they replace the old.
+  writer = MetricWriter(str(tmp_path), start_step=3, total_steps=3)
+  writer.write(3, {"loss": 1.0})
+  writer.write(3, {"serve_eval_loss": 1.5})
+  writer.close()
+  assert read_metrics(tmp_path)[2:] == [
+    {"step": 3, "loss": 1.0},
+    {"step": 3, "serve_eval_loss": 1.5},
+  ]
   path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.5}\n')
   with pytest.raises(ValueError, match="line 1 is not JSON"):
     read_metrics(tmp_path)

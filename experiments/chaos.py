@@ -12,8 +12,9 @@ after its first step (uniform over the reference's training time, from `--seed`)
   directory exists), so the checkpoint being written is incomplete;
 - `term`: SIGTERM, as Cloud TPU sends before preemption: it must save and exit with 143.
 The modes take turns. The same command then runs again to the end, and its metrics.jsonl
-(every loss and eval row; timings and export file sizes aside) and final checkpoint (params, optimizer state with
-any pruning masks, QAT ranges, step, RNG) must equal the reference's bit for bit.
+(every loss and eval row; timings and export file sizes aside) and final checkpoint (params,
+optimizer state with any pruning masks, QAT ranges, step, RNG) must equal the reference's bit
+for bit.
 `WORKDIR/chaos.md` and `chaos.json` get one row per kill; the exit status is 1 if any differs.
 Config overrides (`--config.train.steps=60`) go to every run.
 """
@@ -31,6 +32,7 @@ import time
 from absl import app, flags
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from experiments import train
 from experiments.metrics import read_metrics
@@ -47,7 +49,7 @@ class Run:
 
   def __init__(self, config: str, workdir: str, overrides: list[str]):
     os.makedirs(workdir, exist_ok=True)
-    self.workdir, self.first_step, self.started = workdir, threading.Event(), time.perf_counter()
+    self.workdir, self.first_step = workdir, threading.Event()
     cmd = [sys.executable, "-m", "experiments.train", f"--config={config}", f"--workdir={workdir}"]
     self.log = open(os.path.join(workdir, "train.log"), "a")
     self.proc = subprocess.Popen(
@@ -129,8 +131,6 @@ def _rows(workdir: str) -> list[dict]:
 
 def _state(workdir: str) -> tuple[int, dict]:
   """(step, the whole train state as NumPy) of a run's latest checkpoint, whatever its mesh."""
-  import orbax.checkpoint as ocp
-
   manager = checkpoint._reader(os.path.join(workdir, "checkpoints"))
   step = manager.latest_step()
   meta = manager.item_metadata(step)

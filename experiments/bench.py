@@ -80,13 +80,13 @@ def run(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 2) -> 
   """Compiles the config's train step, runs `warmup` + `steps` steps; returns the numbers."""
   exp = experiment.build(config)
   state, shardings = exp.init_state()
-  train_step, _ = exp.jit_steps(shardings)
+  train_step, _ = experiment.Run(exp, "", shardings).jit_steps()
   batch = exp.batch(0)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   state_bytes = state_bytes_per_device(state)
 
   t0 = time.perf_counter()
-  lowered = train_step.lower(state, batch)
+  lowered = train_step.lower(state, batch, {})
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
@@ -95,11 +95,11 @@ def run(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 2) -> 
   xla_flops = (compiled.cost_analysis() or {}).get("flops")
 
   for _ in range(warmup):  # first runs allocate and may autotune
-    state, metrics = jax.block_until_ready(compiled(state, batch))
+    state, metrics = jax.block_until_ready(compiled(state, batch, {}))
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    state, metrics = jax.block_until_ready(compiled(state, batch))
+    state, metrics = jax.block_until_ready(compiled(state, batch, {}))
     times.append(time.perf_counter() - start)
 
   step_time = statistics.median(times)

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 import models
+from experiments import methods
 from experiments.configs import common
 
 
@@ -27,8 +28,9 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict):
   }
   if old.get("task") != config.task:
     diff["task"] = (old.get("task"), config.task)
-  for section in ("quant", "prune", "distill"):
-    if section in config and old.get(section, {}) != config[section].to_dict():
+  for method in methods.registry():  # a section the old run predates held its defaults
+    section, default = method.name, method.section().to_dict()
+    if section in config and {**default, **old.get(section, {})} != config[section].to_dict():
       diff[section] = (old.get(section), config[section].to_dict())
   if diff:
     changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))

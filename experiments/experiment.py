@@ -1,14 +1,17 @@
-"""An experiment: what a config describes (model, task, mesh, optimizer, compression, teacher),
-built and checked before anything compiles, with its init, jitted steps and calibration.
+"""An experiment: what a config describes (model, task, mesh, optimizer, the compression
+methods), built and checked before anything compiles; and a Run: one experiment in its
+workdir, what the methods read and write at its stages, its jitted steps and evaluation.
 
     exp = experiment.build(config)          # every bad value raises here
     state, shardings = exp.init_state()     # sharded on the config's mesh
-    train_step, eval_step = exp.jit_steps(shardings)
+    run = experiment.Run(exp, workdir, shardings)
+    train_step, eval_step = run.jit_steps()
 
 experiments/train.py runs the loop over it.
 """
 
 import dataclasses
+import os
 
 from absl import logging
 import flax.linen as nn
@@ -17,10 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from compress import quant
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 import models
 import parallel
-from experiments import checks, compression, distillation, optim, tasks
+from experiments import checks, methods as methods_lib, optim, tasks
 from experiments.configs import common
 from experiments.tokenizer import get_tokenizer
 
@@ -56,22 +60,25 @@ class Experiment:
   rules: tuple
   tx: optax.GradientTransformation
   schedule: optax.Schedule
-  policy: object = None  # compress.quant.Policy when the run quantizes
-  teacher: distillation.Teacher | None = None  # when the run distills
+  methods: tuple = ()  # the active compression methods (experiments/methods), in order
   # train.data_batches > 0: the local train batches, by step % data_batches (per instance:
   # dataclasses.replace, e.g. with the teacher's cached logits, starts an empty one)
   _train_batches: dict = dataclasses.field(
     default_factory=dict, init=False, repr=False, compare=False
   )
 
+  def method(self, name: str):
+    """The active method that owns config.<name> (None when it is off)."""
+    return next((m for m in self.methods if m.name == name), None)
+
   def inputs(self, batch: dict) -> dict:
     """The model's keyword inputs in a batch (beyond the token ids)."""
     return {k: batch[k] for k in self.task.input_keys}
 
-  def model_in(self, quant_mode: str) -> nn.Module:
-    """The same model with its QuantDots in another mode ("calibrate", "convert", "serve")."""
-    dgs = compression.dot_generals(self.config, self.policy, quant_mode)
-    return models.build(self.model_config, **dgs)
+  def model_in(self, mode: str) -> nn.Module:
+    """The same model with its methods' hooks in another mode ("calibrate", "convert",
+    "serve": a quantized model's dot_generals)."""
+    return models.build(self.model_config, **methods_lib.model_hooks(self.methods, mode))
 
   @property
   def batch_sharding(self):
@@ -100,18 +107,20 @@ class Experiment:
 
   def init(self, rng: jax.Array) -> dict:
     """The train state {"step", "params", "opt", "rng", "nonfinite"} (+ "collections": the
-    model's other variables, e.g. quantization ranges), with logically partitioned leaves."""
+    model's other variables, e.g. quantization ranges; + "extra": what methods train beside
+    the model), with logically partitioned leaves."""
     example = jax.tree.map(lambda x: jnp.asarray(x[:1]), self.task.batch(0, "train"))
     init_rng, train_rng = jax.random.split(rng)
     variables = dict(
       self.model.init({"params": init_rng}, example["inputs"], **self.inputs(example))
     )
-    params = variables.pop("params")
-    shape = distillation.projection_shape(self.model_config, self.teacher)
-    if shape:  # hidden states matched across widths: a learned projection, trained with the rest
-      params = {**params, **distillation.init_projection(shape, jax.random.fold_in(init_rng, 1))}
-    opt = self.tx.init(params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt, "rng": train_rng}
+    state = {"step": jnp.zeros((), jnp.int32), "params": variables.pop("params")}
+    extra = {m.name: m.init_extra(jax.random.fold_in(init_rng, i + 1)) for i, m in enumerate(self.methods)}
+    extra = {k: v for k, v in extra.items() if v}
+    if extra:
+      state["extra"] = extra
+    state["opt"] = self.tx.init(parallel.trainable(state))
+    state["rng"] = train_rng
     zero = jnp.zeros((), jnp.int32)  # steps skipped for a non-finite loss or gradient
     state["nonfinite"] = {"count": zero, "first": zero, "last": zero}
     return {**state, "collections": variables} if variables else state
@@ -127,79 +136,11 @@ class Experiment:
   def rng(self):
     return jax.random.PRNGKey(self.config.seed)
 
-  def jit_steps(self, shardings, teacher_shardings=None):
-    """The jitted train step (donating its state) and eval step, with explicit shardings.
-
-    When the run distills from a live teacher, the train step is
-    `(state, batch, teacher_variables)`, the teacher's shardings given here.
-    """
-    model, task = self.model, self.task
-    if self.teacher is not None:
-      loss = distillation.make_loss(task, model, self.model_config, self.teacher)
-    else:
-      loss = lambda p, b, r, c: task.loss(model, {"params": p, **c}, b, r, True)  # noqa: E731
-    step = parallel.make_train_step(loss, self.tx, self.config.train.microbatches)
-    frozen = (teacher_shardings,) if self.teacher is not None and self.teacher.live else ()
-    train_step = parallel.jit_with_mesh(
-      step,
-      self.mesh,
-      self.rules,
-      in_shardings=(shardings, self.batch_sharding, *frozen),
-      out_shardings=(shardings, None),
-      donate_argnums=0,
-    )
-    eval_step = parallel.jit_with_mesh(
-      lambda p, c, b: task.loss(model, {"params": p, **c}, b, None, False)[1],
-      self.mesh,
-      self.rules,
-      in_shardings=(
-        distillation.model_params(shardings["params"]),  # the model's own: no projection
-        shardings.get("collections", {}),
-        self.batch_sharding,
-      ),
-      out_shardings=None,
-    )
-    return train_step, eval_step
-
-  def reinit_steps(self, state: dict, shardings: dict) -> dict:
-    """LSQ step sizes re-initialized from the current weights (after init_from) and a batch."""
-    model = self.model
-
-    def fn(p, c, b, rng):
-      kwargs = self.inputs(b)
-      kept = quant.without_steps(p)
-      _, new = model.apply(
-        {"params": kept, **c}, b["inputs"], mutable=["params"], rngs={"params": rng}, **kwargs
-      )
-      return new["params"]
-
-    jitted = parallel.jit_with_mesh(
-      fn,
-      self.mesh,
-      self.rules,
-      in_shardings=(
-        shardings["params"],
-        shardings.get("collections", {}),
-        self.batch_sharding,
-        None,
-      ),
-      out_shardings=shardings["params"],
-    )
-    return jitted(state["params"], state.get("collections", {}), self.batch(0), self.rng)
-
-  def load_teacher(self):
-    """(the teacher's variables, their shardings), from its run's checkpoint onto this mesh."""
-    example = self.task.batch(0, "train")
-    args = (self.teacher, example, self.task.input_keys, self.mesh, self.rules)
-    _, shardings = distillation.teacher_shapes(*args)
-    variables = distillation.load_teacher(*args)
-    return variables, {"params": shardings["params"], **shardings["collections"]}
-
   def load_hf(self, path_or_name: str, params: dict, shardings: dict) -> dict:
     """`params` with every tensor a Hugging Face checkpoint holds read into its sharding; a
     head it lacks (a classifier on a pretrained encoder) and leaves of ours alone (quantizer
-    steps, a distillation projection) keep their init. The checkpoint's architecture must be
-    the config's: a field that differs is an error naming the override that fixes it."""
+    steps) keep their init. The checkpoint's architecture must be the config's: a field that
+    differs is an error naming the override that fixes it."""
     ckpt = models.hf.Checkpoint(models.hf.resolve(path_or_name))
     mc, keep = self.model_config, ("head", "num_labels", "dtype", "scan_layers", "remat_policy")
     keep += ("attention_impl", "record_attention", "dropout_rate")
@@ -216,39 +157,79 @@ class Experiment:
     logging.info("Loaded %s; kept their init: %s", path_or_name, kept or "nothing")
     return loaded
 
-  def init_from_teacher(self, state: dict, shardings: dict, teacher_vars: dict) -> dict:
-    """The student's params with the layers `distill.init` maps copied from the teacher."""
-    jitted = parallel.jit_with_mesh(
-      lambda p, t: distillation.init_student(p, t, self.teacher),
-      self.mesh,
-      self.rules,
-      in_shardings=(shardings["params"], None),
-      out_shardings=shardings["params"],
-    )
-    return jitted(state["params"], teacher_vars["params"])
 
-  def calibrate(self, state: dict, shardings: dict) -> dict:
-    """Static activation ranges from `quant.calib_batches` train batches (QuantDot's
-    "calibrate" mode: a float forward recording each quantized input's range)."""
-    model = self.model_in("calibrate")
+@dataclasses.dataclass
+class Run:
+  """One experiment in its workdir: what the methods read and change at a run's stages."""
 
-    def step(p, c, b):
-      variables = {"params": p, **c}
-      kwargs = self.inputs(b)
-      _, updated = model.apply(variables, b["inputs"], mutable=["quant"], **kwargs)
-      return {**c, **updated}
+  exp: Experiment
+  workdir: str
+  shardings: dict  # the train state's
+  devices: object = None
+  loaded: bool = False  # the params came from a trained model (init_from, a teacher's layers)
+  frozen: dict = dataclasses.field(default_factory=dict)  # {method: inputs of every step}
+  frozen_shardings: dict = dataclasses.field(default_factory=dict)
+  eval_step: object = None
 
-    c_shardings = shardings["collections"]
-    jitted = parallel.jit_with_mesh(
+  def init(self, init_from: str = "") -> dict:
+    """A fresh sharded state, its params read from `init_from`: "hf:<dir or Hub name>" or
+    a workdir whose latest checkpoint holds the matching parameters."""
+    exp, shardings = self.exp, self.shardings
+    state, _ = exp.init_state()
+    if init_from.startswith("hf:"):
+      state["params"] = exp.load_hf(init_from[3:], state["params"], shardings["params"])
+    elif init_from:
+      state["params"] = parallel.load_params(
+        os.path.join(init_from, "checkpoints"), state["params"]
+      )
+    self.loaded = bool(init_from)
+    return state
+
+  def jit_steps(self):
+    """The jitted train step `(state, batch, frozen) -> (state, metrics)` (donating its
+    state) and eval step `(params, collections, batch) -> sums`, with explicit shardings.
+    The loss is the task's, as each method wraps it."""
+    exp, shardings = self.exp, self.shardings
+    model, task = exp.model, exp.task
+    loss = lambda p, e, b, r, c, f: task.loss(model, {"params": p, **c}, b, r, True)  # noqa: E731
+    for m in exp.methods:
+      loss = m.loss(self, loss)
+
+    def step_loss(t, b, r, c, f):  # the optimizer's tree -> the model's params and the extra
+      return loss(*((t["params"], t["extra"]) if "extra" in shardings else (t, {})), b, r, c, f)
+
+    step = parallel.make_train_step(step_loss, exp.tx, exp.config.train.microbatches)
+    train_step = parallel.jit_with_mesh(
       step,
-      self.mesh,
-      self.rules,
-      in_shardings=(shardings["params"], c_shardings, self.batch_sharding),
-      out_shardings=c_shardings,
+      exp.mesh,
+      exp.rules,
+      in_shardings=(shardings, exp.batch_sharding, self.frozen_shardings),
+      out_shardings=(shardings, None),
+      donate_argnums=0,
     )
-    batches = (self.batch(i) for i in range(self.config.quant.calib_batches))
-    calib = lambda st, b: {**st, "collections": jitted(st["params"], st["collections"], b)}  # noqa: E731
-    return quant.calibrate_model(calib, state, batches)
+    self.eval_step = parallel.jit_with_mesh(
+      lambda p, c, b: task.loss(model, {"params": p, **c}, b, None, False)[1],
+      exp.mesh,
+      exp.rules,
+      in_shardings=(shardings["params"], shardings.get("collections", {}), exp.batch_sharding),
+      out_shardings=None,
+    )
+    self.eval_batches = [exp.batch(i, "eval") for i in range(tasks.eval_steps(exp.config, task))]
+    return train_step, self.eval_step
+
+  def evaluate(self, params, collections) -> dict:
+    """The eval row of `params` (placed on the state's shardings) over the eval batches."""
+    params = jax.device_put(params, self.shardings["params"])
+    sums = [self.eval_step(params, collections, b) for b in self.eval_batches]
+    return self.exp.task.summarize(tasks.sum_eval(sums))
+
+  def evaluate_model(self, model: nn.Module, variables: dict) -> dict:
+    """The eval row of another model (a serving one) on its variables, replicated."""
+    variables = jax.device_put(variables, NamedSharding(self.exp.mesh, P()))
+    task = self.exp.task
+    step = jax.jit(lambda v, b: task.loss(model, v, b, None, False)[1])
+    with jax.set_mesh(self.exp.mesh):
+      return task.summarize(tasks.sum_eval([step(variables, b) for b in self.eval_batches]))
 
 
 def build(
@@ -265,23 +246,21 @@ def build(
   if workdir:
     checks.check_workdir(workdir, config)
 
-  def build_model(run_config, record_attention=False):
+  def build_model(run_config, record_attention=False):  # another run's model (a teacher)
     run_mc = model_config(run_config, tokenizer)
-    if record_attention:  # attention transfer reads the probabilities the model sows
+    if record_attention:
       run_mc = dataclasses.replace(run_mc, record_attention=True)
-    dgs = compression.dot_generals(run_config, compression.quant_policy(run_config))
-    return run_mc, models.build(run_mc, **dgs)
+    return run_mc, models.build(run_mc, **methods_lib.model_hooks(methods_lib.make(run_config)))
 
-  teacher = distillation.make_teacher(config, mc, workdir, build_model)
-  if teacher is not None and config.distill.attention_weight > 0:
-    mc = dataclasses.replace(mc, record_attention=True)
+  methods = methods_lib.make(config)
+  for m in methods:
+    mc = m.bind(mc, workdir, build_model)
   mesh = parallel.make_mesh(**config.mesh, devices=devices)
   rules = parallel.get_rules(config.sharding.rules)
   # Each process feeds the batch rows its devices hold (not always block process_index).
   feed = parallel.sharding.process_batch_slice(parallel.batch_sharding(mesh, rules))
   checks.check_batch(config, mesh, feed[1])
   task = tasks.make_task(config, tokenizer, *feed)
-  policy = compression.quant_policy(config)
-  tx, schedule = optim.make_optimizer(config, config.train.steps)
-  model = models.build(mc, **compression.dot_generals(config, policy))
-  return Experiment(config, mc, model, task, mesh, rules, tx, schedule, policy, teacher)
+  tx, schedule = optim.make_optimizer(config, config.train.steps, methods)
+  model = models.build(mc, **methods_lib.model_hooks(methods))
+  return Experiment(config, mc, model, task, mesh, rules, tx, schedule, tuple(methods))

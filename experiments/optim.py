@@ -1,15 +1,13 @@
 """The optimizer from config: AdamW with warmup + cosine/linear/constant decay and clipping.
 
-Compression transforms chain onto it here: LSQ's learned step sizes get their own Adam
-(no weight decay, lr x quant.step_lr_scale), and the pruning transform (config.prune)
-wraps the whole optimizer, holding the masks in its state.
+The active compression methods change it in two places: the update rule (LSQ's step sizes
+get their own Adam) and around the whole optimizer (pruning, its masks in the state).
 """
 
 import ml_collections
 import optax
 
 from compress import quant
-from experiments import compression
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -27,8 +25,9 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
 
 
 def make_optimizer(
-  config: ml_collections.ConfigDict, total_steps: int
+  config: ml_collections.ConfigDict, total_steps: int, methods=()
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(clip -> the update rule, wrapped by the methods; the learning-rate schedule)."""
   cfg = config.optim
   schedule = make_schedule(cfg, total_steps)
   if cfg.name != "adamw":
@@ -46,10 +45,10 @@ def make_optimizer(
     weight_decay=cfg.weight_decay,
     mask=quant.decay_mask,
   )
-  q = config.get("quant")
-  if q is not None and q.method != "none" and q.lsq:
-    step_lr = lambda count: schedule(count) * q.step_lr_scale  # noqa: E731
-    adamw = quant.split_optimizer(adamw, optax.adam(step_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+  for m in methods:
+    adamw = m.update_rule(adamw, schedule)
   clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity()
-  # Pruning wraps the whole optimizer: clipping and Adam see the masked gradients.
-  return compression.prune_tx(config, optax.chain(clip, adamw)), schedule
+  tx = optax.chain(clip, adamw)
+  for m in methods:
+    tx = m.wrap_optimizer(tx)
+  return tx, schedule

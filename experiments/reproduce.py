@@ -90,13 +90,10 @@ def _jobs(table: str, arms: list[Arm], workdir: str, seeds: int) -> list[dict]:
 
 def _validate(job: dict):
   """The checks of the compression sections that need no model or data."""
-  import optax
-
-  from experiments import compression
+  from experiments import methods
 
   try:
-    compression.quant_policy(job["config"])
-    compression.prune_tx(job["config"], optax.identity())
+    methods.make(job["config"])
   except ValueError as e:
     raise ValueError(f"Arm {job['arm']} (seed {job['seed']}): {e}") from e
 

@@ -1,7 +1,13 @@
-"""Throughput numbers for a run: FLOPs per step of a model config, tokens/s, TFLOP/s, MFU.
+"""Throughput numbers for a run: FLOPs per step of a model config, tokens/s, TFLOP/s, MFU;
+and the train loop's log of them.
 
 The FLOP count is parallel.flops' (MaxText's): matmuls only, forward + backward, no remat.
 """
+
+import time
+
+from absl import logging
+import jax
 
 import models
 from parallel import flops
@@ -23,12 +29,10 @@ def output_width(mc: models.ModelConfig) -> int:
 
 def step_flops(exp_or_model_config, batch: int, seq_len: int) -> float:
   """Training FLOPs of one step over the global batch (an Experiment or a ModelConfig),
-  with a distillation teacher's forward pass when the step runs one."""
+  with what the experiment's methods add (a distillation teacher's forward pass)."""
   mc = getattr(exp_or_model_config, "model_config", exp_or_model_config)
-  teacher = getattr(exp_or_model_config, "teacher", None)
-  extra = 0.0
-  if teacher is not None and teacher.live:  # its forward pass: a third of a training step
-    extra = step_flops(teacher.model_config, batch, seq_len) / 3
+  methods = getattr(exp_or_model_config, "methods", ())
+  extra = sum(m.flops(batch, seq_len) for m in methods)
   return extra + flops.train_flops_per_step(
     batch=batch,
     seq_len=seq_len,
@@ -61,3 +65,46 @@ def throughput_metrics(
     "tflops_per_device": flops_per_step / step_time_s / n_devices / 1e12,
     "mfu": flops.mfu(flops_per_step, step_time_s, n_devices, peak),
   }
+
+
+class TrainLog:
+  """The train rows of metrics.jsonl: every `train.log_every` steps, fetched one log step
+  late so the host never stalls the device; tokens/s is measured between those fetches (i.e.
+  between completed steps, not dispatches), the first step's compilation left out.
+  `check(count)` sees every fetched count of non-finite steps."""
+
+  def __init__(self, run, writer, start: int, check):
+    self.config, self.writer, self.check = run.exp.config, writer, check
+    self.pending, self.start, self.clock = None, start, [time.perf_counter(), start]
+    t = self.config.train
+    self.flops = step_flops(run.exp, t.batch_size, t.seq_len)
+    self.tokens, self.devices = run.exp.task.tokens_per_step, run.exp.mesh.size
+    self.schedule, self.peak = run.exp.schedule, flops.peak_flops_per_device()
+
+  def step(self, done: int, metrics: dict):
+    if done == self.start + 1:  # compilation is not throughput
+      jax.block_until_ready(metrics)
+      logging.info("First step (compilation included) took %.1fs", time.perf_counter() - self.clock[0])
+      self.restart(done)
+    self.flush()
+    t = self.config.train
+    if done % t.log_every == 0 or done == t.steps:
+      self.pending = (done, metrics, float(self.schedule(done - 1)))
+
+  def restart(self, done: int):
+    """Time from now on (after compilation, or an eval) counts."""
+    self.clock[:] = [time.perf_counter(), done]
+
+  def flush(self):
+    if self.pending is None:
+      return
+    step, metrics, lr = self.pending
+    metrics, now = jax.device_get(metrics), time.perf_counter()
+    speed = {}  # none for a log step that is the first step (its time is compilation)
+    if step > self.clock[1]:
+      step_time = (now - self.clock[0]) / (step - self.clock[1])
+      speed = throughput_metrics(self.flops, self.tokens, step_time, self.devices, self.peak)
+    row = {k: v.item() for k, v in metrics.items()}
+    self.writer.write(step, {**row, "learning_rate": lr, **speed})
+    self.pending, self.clock[:] = None, [now, step]
+    self.check(int(row.get("nonfinite_steps", 0)))

@@ -11,7 +11,6 @@ saves after the current step and the command exits with 143. A step whose loss o
 are not finite is not applied, and is counted against `train.nonfinite` (skip | stop).
 """
 
-import dataclasses
 import os
 import sys
 import time
@@ -20,19 +19,19 @@ from absl import app, flags, logging
 import jax
 import ml_collections
 from ml_collections import config_flags
-from jax.sharding import PartitionSpec as P
 
 import parallel
 from parallel import launch  # not re-exported: `python -m parallel.launch` runs it
-from experiments import compression, configs, distillation, tasks, teacher_cache, throughput
-from experiments.experiment import build
+from experiments import configs, throughput
+from experiments.experiment import Run, build
 from experiments.metrics import MetricWriter
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
   """Trains and evaluates the model `config` describes; returns the last eval row.
 
-  `devices` (default: all) are the devices the mesh spans.
+  `devices` (default: all) are the devices the mesh spans. The active compression methods
+  (experiments/methods) are asked at each stage, in their fixed order.
   """
   exp = build(config, workdir, devices)  # everything wrong with the input is caught here
   # ... and every sharded dimension its mesh axes must divide, before a teacher or pretraining
@@ -42,56 +41,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   if config.get("pretrain"):  # e.g. MLM pretraining before classification: same loop, own workdir
     init_from = os.path.join(workdir, "pretrain")
     train_and_evaluate(config.pretrain, init_from, devices)
-  if exp.teacher is not None:
-    train_teacher(exp.teacher, devices)
-  is_main = jax.process_index() == 0
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:  # atomic: other processes may be reading it
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
-
+  run = Run(exp, workdir, shardings, devices)
+  for m in exp.methods:
+    m.setup(run)
+  write_config(config, workdir)
+  t = config.train
   ckpt = parallel.Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    keep=config.train.keep_checkpoints,
-    async_save=config.train.async_checkpoint,
+    os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, async_save=t.async_checkpoint
   )
-  teacher_vars = teacher_shardings = None
-  if exp.teacher is not None:
-    teacher_vars, teacher_shardings = exp.load_teacher()
-  if ckpt.latest_step() is not None:  # the newest complete one that reads back, or an error
-    state, _ = ckpt.restore_latest(abstract)
-  else:
-    state, shardings = exp.init_state()
-    if init_from.startswith("hf:"):  # a Hugging Face checkpoint: a directory or a Hub name
-      state["params"] = exp.load_hf(init_from[len("hf:") :], state["params"], shardings["params"])
-    elif init_from:
-      state["params"] = parallel.load_params(
-        os.path.join(init_from, "checkpoints"), state["params"]
-      )
-    if exp.teacher is not None and exp.teacher.init_map:  # DistilBERT: every other layer
-      state["params"] = exp.init_from_teacher(state, shardings, teacher_vars)
-    loaded = init_from or (exp.teacher is not None and exp.teacher.init_map)
-    if loaded and exp.policy is not None and config.quant.lsq:  # steps fit the loaded weights
-      state["params"] = exp.reinit_steps(state, shardings)
-    if compression.prunes(config) and not config.train.steps:  # one-shot, no training
-      state["params"] = parallel.jit_with_mesh(
-        lambda p: compression.prune_now(config, p),
-        exp.mesh,
-        exp.rules,
-        in_shardings=(shardings["params"],),
-        out_shardings=shardings["params"],
-      )(state["params"])
-    if compression.needs_ranges(config):
-      state = exp.calibrate(state, shardings)
-  if exp.teacher is not None and not exp.teacher.live:  # the step reads cached top-k logits
-    part = teacher_cache.cache_top_k(exp, teacher_vars, os.path.join(workdir, "teacher_top_k"))
-    exp = dataclasses.replace(exp, task=teacher_cache.with_cache(exp.task, part))
-    teacher_vars = None  # the teacher leaves device memory
-  frozen = () if teacher_vars is None else (teacher_vars,)
-  if exp.policy is not None:
-    compression.report(exp.policy, state.get("collections", {}))
+  fresh = ckpt.latest_step() is None  # else the newest complete one that reads back, or an error
+  state = run.init(init_from) if fresh else ckpt.restore_latest(abstract)[0]
+  for m in exp.methods:
+    state = m.prepare(run, state, fresh)
   start = int(state["step"])
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info(
@@ -101,108 +62,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     dict(exp.mesh.shape),
     start,
   )
-  train_step, eval_step = exp.jit_steps(shardings, teacher_shardings)
-  task, schedule = exp.task, exp.schedule
-  eval_batches = [exp.batch(i, "eval") for i in range(tasks.eval_steps(config, task))]
-  writer = MetricWriter(workdir, start, config.train.steps, enabled=is_main)
-
-  def evaluate_params(params):
-    c = state.get("collections", {})
-    params = distillation.model_params(params)
-    return task.summarize(tasks.sum_eval([eval_step(params, c, b) for b in eval_batches]))
+  train_step, _ = run.jit_steps()
+  writer = MetricWriter(workdir, start, t.steps, enabled=jax.process_index() == 0)
+  log = throughput.TrainLog(run, writer, start, lambda n: check_nonfinite(t, n, state, ckpt))
 
   def evaluate(step, write=True):
-    row = evaluate_params(state["params"])
-    if compression.prunes(config):
-      row.update(compression.sparsity_row(state))
+    row = run.evaluate(state["params"], state.get("collections", {}))
+    for m in run.exp.methods:
+      row.update(m.eval_fields(run, state))
     if write:
       writer.write(step, row)
     return row
 
-  # Metrics are fetched one log step late, so the host never stalls the device; tokens/s
-  # is measured between those fetches, i.e. between completed steps, not dispatches.
-  pending, clock = None, [time.perf_counter(), start]
-  flops_per_step = throughput.step_flops(exp, config.train.batch_size, config.train.seq_len)
-  peak = parallel.flops.peak_flops_per_device()
-
-  def flush():
-    nonlocal pending
-    if pending is not None:
-      step, metrics, lr = pending
-      metrics, now = jax.device_get(metrics), time.perf_counter()
-      speed = {}  # none for a log step that is the first step (its time is compilation)
-      if step > clock[1]:
-        step_time = (now - clock[0]) / (step - clock[1])
-        speed = throughput.throughput_metrics(
-          flops_per_step, task.tokens_per_step, step_time, exp.mesh.size, peak
-        )
-      writer.write(
-        step, {**{k: v.item() for k, v in metrics.items()}, "learning_rate": lr, **speed}
-      )
-      pending, clock[:] = None, [now, step]
-      check_nonfinite(config.train, int(metrics.get("nonfinite_steps", 0)), state, ckpt)
-
-  t, last_eval = config.train, {}
-  preemption = parallel.Preemption()  # SIGTERM: save after the current step, then stop
+  last_eval, preemption = {}, parallel.Preemption()  # SIGTERM: save after this step, stop
   try:
     for step in range(start, t.steps):
-      state, metrics = train_step(state, exp.batch(step), *frozen)
+      state, metrics = train_step(state, run.exp.batch(step), run.frozen)
       done = step + 1
-      if step == start:  # compilation is not throughput
-        jax.block_until_ready(metrics)
-        logging.info("First step (compilation included) took %.1fs", time.perf_counter() - clock[0])
-        clock[:] = [time.perf_counter(), done]
-      flush()
-      if done % t.log_every == 0 or done == t.steps:
-        pending = (done, metrics, float(schedule(step)))
+      log.step(done, metrics)
       if done % config.eval.every == 0 or done == t.steps:
-        flush()
+        log.flush()
         last_eval = evaluate(done)
-        clock[:] = [time.perf_counter(), done]  # eval time does not count against throughput
+        log.restart(done)  # eval time does not count against throughput
       stop = t.stop_after_steps and done - start >= t.stop_after_steps
       preempted = preemption.reached(done)
       if done % t.checkpoint_every == 0 or done == t.steps or stop or preempted:
         ckpt.save(done, state)
       writer.advance()
       if preempted:
-        flush()
-        ckpt.close()
-        writer.close()
+        log.flush()
+        ckpt.close(), writer.close()
         logging.warning("Preempted: saved the checkpoint at step %d; rerun to resume.", done)
         raise parallel.Preempted(done)
       if stop:
-        logging.info(
-          "Stopping after %d steps as train.stop_after_steps asks; rerun to resume.", done - start
-        )
+        logging.info("Stopping after %d steps (train.stop_after_steps); rerun to resume.", done - start)
         break
-    flush()
+    log.flush()
   finally:
     preemption.close()
   if not last_eval:  # no training (PTQ), or resumed after the final step (row written)
     last_eval = evaluate(start, write=t.steps == 0)
   if t.steps == 0 and ckpt.latest_step() is None:  # e.g. an HF teacher used as it is
     ckpt.save(0, state)
-  finished = int(state["step"]) >= t.steps  # not when stopped early (stop_after_steps)
-  if exp.policy is not None and config.quant.export and finished:
-
-    def evaluate_serving(model, variables):
-      variables = jax.device_put(variables, jax.sharding.NamedSharding(exp.mesh, P()))
-      step = jax.jit(lambda v, b: task.loss(model, v, b, None, False)[1])
-      with jax.set_mesh(exp.mesh):
-        return task.summarize(tasks.sum_eval([step(variables, b) for b in eval_batches]))
-
-    served = compression.export(exp, state, workdir, evaluate_serving)
-    writer.write(max(start, t.steps), served)
-    last_eval = {**last_eval, **served}
-  if compression.prunes(config) and config.prune.export and finished:
-    model_shardings = distillation.model_params(shardings["params"])
-    reload = lambda p: evaluate_params(jax.device_put(p, model_shardings))  # noqa: E731
-    sparse = compression.export_sparse(exp, state, workdir, reload)
-    writer.write(max(start, t.steps), sparse)
-    last_eval = {**last_eval, **sparse}
+  if int(state["step"]) >= t.steps:  # finished (not stopped early): the exports
+    for m in run.exp.methods:
+      row = m.export(run, state)
+      if row:
+        writer.write(max(start, t.steps), row)
+        last_eval = {**last_eval, **row}
   ckpt.close()
   writer.close()
   return last_eval
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str):
+  """<workdir>/config.json, written atomically (other processes may be reading it)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
 
 
 def check_nonfinite(t: ml_collections.ConfigDict, count: int, state: dict, ckpt):
@@ -227,15 +147,6 @@ def check_nonfinite(t: ml_collections.ConfigDict, count: int, state: dict, ckpt)
     f"were not applied. The latest checkpoint is step {ckpt.latest_step()}. Lower optim.lr, "
     f"check the data, or {fix}."
   )
-
-
-def train_teacher(teacher: distillation.Teacher, devices=None):
-  """Runs the teacher's experiment in its workdir first, unless it already finished there."""
-  latest = parallel.checkpoint.latest_step(os.path.join(teacher.workdir, "checkpoints"))
-  if latest is not None and latest >= teacher.config.train.steps:
-    return
-  logging.info("Training the teacher in %s first", teacher.workdir)
-  train_and_evaluate(teacher.config, teacher.workdir, devices)
 
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -15,7 +15,7 @@ from parallel.sharding import (
   logical_to_shardings,
   shard_shapes,
 )
-from parallel.step import jit_with_mesh, make_train_step
+from parallel.step import jit_with_mesh, make_train_step, trainable
 
 __all__ = [
   "flops",
@@ -34,6 +34,7 @@ __all__ = [
   "shard_shapes",
   "jit_with_mesh",
   "make_train_step",
+  "trainable",
   "Preempted",
   "Preemption",
 ]

@@ -2,7 +2,9 @@
 
 The state is a plain dict {"step", "params", "opt", "rng"}, plus "collections" when the
 model has non-trainable variables (e.g. a quantizer's calibrated ranges): they are passed
-to the loss and carried along unchanged. A step whose loss or gradients are not finite
+to the loss and carried along unchanged; and "extra" when something beside the model is
+trained with it (a distillation projection): the loss and the optimizer then see
+{"params": ..., "extra": ...} (`trainable`). A step whose loss or gradients are not finite
 leaves params and optimizer state as they were (the step count still advances, so the next
 step reads the next batch); with a "nonfinite" entry {"count", "first", "last"} (int32) in
 the state, the step counts such steps and records the first and last, and the train loop
@@ -28,12 +30,23 @@ PyTree = Any
 LossFn = Callable[[PyTree, dict, jax.Array, PyTree], tuple[jax.Array, dict]]
 
 
+def trainable(state: dict) -> PyTree:
+  """What the optimizer updates: the params, with the state's "extra" when it has one."""
+  if "extra" in state:
+    return {"params": state["params"], "extra": state["extra"]}
+  return state["params"]
+
+
+def _with_trainable(state: dict, tree: PyTree) -> dict:
+  return dict(state, **tree) if "extra" in state else dict(state, params=tree)
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatches: int = 1):
   """Builds the step; gradients are accumulated over `microbatches` slices of the batch."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: dict, batch: dict, *frozen) -> tuple[dict, dict]:
-    params, collections = state["params"], state.get("collections", {})
+    params, collections = trainable(state), state.get("collections", {})
     rng = jax.random.fold_in(state["rng"], state["step"])
     if microbatches == 1:
       (_, sums), grads = grad_fn(params, batch, rng, collections, *frozen)
@@ -60,12 +73,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatc
       jnp.array([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(sums)])
     )
     new_params = optax.apply_updates(params, updates)
-    new_state = dict(
-      state,
-      step=state["step"] + 1,
-      params=jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params),
-      opt=jax.tree.map(lambda n, o: jnp.where(finite, n, o), opt, state["opt"]),
-    )
+    new_params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
+    new_state = _with_trainable(state, new_params)
+    new_state["step"] = state["step"] + 1
+    new_state["opt"] = jax.tree.map(lambda n, o: jnp.where(finite, n, o), opt, state["opt"])
     metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
     metrics["weight"] = sums["weight"]
     metrics["grad_norm"] = grad_norm

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import distillation, experiment, teacher_cache
+from experiments import experiment
+from experiments.methods import distill as distill_method, teacher_cache
 from experiments.configs import distill as distill_configs
 from parallel import Checkpointer
 from steps import run_steps
@@ -58,7 +59,7 @@ def test_sharded_distillation_equals_one_device(lm_teacher):
   np.testing.assert_allclose(sharded, one, atol=2e-5, rtol=0)
   for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s8["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
-  teacher, _ = exp.load_teacher()
+  teacher, _ = exp.method("distill").load_teacher(exp)
   kernel = teacher["params"]["layers_0"]["attn"]["query"]["kernel"]
   assert len(kernel.sharding.device_set) == 8  # the teacher lives on the student's mesh
 
@@ -71,17 +72,20 @@ def test_loss_terms_and_their_weights(lm_teacher):
   c.distill.update(init="0:0,1:1,2:2,3:3", layer_map="0:0,3:3")
   exp = experiment.build(c, devices=jax.devices()[:1])
   state, shardings = exp.init_state()
-  teacher, _ = exp.load_teacher()
-  params = exp.init_from_teacher(state, shardings, teacher)
+  d = exp.method("distill")
+  teacher, _ = d.load_teacher(exp)
+  run = experiment.Run(exp, "", shardings, frozen={"distill": teacher})
+  params = d.prepare(run, state, fresh=True)["params"]
+  assert run.loaded  # LSQ steps would be re-initialized from these weights
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(teacher["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  loss = jax.jit(distillation.make_loss(exp.task, exp.model, exp.model_config, exp.teacher))
-  batch = exp.batch(0)
-  total, sums = loss(params, batch, jax.random.key(0), {}, teacher)
+  loss = jax.jit(distill_method.make_loss(exp.task, exp.model, exp.model_config, d.teacher))
+  batch, frozen = exp.batch(0), {"distill": teacher}
+  total, sums = loss(params, {}, batch, jax.random.key(0), {}, frozen)
   assert abs(float(sums["kd_loss"])) < 1e-4 and abs(float(sums["hidden_loss"])) < 1e-4
   np.testing.assert_allclose(total, 0.5 * sums["task_loss"] + 3 * sums["kd_loss"], rtol=1e-5)
   moved = jax.tree.map(lambda x: x * 1.1, params)
-  total, sums = loss(moved, batch, jax.random.key(0), {}, teacher)
+  total, sums = loss(moved, {}, batch, jax.random.key(0), {}, frozen)
   assert float(sums["kd_loss"]) > 1e-3 and float(sums["hidden_loss"]) > 1e-3
   expected = 0.5 * sums["task_loss"] + 3 * sums["kd_loss"] + 2 * sums["hidden_loss"]
   np.testing.assert_allclose(total, expected, rtol=1e-5)
@@ -107,10 +111,11 @@ def test_cached_top_k_equals_the_live_teacher(lm_teacher, tmp_path):
   the cache is reused when complete."""
   cached = config("cached", steps=2, teacher_dir=lm_teacher)
   exp = experiment.build(cached, devices=jax.devices()[:1])
-  teacher, _ = exp.load_teacher()
-  part = teacher_cache.cache_top_k(exp, teacher, str(tmp_path / "cache"))
+  d = exp.method("distill")
+  teacher, _ = d.load_teacher(exp)
+  part = teacher_cache.cache_top_k(exp, d.teacher, teacher, str(tmp_path / "cache"))
   stamp = os.path.getmtime(os.path.join(part, "values.npy"))
-  assert teacher_cache.cache_top_k(exp, teacher, str(tmp_path / "cache")) == part
+  assert teacher_cache.cache_top_k(exp, d.teacher, teacher, str(tmp_path / "cache")) == part
   assert os.path.getmtime(os.path.join(part, "values.npy")) == stamp
   values = np.load(os.path.join(part, "values.npy"))
   assert values.shape == (2, 16, 16, 16) and not os.path.exists(part + ".tmp")
@@ -120,12 +125,13 @@ def test_cached_top_k_equals_the_live_teacher(lm_teacher, tmp_path):
   )
   params = live.init_state()[0]["params"]
   from_disk = dataclasses.replace(exp, task=teacher_cache.with_cache(exp.task, part))
-  cached_loss = distillation.make_loss(from_disk.task, exp.model, exp.model_config, exp.teacher)
-  live_loss = distillation.make_loss(live.task, live.model, live.model_config, live.teacher)
+  live_teacher = live.method("distill").teacher
+  cached_loss = distill_method.make_loss(from_disk.task, exp.model, exp.model_config, d.teacher)
+  live_loss = distill_method.make_loss(live.task, live.model, live.model_config, live_teacher)
   cached_loss, live_loss = jax.jit(cached_loss), jax.jit(live_loss)  # compiled once each
   for step in range(2):
-    a, sums = cached_loss(params, from_disk.batch(step), jax.random.key(0), {})
-    b, _ = live_loss(params, live.batch(step), jax.random.key(0), {}, teacher)
+    a, sums = cached_loss(params, {}, from_disk.batch(step), jax.random.key(0), {}, {})
+    b, _ = live_loss(params, {}, live.batch(step), jax.random.key(0), {}, {"distill": teacher})
     np.testing.assert_allclose(a, b, rtol=1e-6)
     assert float(sums["kd_loss"]) > 0.01
 
@@ -137,12 +143,13 @@ def test_quantized_teacher(tmp_path):
   c.teacher.quant.update(method="qat", bits=4)
   save_teacher(c, tmp_path)
   exp = experiment.build(c, devices=jax.devices()[:1])
-  teacher, _ = exp.load_teacher()
+  teacher, _ = exp.method("distill").load_teacher(exp)
   batch = exp.batch(0)
   forward = jax.jit(lambda m, v: exp.task.forward(m, v, batch, None, False)[0], static_argnums=0)
-  quantized = forward(exp.teacher.model, teacher)
+  quantized = forward(exp.method("distill").teacher.model, teacher)
   c.teacher.quant.method = "none"
-  floating = forward(experiment.build(c, devices=jax.devices()[:1]).teacher.model, teacher)
+  float_exp = experiment.build(c, devices=jax.devices()[:1])
+  floating = forward(float_exp.method("distill").teacher.model, teacher)
   assert np.isfinite(np.asarray(quantized)).all()
   assert 1e-4 < float(np.abs(quantized - floating).max()) < 1.0
 
@@ -198,4 +205,4 @@ def test_teacher_without_checkpoint_is_named(tmp_path):
   c = config(teacher_dir=tmp_path / "nothing")
   exp = experiment.build(c, devices=jax.devices()[:1])
   with pytest.raises(FileNotFoundError, match="No checkpoint in .*nothing"):
-    exp.load_teacher()
+    exp.method("distill").load_teacher(exp)

@@ -113,8 +113,8 @@ def test_qat_pruning_and_kd_resume_equals_uninterrupted_and_exports(tmp_path):
   assert logged[-1]["kd_loss"] < logged[0]["kd_loss"]
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   proj = jax.ShapeDtypeStruct((128, 256), np.float32, sharding=one)
-  saved = load_variables(str(split / "checkpoints"), {"params": {"distill": {"projection": proj}}})
-  assert np.abs(np.asarray(saved["params"]["distill"]["projection"])).sum() > 0
+  saved = load_variables(str(split / "checkpoints"), {"extra": {"distill": {"projection": proj}}})
+  assert np.abs(np.asarray(saved["extra"]["distill"]["projection"])).sum() > 0
   # Exact sparsity (ties counted), exported sparse weights reload to the same model.
   rep = json.load(open(tmp_path / "full" / "sparsity.json"))
   size = rep["selected"]["size"]

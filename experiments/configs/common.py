@@ -8,7 +8,7 @@ import inspect
 import ml_collections
 
 import models
-from experiments import compression, distillation, encoder_data
+from experiments import encoder_data, methods
 from experiments import data as data_lib
 
 # Sections that are whole run configs of their own (a classifier's MLM pretraining run, the
@@ -91,9 +91,8 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
   # Multi-slice TPU / multi-node GPU: how many slices (nodes) each axis spans.
   c.mesh.dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(rules="fsdp_tp"))  # a parallel.RULES preset
-  c.quant = compression.quant_section()  # method "none": float; "qat" / "ptq" quantize
-  c.prune = compression.prune_section()  # method "none": dense; "gradual" / "oneshot" / ...
-  c.distill = distillation.section()  # method "none": no teacher; "kd": config.teacher
+  for method in methods.registry():  # config.quant, config.prune, config.distill, ...
+    c[method.name] = method.section()  # method="none": off
   return c
 
 
@@ -110,10 +109,15 @@ def _keyword_args(fn, *skip) -> dict:
   return {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY and p.name not in skip}
 
 
-@functools.cache
 def schema() -> dict[str, bool]:
-  """{dotted key: whether it is a section} of every key a run config may hold: base_config's,
-  the synthetic sources' keyword arguments (data.markov, data.classify) and RUN_SECTIONS."""
+  """{dotted key: whether it is a section} of every key a run config may hold: base_config's
+  (with every registered method's section), the synthetic sources' keyword arguments
+  (data.markov, data.classify) and RUN_SECTIONS."""
+  return _schema(methods.names())
+
+
+@functools.cache
+def _schema(method_names: tuple) -> dict[str, bool]:
   c = base_config("tiny", task="lm")
   c.data.markov.update(_keyword_args(data_lib.MarkovSource))
   c.data.classify = _keyword_args(encoder_data.ClassifySource, "source")

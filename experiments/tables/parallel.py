@@ -148,8 +148,8 @@ def measure(config, workdir: str) -> dict:
 
   exp = experiment.build(config)
   abstract, shardings = exp.shard_shapes()  # no allocation: the shapes and their shardings
-  train_step, _ = exp.jit_steps(shardings)
-  compiled = train_step.lower(abstract, exp.batch(0)).compile()
+  train_step, _ = experiment.Run(exp, "", shardings).jit_steps()
+  compiled = train_step.lower(abstract, exp.batch(0), {}).compile()
   memory = bench.memory_analysis(compiled)
   state_bytes = bench.state_bytes_per_device(abstract)
   del compiled

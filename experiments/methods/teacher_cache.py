@@ -1,7 +1,7 @@
 """The teacher's top-k logits, cached on disk once before training (`distill.cache=True`),
 so the distillation step reads them from the batch instead of running the teacher.
 
-    part = teacher_cache.cache_top_k(exp, teacher_variables, "<workdir>/teacher_top_k")
+    part = teacher_cache.cache_top_k(exp, teacher, teacher_variables, "<workdir>/teacher_top_k")
     task = teacher_cache.with_cache(exp.task, part)  # train batches + "teacher_values/indices"
 """
 
@@ -19,12 +19,12 @@ from compress import distill
 import parallel
 
 
-def cache_top_k(exp, teacher_vars, directory: str) -> str:
+def cache_top_k(exp, teacher, teacher_vars, directory: str) -> str:
   """Runs the teacher once over the run's train batches and stores its top-k logits
   ([steps, rows, L, k] float32 values and int32 indices, this process's rows) in
   `directory`; reuses a complete cache written for the same teacher and batches. Written
   to a temporary directory and renamed when complete. Returns the part's directory."""
-  config, teacher = exp.config, exp.teacher
+  config = exp.config
   index, count = parallel.sharding.process_batch_slice(exp.batch_sharding)
   t = config.train
   ckpt_step = parallel.checkpoint.latest_step(os.path.join(teacher.workdir, "checkpoints"))

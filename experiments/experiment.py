@@ -26,7 +26,7 @@ import models
 import parallel
 from experiments import checks, methods as methods_lib, optim, tasks
 from experiments.configs import common
-from experiments.tokenizer import get_tokenizer
+from experiments.data.tokenizer import get_tokenizer
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer) -> models.ModelConfig:

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from experiments import data as data_lib
-from experiments import encoder_data, tfds_data
+from experiments.data import markov as data_lib
+from experiments.data import encoder as encoder_data, tfds as tfds_data
 
 
 def token_sums(logits_BxLxV, targets_BxL, weights_BxL) -> dict:
@@ -168,7 +168,7 @@ def make_task(
 
 
 def _tfds_task(config, tokenizer, process_index: int, process_count: int) -> Task:
-  """The task on a TFDS dataset (experiments/tfds_data.py): lm / mlm on packed text (lm1b,
+  """The task on a TFDS dataset (experiments/data/tfds.py): lm / mlm on packed text (lm1b,
   c4/en), classify on glue/<task>."""
   t, d = config.train, config.data.tfds.to_dict()
   name, text_key, mask_prob = d.pop("name"), d.pop("text_key"), d.pop("mask_prob")

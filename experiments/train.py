@@ -13,7 +13,6 @@ are not finite is not applied, and is counted against `train.nonfinite` (skip | 
 
 import os
 import sys
-import time
 
 from absl import app, flags, logging
 import jax

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from experiments.data import ALPHABET, MarkovSource, _entropy
-from experiments.encoder_data import CLASS_CHARS, ClassifySource, mlm_batch, mlm_mask
-from experiments.tokenizer import ByteTokenizer
+from experiments.data.markov import ALPHABET, MarkovSource, _entropy
+from experiments.data.encoder import CLASS_CHARS, ClassifySource, mlm_batch, mlm_mask
+from experiments.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 MLM_KW = dict(mask_id=TOK.mask_id, vocab_size=TOK.vocab_size, n_special=TOK.n_special)

@@ -1,4 +1,4 @@
-"""Real data from TFDS (experiments/tfds_data.py) and the Hugging Face tokenizer wrapper,
+"""Real data from TFDS (experiments/data/tfds.py) and the Hugging Face tokenizer wrapper,
 offline: GLUE batches from `tfds.testing.mock_data`; packed text from a small dataset of 4
 shards prepared here (the mock ignores splits, shards and file shuffling); the training run
 on a glue/sst2 prepared here from made-up sentences; tokenizers built here."""
@@ -13,11 +13,12 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from experiments import tasks, tfds_data, train  # noqa: E402
-from experiments.data import row_uniforms  # noqa: E402
+from experiments import tasks, train  # noqa: E402
+from experiments.data import tfds as tfds_data  # noqa: E402
+from experiments.data.markov import row_uniforms  # noqa: E402
 from experiments.configs import glue, lm_tfds  # noqa: E402
 from experiments.metrics import read_metrics  # noqa: E402
-from experiments.tokenizer import ByteTokenizer, HFTokenizer, get_tokenizer  # noqa: E402
+from experiments.data.tokenizer import ByteTokenizer, HFTokenizer, get_tokenizer  # noqa: E402
 
 TOK = ByteTokenizer()
 WORDS = "the of and to in a is that for it as was with be by on héllo wörld".split()

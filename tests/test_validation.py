@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import checks, experiment, reproduce, tfds_data
+from experiments import checks, experiment, reproduce
+from experiments.data import tfds as tfds_data
 from experiments.configs import classify, common, distill, glue, lm, lm_tfds, prune, quant
 
 

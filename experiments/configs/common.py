@@ -8,8 +8,9 @@ import inspect
 import ml_collections
 
 import models
-from experiments import encoder_data, methods
-from experiments import data as data_lib
+from experiments import methods
+from experiments.data import encoder as encoder_data
+from experiments.data import markov as data_lib
 
 # Sections that are whole run configs of their own (a classifier's MLM pretraining run, the
 # teacher a student distills from): their keys are checked against the same schema.
@@ -30,11 +31,11 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "markov"  # "markov" (synthetic, below) | "tfds" (data.tfds)
   c.data.tokenizer = "byte"  # "byte" | a Hugging Face tokenizer: Hub name or local directory
-  # The built-in synthetic language (experiments/data.py): an order-2 Markov source over
+  # The built-in synthetic language (experiments/data/markov.py): an order-2 Markov source over
   # 64 printable symbols with an exactly known entropy rate.
   c.data.markov = ml_collections.ConfigDict(dict(n_symbols=64, order=2, seed=0))
   c.data.stream = 0  # markov: which independent sample of the language the train steps read
-  # A TFDS dataset (experiments/tfds_data.py): packed text for lm / mlm (lm1b, c4/en),
+  # A TFDS dataset (experiments/data/tfds.py): packed text for lm / mlm (lm1b, c4/en),
   # glue/<task> for classify.
   c.data.tfds = ml_collections.ConfigDict(
     dict(

@@ -26,7 +26,7 @@ or be local directories (--config.data.tokenizer=/path --config.init_from=hf:/pa
 
 import math
 
-from experiments import tfds_data
+from experiments.data import tfds as tfds_data
 from experiments.configs import common
 
 # Train examples of each task in TFDS glue 2.0.0 (for epochs -> steps).

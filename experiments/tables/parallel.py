@@ -143,7 +143,8 @@ def run(config, workdir: str) -> dict:
 def measure(config, workdir: str) -> dict:
   """Compiles the arm's train step for XLA's memory analysis, then trains it from scratch
   (in workdir/train) and summarizes the throughput rows the train loop logged."""
-  from experiments import bench, experiment, train
+  from experiments import experiment, train
+  from experiments.bench import step as bench
   from experiments.metrics import read_metrics
 
   exp = experiment.build(config)

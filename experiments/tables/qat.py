@@ -15,7 +15,7 @@ reference after fine-tuning.
   fine-tuned 2,000 steps: about 2 hours on a TPU v4-8.
 """
 
-from experiments import data
+from experiments.data import markov as data
 from experiments.tables import Arm, Check, Report, copy, dense_lm, finetune, loss_key, paired_less
 
 TITLE = "Float vs PTQ vs QAT vs LSQ at 8/4/3/2 bits (Jacob et al.; Q8BERT; LSQ)"

@@ -3,13 +3,13 @@
 - `ClassifySource`: a GLUE-like classification task with an exact Bayes accuracy.
 - `mlm_mask` / `mlm_batch`: BERT masking.
 
-Same guarantees as experiments/data.py: every batch is a pure function of
+Same guarantees as experiments/data/markov.py: every batch is a pure function of
 (seed, split, step, row), so process slices concatenate to the global batch.
 """
 
 import numpy as np
 
-from experiments.data import (
+from experiments.data.markov import (
   ALPHABET,
   TOKENIZER,
   MarkovSource,

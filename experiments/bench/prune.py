@@ -1,7 +1,7 @@
 """Benchmarks pruning: step-time overhead of the masks over dense training, cost of mask updates.
 
-    python -m experiments.bench_prune                          # CPU: about 2.5 minutes (2 cores)
-    python -m experiments.bench_prune --preset gpt2-small --seq_len 1024 --every 50
+    python -m experiments.bench.prune                          # CPU: about 2.5 minutes (2 cores)
+    python -m experiments.bench.prune --preset gpt2-small --seq_len 1024 --every 50
 
 It measures, on the first device, at 90% sparsity (magnitude scores) and 2:4:
   steady  ms per train step (mean next-token cross-entropy of the decoder preset,

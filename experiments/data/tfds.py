@@ -17,7 +17,7 @@ fresh source) sees exactly the batches an uninterrupted run would. The replay co
 - GLUE: skipped inside tf.data (files read and shuffled, nothing tokenized): cheap.
 - Packed text: every document before `step` is read and tokenized again, since packing
   depends on token counts: resuming at step k re-tokenizes k x batch x (seq_len + 1) tokens.
-  `python -m experiments.tfds_data [tokenizer]` measures the rate on mocked documents: on two
+  `python -m experiments.data.tfds [tokenizer]` measures the rate on mocked documents: on two
   idle CPU cores 4-6M tokens/s with the byte tokenizer, 0.45M tokens/s with a byte-level BPE
   (GPT-2's kind; Hugging Face's tokenizer itself runs at 0.55M tokens/s there). E.g. resuming
   lm1b (512 x 129 tokens a step) at step 10k replays 660M tokens: about 25 minutes at
@@ -34,8 +34,8 @@ import time
 
 import numpy as np
 
-from experiments.data import _round4, row_uniforms
-from experiments.encoder_data import _mlm_from_uniforms
+from experiments.data.markov import _round4, row_uniforms
+from experiments.data.encoder import _mlm_from_uniforms
 
 # GLUE's classification tasks: their text features and number of classes.
 GLUE = {
@@ -232,7 +232,7 @@ class TextSource(_Source):
   float32 weights (ones) [b, seq_len], as MarkovSource.batch.
   task "mlm": [CLS] + seq_len - 1 tokens, BERT-masked with uniforms of (seed, split, step,
   global row) -> inputs, targets, weights, attention_mask, token_type_ids, as
-  encoder_data.mlm_batch; special tokens are never selected.
+  data.encoder.mlm_batch; special tokens are never selected.
 
   Eval: the eval split packed the same way, in order, not shuffled, never repeated.
   """
@@ -336,7 +336,7 @@ class GlueSource(_Source):
   """A GLUE classification task (glue/<task>): [CLS] a [SEP] (b [SEP]) (the tokenizer's own
   template for HF tokenizers), truncated and padded to seq_len -> int32 inputs,
   attention_mask, token_type_ids [b, seq_len], int32 label [b] and float32 weights [b]
-  (1: a real example, 0: a padding row), as encoder_data.ClassifySource.batch.
+  (1: a real example, 0: a padding row), as data.encoder.ClassifySource.batch.
 
   Train: shuffled, reshuffled each epoch, repeated. Eval: the whole eval split, read by
   every process (GLUE's are small) and cut into equal parts, in order; `eval_steps` batches
@@ -429,7 +429,7 @@ def _throughput(src: TextSource, steps: int) -> float:
 if __name__ == "__main__":
   import sys
 
-  from experiments.tokenizer import get_tokenizer
+  from experiments.data.tokenizer import get_tokenizer
 
   _, tfds = _tf()
   spec = sys.argv[1] if len(sys.argv) > 1 else "byte"

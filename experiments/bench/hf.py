@@ -1,7 +1,7 @@
 """Loading an HF checkpoint onto a mesh: time and the host memory it takes.
 
-    python -m experiments.bench_hf --preset=gpt2-medium          # a random one, made here
-    python -m experiments.bench_hf --checkpoint=/path/to/llama   # a real one
+    python -m experiments.bench.hf --preset=gpt2-medium          # a random one, made here
+    python -m experiments.bench.hf --checkpoint=/path/to/llama   # a real one
 
 Without --checkpoint it saves a randomly initialized transformers model of the preset's
 architecture first (needs torch). It then loads it with models.hf.from_pretrained onto a

@@ -1,7 +1,7 @@
 """Benchmarks int8 quantization: QAT training overhead, int8 matmul throughput, int8 serving.
 
-    python -m experiments.bench_quant                          # CPU: about 2 minutes (2 cores)
-    python -m experiments.bench_quant --preset gpt2-small --seq_len 1024 --dtype bfloat16
+    python -m experiments.bench.quant                          # CPU: about 2 minutes (2 cores)
+    python -m experiments.bench.quant --preset gpt2-small --seq_len 1024 --dtype bfloat16
 
 It measures, on the first device:
   train   ms per train step (mean next-token cross-entropy, value_and_grad, optax.adamw, state

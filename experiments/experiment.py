@@ -115,7 +115,9 @@ class Experiment:
       self.model.init({"params": init_rng}, example["inputs"], **self.inputs(example))
     )
     state = {"step": jnp.zeros((), jnp.int32), "params": variables.pop("params")}
-    extra = {m.name: m.init_extra(jax.random.fold_in(init_rng, i + 1)) for i, m in enumerate(self.methods)}
+    extra = {
+      m.name: m.init_extra(jax.random.fold_in(init_rng, i + 1)) for i, m in enumerate(self.methods)
+    }
     extra = {k: v for k, v in extra.items() if v}
     if extra:
       state["extra"] = extra

@@ -84,7 +84,9 @@ class TrainLog:
   def step(self, done: int, metrics: dict):
     if done == self.start + 1:  # compilation is not throughput
       jax.block_until_ready(metrics)
-      logging.info("First step (compilation included) took %.1fs", time.perf_counter() - self.clock[0])
+      logging.info(
+        "First step (compilation included) took %.1fs", time.perf_counter() - self.clock[0]
+      )
       self.restart(done)
     self.flush()
     t = self.config.train

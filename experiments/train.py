@@ -94,7 +94,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         logging.warning("Preempted: saved the checkpoint at step %d; rerun to resume.", done)
         raise parallel.Preempted(done)
       if stop:
-        logging.info("Stopping after %d steps (train.stop_after_steps); rerun to resume.", done - start)
+        logging.info(
+          "Stopping after %d steps (train.stop_after_steps); rerun to resume.", done - start
+        )
         break
     log.flush()
   finally:

@@ -72,7 +72,9 @@ def test_a_registered_method_runs_through_the_loop(l1_method, tmp_path):
   plain, state, _ = run_steps(c, 1, jax.devices()[:1])
   c.l1.update(method="l1", weight=1e-3)
   with_l1, _, exp = run_steps(c, 1, jax.devices()[:1])
-  norm = sum(float(np.abs(np.asarray(w)).sum()) for w in jax.tree.leaves(exp.init_state()[0]["params"]))
+  norm = sum(
+    float(np.abs(np.asarray(w)).sum()) for w in jax.tree.leaves(exp.init_state()[0]["params"])
+  )
   assert with_l1[0] == pytest.approx(plain[0] + 1e-3 * norm, rel=1e-5)
   row = train.train_and_evaluate(c, str(tmp_path))
   assert row["l1"] > 0 and "eval_loss" in row
@@ -102,7 +104,7 @@ def test_oneshot_gradient_scores_read_the_gradients(tiny_lm_run, score):
     return total, sums["weight"]
 
   grads = [jax.grad(loss, has_aux=True)(state["params"], exp.batch(i)) for i in range(2)]
-  mean = jax.tree.map(lambda a, b: (np.asarray(a) + np.asarray(b)), grads[0][0], grads[1][0])
+  mean = jax.tree.map(lambda a, b: np.asarray(a) + np.asarray(b), grads[0][0], grads[1][0])
   mean = jax.tree.map(lambda g: g / (float(grads[0][1]) + float(grads[1][1])), mean)
   after = exp.method("prune").prepare(run, state, fresh=True)["params"]
   kernel = ("layers_0", "mlp", "wi", "kernel")

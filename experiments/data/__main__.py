@@ -1,6 +1,6 @@
 """The synthetic source: speed, entropy rate, baselines and a sample.
 
-    python -m experiments.data
+python -m experiments.data
 """
 
 import time

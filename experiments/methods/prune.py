@@ -184,4 +184,6 @@ class Prune(Method):
     prune.save(directory, params, nm=g if isinstance(g, prune.NM) else None)
     row = run.evaluate(prune.load(directory), state.get("collections", {}))
     sparsity = dict(sparsity=rep["selected"]["sparsity"], sparsity_all=rep["all"]["sparsity"])
-    return export_row("sparse", row, directory, params, "sparse_bytes", prune.disk_bytes, **sparsity)
+    return export_row(
+      "sparse", row, directory, params, "sparse_bytes", prune.disk_bytes, **sparsity
+    )

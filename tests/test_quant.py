@@ -58,13 +58,13 @@ def test_quantized_dense_is_fake_quant_forward_and_ste_backward(config):
   def reference(kernel, x):
     reduce = (0, 1, 2) if config.act_granularity == "tensor" else (2,)
     bits, symmetric = config.act_bits, config.act_symmetric
-    lo, hi = qz.calibrate(x, reduce, bits=bits, symmetric=symmetric)
-    scale, zero = jax.tree.map(lax.stop_gradient, qz.scale_zero(lo, hi, bits, symmetric))
-    x_hat = qz.fake_quant(x, scale, zero, bits, symmetric)
+    lo, hi = qz.calibrate(lax.stop_gradient(x), reduce, bits=bits, symmetric=symmetric)
+    scale, zero = qz.scale_zero(lo, hi, bits, symmetric)
+    x_hat = qz.fake_quant(x, scale, zero, bits, symmetric, *qz.grid_range(lo, hi, symmetric))
     w, axes = (kernel, (0,)) if config.granularity == "channel" else (qz.tile(kernel, 0, 16), (1,))
-    lo, hi = qz.calibrate(w, axes, bits=config.bits, symmetric=True)
-    scale = lax.stop_gradient(qz.scale_zero(lo, hi, config.bits, True)[0])
-    w_hat = qz.fake_quant(w, scale, None, config.bits, True).reshape(kernel.shape)
+    lo, hi = qz.calibrate(lax.stop_gradient(w), axes, bits=config.bits, symmetric=True)
+    scale = qz.scale_zero(lo, hi, config.bits, True)[0]
+    w_hat = qz.fake_quant(w, scale, None, config.bits, True, lo, hi).reshape(kernel.shape)
     return lax.dot_general(x_hat, w_hat, (((2,), (0,)), ((), ())))
 
   @jax.jit

@@ -6,7 +6,7 @@
 `QuantDot` is created inside the calling layer's scope, so it knows the layer's path
 (`layers_3/mlp/wi`, `lm_head`; `layers/mlp/wi` when scanned) and the policy's first rule
 whose regex matches that path (`re.search`) decides: `None` keeps the layer float.
-The modes:
+The modes, one function each once the operands' grids are made:
 
   "train"      QAT (also PTQ evaluation): the forward is the integer computation below, the
                backward the straight-through gradient of the fake-quantized float dot
@@ -16,12 +16,18 @@ The modes:
 
 Its variables: "params" holds LSQ step sizes (w_step, a_step, b_step); "quant" holds the
 rule each layer matched (rule), static activation ranges (a_lo, a_hi, a_n) and the weight
-scales serving reads (w_scale: made at init, overwritten by "convert"). Weight scales take the logical axis names of the
-layer's kernel, so they shard with their weights.
+scales serving reads (w_scale: made at init, overwritten by "convert"). Weight scales take
+the logical axis names of the layer's kernel, so they shard with their weights.
+
+A quantizer is a grid (`quantizers.Grid`: scale, zero point and the range it covers, made by
+`_weight_grid` and `_act_grid`) and a fake quantizer with its straight-through gradient
+(picked in `_fake_quant`); train and serve run the integer dot where both operands are on
+integer grids, and a float dot of the fake-quantized operands otherwise.
 """
 
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -29,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from compress.quant import quantizers as qz
-from compress.quant.policy import Policy
+from compress.quant.policy import Policy, QuantConfig
 
 MODES = ("train", "calibrate", "convert", "serve")
 
@@ -68,6 +74,57 @@ def _to_out(s, batch, contract, n_other_free: int, lhs: bool):
   return s.reshape(s.shape + ones) if lhs else s.reshape(s.shape[:nb] + ones + s.shape[nb:])
 
 
+class _Dot(NamedTuple):
+  """One quantized dot's static facts: its operands' bits and grids, and the tiled layout.
+
+  Sub-channel weights: the last contracting axis K -> (K // tile, tile); the tile is
+  contracted, the tile count becomes a batch axis of the integer dot (summed after it).
+  """
+
+  cfg: QuantConfig
+  dims: tuple  # the dot's dimension_numbers
+  precision: object
+  preferred: object  # preferred_element_type
+  weight: bool  # rhs is a weight ("act_weight"), else a second activation ("act_act")
+  r_bits: int | None
+  a_sym: bool
+  r_sym: bool
+  tile: int | None
+  ldims: tuple  # (contracting, batch) axes of the tiled lhs
+  rdims: tuple  # (contracting, batch) axes of the tiled rhs
+  w_reduce: tuple  # the weight axes one scale spans (tiled layout)
+
+  def float_dot(self, a, b):
+    return lax.dot_general(a, b, self.dims, self.precision, self.preferred)
+
+
+def _plan(cfg, operands, dims, precision, preferred, rhs_ndim) -> _Dot:
+  (lc, rc), (lb, rb) = dims
+  weight = operands == "act_weight"
+  tile = cfg.granularity if (weight and isinstance(cfg.granularity, int)) else None
+  ldims, rdims = (lc, lb), (rc, rb)
+  if tile is not None:
+    ldims, rdims = _tiled_dims(ldims, lc[-1], tile), _tiled_dims(rdims, rc[-1], tile)
+  if cfg.granularity == "tensor":
+    w_reduce = tuple(range(rhs_ndim + (tile is not None)))
+  else:
+    w_reduce = rdims[0]
+  return _Dot(
+    cfg,
+    dims,
+    precision,
+    preferred,
+    weight,
+    r_bits=cfg.bits if weight else cfg.act_bits,
+    a_sym=cfg.act_symmetric and not cfg.lsq,
+    r_sym=(cfg.symmetric if weight else True) and not cfg.lsq,  # LSQ: the full signed grid
+    tile=tile,
+    ldims=ldims,
+    rdims=rdims,
+    w_reduce=w_reduce,
+  )
+
+
 class QuantDot(nn.Module):
   """lax.dot_general with fake-quantized (train) or integer (serve) operands.
 
@@ -79,20 +136,6 @@ class QuantDot(nn.Module):
   mode: str = "train"
   operands: str = "act_weight"
 
-  def _names(self, tile_axis, tile_size, reduce_axes, ndim):
-    """Logical names for a weight scale: the kernel's names, None on reduced/tile axes.
-
-    Read from the calling layer's boxed `kernel` at init (the only time names are needed).
-    """
-    box = self.parent.scope.get_variable("params", "kernel") if self.parent else None
-    names = getattr(box, "names", None)
-    if names is None or len(names) + (tile_size is not None) != ndim:
-      return None
-    names = list(names)
-    if tile_size is not None:
-      names.insert(tile_axis + 1, None)
-    return tuple(None if a in reduce_axes else n for a, n in enumerate(names))
-
   @nn.compact
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     if self.mode not in MODES:
@@ -101,173 +144,193 @@ class QuantDot(nn.Module):
     index, cfg = self.policy.match(layer)
     if self.is_initializing() and index is not None:
       self.variable("quant", "rule", lambda: jnp.int32(index))
-
-    def float_dot(a, b):
-      return lax.dot_general(a, b, dimension_numbers, precision, preferred_element_type)
-
     if cfg is None or (cfg.bits is None and cfg.act_bits is None):
-      return float_dot(lhs, rhs)
-    (lc, rc), (lb, rb) = dimension_numbers
-    weight = self.operands == "act_weight"
-    r_bits = cfg.bits if weight else cfg.act_bits
-    a_sym = cfg.act_symmetric and not cfg.lsq
-    r_sym = (cfg.symmetric if weight else True) and not cfg.lsq  # LSQ: full signed grid
-
-    # Sub-channel weights: the last contracting axis K -> (K // tile, tile); the tile is
-    # contracted, the tile count becomes a batch axis of the (serving) dot.
-    tile_size = cfg.granularity if (weight and isinstance(cfg.granularity, int)) else None
-    rhs_t, rdims, ldims = rhs, (rc, rb), (lc, lb)
-    if tile_size is not None:
+      return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+    d = _plan(cfg, self.operands, dimension_numbers, precision, preferred_element_type, rhs.ndim)
+    rhs_t = rhs
+    if d.tile is not None:
+      rc = dimension_numbers[0][1]
       try:
-        rhs_t = qz.tile(rhs.astype(jnp.int8) if rhs.dtype == jnp.int4 else rhs, rc[-1], tile_size)
+        rhs_t = qz.tile(rhs.astype(jnp.int8) if rhs.dtype == jnp.int4 else rhs, rc[-1], d.tile)
       except ValueError as e:
         raise ValueError(f"{layer}: {e}") from None
-      rdims = _tiled_dims((rc, rb), rc[-1], tile_size)
-      ldims = _tiled_dims((lc, lb), lc[-1], tile_size)
-    w_reduce = tuple(range(rhs_t.ndim)) if cfg.granularity == "tensor" else rdims[0]
 
-    memo = {}
-
-    def weight_scale(w):
-      """(scale, zero) of the weight, keepdims in the tiled layout (computed once)."""
-      if "w" not in memo:
-        memo["w"] = _weight_scale(w)
-      return memo["w"]
-
-    def _weight_scale(w):
-      if cfg.lsq:
-        names = self._names(rc[-1], tile_size, set(w_reduce), w.ndim)
-        init = lambda *_: qz.lsq_init(lax.stop_gradient(w), w_reduce, r_bits)  # noqa: E731
-        return self.param("w_step", _boxed(init, names)), None
-      lo, hi = qz.calibrate(
-        lax.stop_gradient(w), w_reduce, bits=r_bits, symmetric=r_sym, method=cfg.calibrator
-      )
-      return qz.scale_zero(lo, hi, r_bits, r_sym)
-
-    def act_scale(x, prefix, contract, symmetric):
-      """(scale, zero) of an activation, keepdims in x's layout."""
-      bits, shape = cfg.act_bits, (1,) * x.ndim
-      reduce = tuple(range(x.ndim)) if cfg.act_granularity == "tensor" else contract
-      if cfg.lsq:
-        init = lambda *_: qz.lsq_init(lax.stop_gradient(x), reduce, bits).reshape(())  # noqa: E731
-        return self.param(f"{prefix}_step", init).reshape(shape), None
-      if not cfg.act_static:
-        lo, hi = qz.calibrate(
-          lax.stop_gradient(x), reduce, bits=bits, symmetric=symmetric, method=cfg.act_calibrator
-        )
-        return qz.scale_zero(lo, hi, bits, symmetric)
-
-      # Static: one range per tensor, recorded by `calibrate` mode over N batches.
-      def batch_range():
-        lo, hi = qz.calibrate(x, reduce, bits=bits, symmetric=symmetric, method=cfg.act_calibrator)
-        return lo.reshape(()), hi.reshape(())
-
-      lo_v = self.variable("quant", f"{prefix}_lo", lambda: batch_range()[0])
-      hi_v = self.variable("quant", f"{prefix}_hi", lambda: batch_range()[1])
-      n_v = self.variable("quant", f"{prefix}_n", lambda: jnp.zeros((), jnp.float32))
-      if self.mode == "calibrate" and not self.is_initializing():
-        lo, hi = batch_range()
-        n = n_v.value
-        if cfg.act_calibrator == "absmax":  # the range over all batches
-          new_lo, new_hi = jnp.minimum(lo_v.value, lo), jnp.maximum(hi_v.value, hi)
-        else:  # percentile / mse: the mean of the per-batch ranges
-          new_lo, new_hi = (lo_v.value * n + lo) / (n + 1), (hi_v.value * n + hi) / (n + 1)
-        lo_v.value = jnp.where(n > 0, new_lo, lo)
-        hi_v.value = jnp.where(n > 0, new_hi, hi)
-        n_v.value = n + 1
-      scale, zero = qz.scale_zero(lo_v.value, hi_v.value, bits, symmetric)
-      return scale.reshape(shape), None if zero is None else zero.reshape(shape)
-
-    # The weight scale variable serving reads: created at init (with the kernel's logical
-    # names, so it shards with it), overwritten by `convert`.
-    if weight and r_bits is not None and self.is_initializing():
-      scale = weight_scale(rhs_t)[0]
-      names = self._names(rc[-1], tile_size, set(w_reduce), rhs_t.ndim)
-      self.variable("quant", "w_scale", _boxed(lambda *_: scale, names), None)
-
+    w = None if not d.weight or d.r_bits is None else self._weight(d, layer, rhs_t)
     if self.mode == "calibrate":
-      if cfg.act_bits is not None:
-        act_scale(lhs, "a", lc, a_sym)
-        if not weight:
-          act_scale(rhs, "b", rc, r_sym)
-      return float_dot(lhs, rhs)
-
+      return self._calibrate(d, lhs, rhs)
     if self.mode == "convert":
-      if weight and r_bits is not None:
-        scale, zero = weight_scale(rhs_t)
-        if zero is not None:
-          raise ValueError(
-            f"{layer}: conversion needs symmetric weights (the integer path has no weight "
-            "zero point); train with symmetric=True."
-          )
-        q = qz.quantize(rhs_t, scale, None, r_bits, r_sym).astype(jnp.int8).reshape(rhs.shape)
-        self.put_variable("quant", "w_scale", scale)
-        self.put_variable("quant", "w_int", q.astype(qz.storage_dtype(r_bits)))
-      return float_dot(lhs, rhs)
-
-    # The rhs scale: a weight's (dynamic, learned, or stored by `convert` for serving) or a
-    # second activation's.
-    r_scale = r_zero = None
-    if not weight:
-      r_scale, r_zero = act_scale(rhs, "b", rc, r_sym)
-    elif r_bits is not None and self.mode == "serve":
-      r_scale = self.get_variable("quant", "w_scale")
-      if r_scale is None:
-        raise ValueError(
-          f"{layer}: serve mode reads the weight scales `convert` stores; convert the model "
-          "first (compress.quant.convert)."
-        )
-    elif r_bits is not None:
-      r_scale, r_zero = weight_scale(rhs_t)
-    a_scale = a_zero = None
-    if cfg.act_bits is not None:
-      a_scale, a_zero = act_scale(lhs, "a", lc, a_sym)
-
+      return self._convert(d, layer, lhs, rhs, rhs_t, w)
+    r = w if d.weight else self._act_grid(d, rhs, "b", d.dims[0][1], d.r_sym)
+    a = None if cfg.act_bits is None else self._act_grid(d, lhs, "a", d.dims[0][0], d.a_sym)
     out_dtype = preferred_element_type or lhs.dtype
-    x_hat, r_hat = lhs, rhs  # the fake-quantized operands (train): what gradients see
-    if self.mode == "train":
-      if cfg.act_bits is not None:
-        g = None
-        if cfg.lsq:  # LSQ's activation gradient scale: N = features per token
-          g = 1.0 / math.sqrt(math.prod(lhs.shape[a] for a in lc) * qz.lsq_range(cfg.act_bits)[1])
-        x_hat = _fake_quant(lhs, a_scale, a_zero, cfg.act_bits, a_sym, cfg.lsq, g)
-      if r_bits is not None:
-        g = None
-        if cfg.lsq and not weight:
-          g = 1.0 / math.sqrt(math.prod(rhs.shape[a] for a in rc) * qz.lsq_range(r_bits)[1])
-        r_hat = _fake_quant(rhs_t, r_scale, r_zero, r_bits, r_sym, cfg.lsq, g).reshape(rhs.shape)
-      if cfg.act_bits is None or r_bits is None or r_zero is not None:
-        return float_dot(x_hat, r_hat)  # no integer form: weight- or activation-only, asymmetric w
-    elif cfg.act_bits is None or r_bits is None:  # serve, weight-only: dequantize, float dot
-      if r_bits is not None:
-        q_r = rhs_t if jnp.issubdtype(rhs_t.dtype, jnp.integer) else None
-        if q_r is None:
-          q_r = qz.quantize(rhs_t, r_scale, None, r_bits, r_sym)
-        r_hat = qz.dequantize(q_r, r_scale).reshape(rhs.shape).astype(lhs.dtype)
-      if cfg.act_bits is not None:
-        x_hat = qz.dequantize(
-          qz.quantize(lhs, a_scale, a_zero, cfg.act_bits, a_sym), a_scale, a_zero
-        )
-      return float_dot(x_hat.astype(lhs.dtype), r_hat).astype(out_dtype)
+    if self.mode == "serve":
+      return _serve(d, lhs, rhs, rhs_t, a, r).astype(out_dtype)
+    return _train(d, lhs, rhs, rhs_t, a, r, out_dtype)
 
-    # The integer forward, the same in train and serve (so they agree bit for bit): int8
-    # codes, an int32 accumulation, then the scales. In training the gradient is the
-    # fake-quant one, d dot(x_hat, w_hat) (the straight-through estimator).
-    if jnp.issubdtype(rhs_t.dtype, jnp.integer):
-      q_r = rhs_t.astype(jnp.int8)
-    else:
-      q_r = qz.quantize(rhs_t, r_scale, r_zero, r_bits, r_sym).astype(jnp.int8)
-    lhs_t = lhs
-    if tile_size is not None:
-      lhs_t = qz.tile(lhs, lc[-1], tile_size)
-      a_scale = jnp.expand_dims(a_scale, lc[-1] + 1)
-      a_zero = None if a_zero is None else jnp.expand_dims(a_zero, lc[-1] + 1)
-    q_l = qz.quantize(lhs_t, a_scale, a_zero, cfg.act_bits, a_sym).astype(jnp.int8)
-    y = _int_dot(q_l, q_r, a_scale, a_zero, r_scale, ldims, rdims, tile_size is not None, len(lb))
-    y = lax.stop_gradient(y)
-    if self.mode == "train":
-      y = _ste_dot(x_hat, r_hat, y, dimension_numbers, precision)
-    return y.astype(out_dtype)
+  # The grids: weights' (learned, from their range, or stored for serving), activations'.
+
+  def _weight(self, d: _Dot, layer, w) -> qz.Grid | None:
+    """The weight's grid as this mode needs it (serve: the scale `convert` stored). At init
+    it also makes the stored scale, with the kernel's logical names (so it shards with it)."""
+    grid = None
+    if self.is_initializing() or self.mode in ("train", "convert"):
+      grid = self._weight_grid(d, w)
+    if self.is_initializing():
+      scale = grid.scale
+      self.variable("quant", "w_scale", _boxed(lambda *_: scale, self._names(d, w.ndim)), None)
+    if self.mode != "serve":
+      return grid
+    scale = self.get_variable("quant", "w_scale")
+    if scale is None:
+      raise ValueError(
+        f"{layer}: serve mode reads the weight scales `convert` stores; convert the model "
+        "first (compress.quant.convert)."
+      )
+    return qz.Grid(scale)
+
+  def _weight_grid(self, d: _Dot, w) -> qz.Grid:
+    """The weight's grid in the tiled layout: its learned step (LSQ) or its range's."""
+    if d.cfg.lsq:
+      init = lambda *_: qz.lsq_init(lax.stop_gradient(w), d.w_reduce, d.r_bits)  # noqa: E731
+      return qz.Grid(self.param("w_step", _boxed(init, self._names(d, w.ndim))))
+    lo, hi = qz.calibrate(
+      lax.stop_gradient(w), d.w_reduce, bits=d.r_bits, symmetric=d.r_sym, method=d.cfg.calibrator
+    )
+    return qz.int_grid(lo, hi, d.r_bits, d.r_sym)
+
+  def _names(self, d: _Dot, ndim):
+    """Logical names for a weight scale: the kernel's names, None on reduced/tile axes.
+
+    Read from the calling layer's boxed `kernel` at init (the only time names are needed).
+    """
+    box = self.parent.scope.get_variable("params", "kernel") if self.parent else None
+    names = getattr(box, "names", None)
+    if names is None or len(names) + (d.tile is not None) != ndim:
+      return None
+    names = list(names)
+    if d.tile is not None:
+      names.insert(d.dims[0][1][-1] + 1, None)
+    return tuple(None if a in d.w_reduce else n for a, n in enumerate(names))
+
+  def _act_grid(self, d: _Dot, x, prefix, contract, symmetric) -> qz.Grid:
+    """An activation's grid, keepdims in x's layout: learned (LSQ), per call, or static."""
+    cfg, bits, shape = d.cfg, d.cfg.act_bits, (1,) * x.ndim
+    reduce = tuple(range(x.ndim)) if cfg.act_granularity == "tensor" else contract
+    if cfg.lsq:
+      init = lambda *_: qz.lsq_init(lax.stop_gradient(x), reduce, bits).reshape(())  # noqa: E731
+      return qz.Grid(self.param(f"{prefix}_step", init).reshape(shape))
+    if not cfg.act_static:
+      lo, hi = qz.calibrate(
+        lax.stop_gradient(x), reduce, bits=bits, symmetric=symmetric, method=cfg.act_calibrator
+      )
+      return qz.int_grid(lo, hi, bits, symmetric)
+    lo, hi = self._static_range(x, prefix, reduce, bits, symmetric, cfg.act_calibrator)
+    return jax.tree.map(lambda a: a.reshape(shape), qz.int_grid(lo, hi, bits, symmetric))
+
+  def _static_range(self, x, prefix, reduce, bits, symmetric, method):
+    """One range per tensor ("quant": {prefix}_lo, _hi), recorded by "calibrate" mode over N
+    batches ({prefix}_n): absmax keeps the range over all of them, percentile and mse the mean
+    of the per-batch ranges."""
+    def batch_range():
+      lo, hi = qz.calibrate(x, reduce, bits=bits, symmetric=symmetric, method=method)
+      return lo.reshape(()), hi.reshape(())
+
+    lo_v = self.variable("quant", f"{prefix}_lo", lambda: batch_range()[0])
+    hi_v = self.variable("quant", f"{prefix}_hi", lambda: batch_range()[1])
+    n_v = self.variable("quant", f"{prefix}_n", lambda: jnp.zeros((), jnp.float32))
+    if self.mode == "calibrate" and not self.is_initializing():
+      lo, hi = batch_range()
+      n = n_v.value
+      if method == "absmax":
+        new_lo, new_hi = jnp.minimum(lo_v.value, lo), jnp.maximum(hi_v.value, hi)
+      else:
+        new_lo, new_hi = (lo_v.value * n + lo) / (n + 1), (hi_v.value * n + hi) / (n + 1)
+      lo_v.value = jnp.where(n > 0, new_lo, lo)
+      hi_v.value = jnp.where(n > 0, new_hi, hi)
+      n_v.value = n + 1
+    return lo_v.value, hi_v.value
+
+  # The modes after the grids: calibrate and convert run the float dot; serve and train the
+  # integer one where both operands are on integer grids.
+
+  def _calibrate(self, d: _Dot, lhs, rhs):
+    """A float forward that records the static activation ranges."""
+    if d.cfg.act_bits is not None:
+      self._act_grid(d, lhs, "a", d.dims[0][0], d.a_sym)
+      if not d.weight:
+        self._act_grid(d, rhs, "b", d.dims[0][1], d.r_sym)
+    return d.float_dot(lhs, rhs)
+
+  def _convert(self, d: _Dot, layer, lhs, rhs, rhs_t, w):
+    """A float forward that stores the weight's integer codes and scales ("quant")."""
+    if w is not None:
+      if w.zero is not None:
+        raise ValueError(
+          f"{layer}: conversion needs symmetric weights (the integer path has no weight "
+          "zero point); train with symmetric=True."
+        )
+      q = qz.quantize(rhs_t, w.scale, None, d.r_bits, d.r_sym).astype(jnp.int8)
+      self.put_variable("quant", "w_scale", w.scale)
+      self.put_variable("quant", "w_int", q.reshape(rhs.shape).astype(qz.storage_dtype(d.r_bits)))
+    return d.float_dot(lhs, rhs)
+
+
+def _train(d: _Dot, lhs, rhs, rhs_t, a, r, out_dtype):
+  """QAT: the integer forward (as served), with the gradient of the fake-quantized float dot
+  (the straight-through estimator); the fake-quantized dot itself where there is no integer
+  form (weight- or activation-only, asymmetric weights)."""
+  (lc, rc), _ = d.dims
+  x_hat, r_hat = lhs, rhs  # what gradients see
+  if a is not None:
+    x_hat = _fake_quant(d, lhs, a, d.cfg.act_bits, d.a_sym, _lsq_act_grad_scale(d, lhs, lc))
+  if r is not None:
+    g = None if d.weight else _lsq_act_grad_scale(d, rhs, rc)
+    r_hat = _fake_quant(d, rhs_t, r, d.r_bits, d.r_sym, g).reshape(rhs.shape)
+  if a is None or r is None or r.zero is not None:
+    return d.float_dot(x_hat, r_hat)
+  y = lax.stop_gradient(_int_forward(d, lhs, rhs_t, a, r))
+  return _ste_dot(x_hat, r_hat, y, d.dims, d.precision).astype(out_dtype)
+
+
+def _serve(d: _Dot, lhs, rhs, rhs_t, a, r):
+  """The integer forward; weight- or activation-only: dequantized operands, a float dot."""
+  if a is not None and r is not None:
+    return _int_forward(d, lhs, rhs_t, a, r)
+  x_hat, r_hat = lhs, rhs
+  if r is not None:
+    q_r = rhs_t if jnp.issubdtype(rhs_t.dtype, jnp.integer) else None
+    if q_r is None:
+      q_r = qz.quantize(rhs_t, r.scale, None, d.r_bits, d.r_sym)
+    r_hat = qz.dequantize(q_r, r.scale).reshape(rhs.shape).astype(lhs.dtype)
+  if a is not None:
+    q_l = qz.quantize(lhs, a.scale, a.zero, d.cfg.act_bits, d.a_sym)
+    x_hat = qz.dequantize(q_l, a.scale, a.zero)
+  return d.float_dot(x_hat.astype(lhs.dtype), r_hat)
+
+
+def _int_forward(d: _Dot, lhs, rhs_t, a, r):
+  """The integer forward, the same in train and serve (so they agree bit for bit): int8 codes,
+  an int32 accumulation, then the scales."""
+  if jnp.issubdtype(rhs_t.dtype, jnp.integer):
+    q_r = rhs_t.astype(jnp.int8)
+  else:
+    q_r = qz.quantize(rhs_t, r.scale, r.zero, d.r_bits, d.r_sym).astype(jnp.int8)
+  lhs_t, a_scale, a_zero = lhs, a.scale, a.zero
+  if d.tile is not None:
+    at = d.dims[0][0][-1]
+    lhs_t = qz.tile(lhs, at, d.tile)
+    a_scale = jnp.expand_dims(a_scale, at + 1)
+    a_zero = None if a_zero is None else jnp.expand_dims(a_zero, at + 1)
+  q_l = qz.quantize(lhs_t, a_scale, a_zero, d.cfg.act_bits, d.a_sym).astype(jnp.int8)
+  n_batch = len(d.dims[1][0])
+  return _int_dot(q_l, q_r, a_scale, a_zero, r.scale, d.ldims, d.rdims, d.tile is not None, n_batch)
+
+
+def _lsq_act_grad_scale(d: _Dot, x, contract):
+  """LSQ's gradient scale of an activation step: N = the features per token."""
+  if not d.cfg.lsq:
+    return None
+  return 1.0 / math.sqrt(math.prod(x.shape[a] for a in contract) * qz.lsq_range(d.cfg.act_bits)[1])
 
 
 def _int_dot(q_l, q_r, a_scale, a_zero, r_scale, ldims, rdims, tiled: bool, n_batch: int):
@@ -312,7 +375,8 @@ def _boxed(init, names):
   return init if names is None else nn.with_logical_partitioning(init, names)
 
 
-def _fake_quant(x, scale, zero, bits, symmetric, lsq, grad_scale=None):
-  if lsq:
-    return qz.lsq_fake_quant(x, scale, bits, grad_scale)
-  return qz.fake_quant(x, scale, zero, bits, symmetric)
+def _fake_quant(d: _Dot, x, grid: qz.Grid, bits, symmetric, lsq_grad_scale=None):
+  """x quantized on `grid` forward, the quantizer's straight-through gradient backward."""
+  if d.cfg.lsq:
+    return qz.lsq_fake_quant(x, grid.scale, bits, lsq_grad_scale)
+  return qz.fake_quant(x, grid.scale, grid.zero, bits, symmetric, grid.lo, grid.hi)

@@ -14,7 +14,9 @@ Grids (Jacob et al.; Esser et al. for LSQ), for b bits:
 """
 
 from collections.abc import Sequence
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,20 +69,46 @@ def _keepdims(stat: jax.Array, x: jax.Array, reduce_axes: Sequence[int]) -> jax.
   return stat.reshape(tuple(1 if a in reduce_axes else n for a, n in enumerate(x.shape)))
 
 
+def grid_range(lo, hi, symmetric: bool):
+  """The range a grid for [lo, hi] covers: widened to hold 0, and symmetric about 0 if
+  `symmetric`. The straight-through gradient passes inside it."""
+  lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+  if symmetric:
+    amax = jnp.maximum(-lo, hi)
+    return -amax, amax
+  return lo, hi
+
+
 def scale_zero(lo, hi, bits: int, symmetric: bool):
   """(scale, zero point) mapping the range [lo, hi] onto the grid; zero is None if symmetric.
 
   The range is widened to contain 0 (so 0 is exact). An all-zero group gets scale 1.
   """
   q_min, q_max = int_range(bits, symmetric)
-  lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+  lo, hi = grid_range(lo, hi, symmetric)
   if symmetric:
-    scale = jnp.maximum(-lo, hi) / q_max
+    scale = hi / q_max
     return jnp.where(scale > 0, scale, 1.0), None
   scale = (hi - lo) / (q_max - q_min)
   scale = jnp.where(scale > 0, scale, 1.0)
   zero = jnp.clip(jnp.round(q_min - lo / scale), q_min, q_max)
   return scale, zero
+
+
+class Grid(NamedTuple):
+  """A tensor's grid, keepdims per group: x_hat = scale (q - zero) (zero None: symmetric), and
+  the range [lo, hi] it was set for, where the straight-through gradient passes (None: the
+  range the grid spans). LSQ's grid is its learned step alone."""
+
+  scale: jax.Array
+  zero: jax.Array | None = None
+  lo: jax.Array | None = None
+  hi: jax.Array | None = None
+
+
+def int_grid(lo, hi, bits: int, symmetric: bool) -> Grid:
+  """The integer grid for the range [lo, hi] (`scale_zero`), with the range it covers."""
+  return Grid(*scale_zero(lo, hi, bits, symmetric), *grid_range(lo, hi, symmetric))
 
 
 def quantize(x, scale, zero, bits: int, symmetric: bool) -> jax.Array:
@@ -97,18 +125,53 @@ def dequantize(q, scale, zero=None) -> jax.Array:
   return scale * (q if zero is None else q - zero)
 
 
-def fake_quant(x, scale, zero, bits: int, symmetric: bool) -> jax.Array:
+# The straight-through estimator (STE): quantization forward, a gradient of 1 backward inside
+# the range the grid was set for, bounds included, and 0 outside. The bounds are compared with
+# a slack of a few float32 ulps, so the element that set an absmax range counts as inside even
+# when its scale (or a bound computed from it) rounded a little low.
+_SLACK = 4 * float(jnp.finfo(jnp.float32).eps)
+
+
+def within(x, lo, hi) -> jax.Array:
+  """lo <= x <= hi up to _SLACK (relative to each bound), in float32."""
+  x = x.astype(jnp.float32)
+  return (x >= lo - _SLACK * jnp.abs(lo)) & (x <= hi + _SLACK * jnp.abs(hi))
+
+
+@jax.custom_vjp
+def straight_through(x, x_hat, lo, hi):
+  """x_hat (x quantized) forward; backward the gradient of x where lo <= x <= hi (`within`)
+  and 0 elsewhere. x_hat, lo and hi get no gradient."""
+  del lo, hi
+  return x_hat.astype(x.dtype)
+
+
+def _straight_through_fwd(x, x_hat, lo, hi):
+  return straight_through(x, x_hat, lo, hi), within(x, lo, hi)
+
+
+def _straight_through_bwd(inside, g):
+  return jnp.where(inside, g, jnp.zeros_like(g)), None, None, None
+
+
+straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)
+
+
+def fake_quant(x, scale, zero, bits: int, symmetric: bool, lo=None, hi=None) -> jax.Array:
   """dequantize(quantize(x)) forward; straight-through gradient backward.
 
-  The gradient is the identity inside the representable range [s (q_min - z), s (q_max - z)]
-  and zero outside (the clipped STE). Stop the gradient of `scale` yourself when it is a
-  function of x (dynamic ranges), as QAT does.
+  The gradient is the identity for x in [lo, hi], bounds included, and zero outside (the
+  clipped STE). Pass the calibrated range (`grid_range(lo, hi, symmetric)`): with a rounded
+  zero point an end of it may lie up to half a step outside the grid, and it still passes.
+  Without it: the range the grid spans, [s (q_min - z), s (q_max - z)]. The scale gets no
+  gradient (LSQ learns it: `lsq_fake_quant`).
   """
-  q_min, q_max = int_range(bits, symmetric)
-  z = 0.0 if zero is None else zero
-  clipped = jnp.clip(x, scale * (q_min - z), scale * (q_max - z)).astype(jnp.float32)
+  if lo is None:
+    q_min, q_max = int_range(bits, symmetric)
+    z = 0.0 if zero is None else zero
+    lo, hi = scale * (q_min - z), scale * (q_max - z)
   x_hat = dequantize(quantize(x, scale, zero, bits, symmetric), scale, zero)
-  return (clipped + lax.stop_gradient(x_hat - clipped)).astype(x.dtype)
+  return straight_through(x, lax.stop_gradient(x_hat), *map(lax.stop_gradient, (lo, hi)))
 
 
 # Calibrators: a tensor -> the range [lo, hi] of each group (shaped to broadcast against x).
@@ -185,23 +248,44 @@ def lsq_grad_scale(v, step, bits: int) -> float:
   return 1.0 / math.sqrt((v.size // max(step.size, 1)) * q_p)
 
 
-def _scale_grad(x, g):
-  """x forward, g * dL/dx backward."""
-  return x * g + lax.stop_gradient(x - x * g)
-
-
-def _round_ste(x):
-  return x + lax.stop_gradient(jnp.round(x) - x)
-
-
 def lsq_fake_quant(v, step, bits: int, grad_scale: float | None = None) -> jax.Array:
-  """v_hat = clip(round(v / s), -Q_N, Q_P) * s with LSQ's gradients.
+  """v_hat = clip(round(v / s), -Q_N, Q_P) * s with LSQ's gradients (Esser et al., eq. 3).
 
-  dv_hat/dv = 1 inside the range, 0 outside; dv_hat/ds = round(v/s) - v/s inside, -Q_N or
-  Q_P outside, times g (default 1 / sqrt(N * Q_P)).
+  dv_hat/dv = 1 for v / s in [-Q_N, Q_P] (bounds included, up to `within`'s slack), 0
+  outside; dv_hat/ds = round(v/s) - v/s for -Q_N < v/s < Q_P, -Q_N or Q_P at or beyond the
+  ends, times g (default 1 / sqrt(N * Q_P)).
   """
-  q_n, q_p = lsq_range(bits)
   g = lsq_grad_scale(v, step, bits) if grad_scale is None else grad_scale
-  s = _scale_grad(step, g)
-  v_bar = _round_ste(jnp.clip(v.astype(jnp.float32) / s, -q_n, q_p))
-  return (v_bar * s).astype(v.dtype)
+  return _lsq(v, step, bits, g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _lsq(v, step, bits, g):
+  del g
+  q_n, q_p = lsq_range(bits)
+  v_bar = jnp.clip(jnp.round(v.astype(jnp.float32) / step), -q_n, q_p)
+  return (v_bar * step).astype(v.dtype)
+
+
+def _lsq_fwd(v, step, bits, g):
+  return _lsq(v, step, bits, g), (v, step)
+
+
+def _lsq_bwd(bits, g, res, ct):
+  v, step = res
+  q_n, q_p = lsq_range(bits)
+  r = v.astype(jnp.float32) / step
+  ct = ct.astype(jnp.float32)
+  grad_v = jnp.where(within(r, -q_n, q_p), ct, 0.0)
+  ds = jnp.where(r <= -q_n, -q_n, jnp.where(r >= q_p, q_p, jnp.round(r) - r))
+  return grad_v.astype(v.dtype), _sum_to(g * ds * ct, step.shape).astype(step.dtype)
+
+
+_lsq.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+def _sum_to(x, shape) -> jax.Array:
+  """x summed down to `shape`, which broadcasts to x's shape (the gradient of a broadcast)."""
+  lead = x.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(lead + a for a, n in enumerate(shape) if n == 1)
+  return jnp.sum(x, axis=axes, keepdims=True).reshape(shape)

@@ -37,10 +37,13 @@ K, N = 64, 8
     QuantConfig(granularity=16),
     QuantConfig(bits=4, act_bits=6, granularity=16, act_granularity="token"),
     QuantConfig(act_symmetric=False, granularity=16),
+    QuantConfig(bits=4, act_bits=None, symmetric=False, granularity="tensor"),
   ],
-  ids=["channel", "tile16", "int4-tile16-token", "asymmetric-act-tile16"],
+  ids=["channel", "tile16", "int4-tile16-token", "asymmetric-act-tile16", "w4-asymmetric-tensor"],
 )
 def test_quantized_dense_is_fake_quant_forward_and_ste_backward(config):
+  """The forward is the fake-quantized dot; the backward passes the full gradient to every
+  element of both operands, each group's largest weight and activation included."""
   layer = Dense(
     N,
     ("embed", "mlp"),
@@ -55,27 +58,30 @@ def test_quantized_dense_is_fake_quant_forward_and_ste_backward(config):
   def quantized(kernel, x):
     return layer.apply({"params": {"kernel": kernel}}, x)
 
-  def reference(kernel, x):
-    reduce = (0, 1, 2) if config.act_granularity == "tensor" else (2,)
-    bits, symmetric = config.act_bits, config.act_symmetric
-    lo, hi = qz.calibrate(lax.stop_gradient(x), reduce, bits=bits, symmetric=symmetric)
+  def fake_quant(x, axes, bits, symmetric):
+    lo, hi = qz.calibrate(lax.stop_gradient(x), axes, bits=bits, symmetric=symmetric)
     scale, zero = qz.scale_zero(lo, hi, bits, symmetric)
-    x_hat = qz.fake_quant(x, scale, zero, bits, symmetric, *qz.grid_range(lo, hi, symmetric))
-    w, axes = (kernel, (0,)) if config.granularity == "channel" else (qz.tile(kernel, 0, 16), (1,))
-    lo, hi = qz.calibrate(lax.stop_gradient(w), axes, bits=config.bits, symmetric=True)
-    scale = qz.scale_zero(lo, hi, config.bits, True)[0]
-    w_hat = qz.fake_quant(w, scale, None, config.bits, True, lo, hi).reshape(kernel.shape)
-    return lax.dot_general(x_hat, w_hat, (((2,), (0,)), ((), ())))
+    return qz.fake_quant(x, scale, zero, bits, symmetric, *qz.grid_range(lo, hi, symmetric))
+
+  def reference(kernel, x):
+    if config.act_bits is not None:
+      reduce = (0, 1, 2) if config.act_granularity == "tensor" else (2,)
+      x = fake_quant(x, reduce, config.act_bits, config.act_symmetric)
+    w, axes = kernel, (0,) if config.granularity == "channel" else (0, 1)
+    if isinstance(config.granularity, int):
+      w, axes = qz.tile(kernel, 0, 16), (1,)
+    w_hat = fake_quant(w, axes, config.bits, config.symmetric).reshape(kernel.shape)
+    return lax.dot_general(x, w_hat, (((2,), (0,)), ((), ()))), (x, w_hat)
 
   @jax.jit
   def run(kernel, x):
     out = {}
-    for name, f in [("quantized", quantized), ("reference", reference)]:
+    for name, f in [("quantized", quantized), ("reference", lambda k, x: reference(k, x)[0])]:
       y, vjp = jax.vjp(f, kernel, x)
       out[name] = (y, *vjp(probe))
-    return out, x @ kernel
+    return out, x @ kernel, reference(kernel, x)[1]
 
-  out, exact = jax.tree.map(np.asarray, run(kernel, x))
+  out, exact, (x_hat, w_hat) = jax.tree.map(np.asarray, run(kernel, x))
   y, grad_kernel, grad_x = out["quantized"]
   y_ref, grad_kernel_ref, grad_x_ref = out["reference"]
   top = np.abs(y_ref).max()
@@ -83,9 +89,14 @@ def test_quantized_dense_is_fake_quant_forward_and_ste_backward(config):
   assert np.abs(y - exact).max() > 1e-3 * top  # it really is quantized
   np.testing.assert_allclose(grad_kernel, grad_kernel_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(grad_x, grad_x_ref, rtol=1e-5, atol=1e-5)
-  # The kernel's gradient is taken at the quantized input, not the float one.
-  float_grad = np.einsum("blk,bln->kn", np.asarray(x), np.asarray(probe))
-  assert np.abs(grad_kernel - float_grad).max() > 1e-3 * np.abs(float_grad).max()
+  # The straight-through gradient of x_hat . w_hat, nothing masked: every element lies in
+  # its group's absmax range.
+  full_kernel = np.einsum("blk,bln->kn", x_hat, np.asarray(probe))
+  np.testing.assert_allclose(grad_kernel, full_kernel, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad_x, np.asarray(probe) @ w_hat.T, rtol=1e-5, atol=1e-6)
+  if config.act_bits is not None:  # the kernel's gradient is taken at the quantized input
+    float_grad = np.einsum("blk,bln->kn", np.asarray(x), np.asarray(probe))
+    assert np.abs(grad_kernel - float_grad).max() > 1e-3 * np.abs(float_grad).max()
 
 
 @pytest.mark.parametrize("calibrator", ["absmax", "percentile"])
@@ -112,19 +123,32 @@ def test_static_ranges_are_calibrated_over_batches_and_used_in_training(calibrat
   assert float(state["a_n"]) == 2.0
   np.testing.assert_allclose([state["a_lo"], state["a_hi"]], [lo, hi], rtol=1e-5)
 
+  # Two activations exactly on the calibrated range's ends: they get the full gradient.
+  x = np.asarray(x).copy()
+  x[0, 0, :2] = state["a_lo"], state["a_hi"]
+  inside = (x >= state["a_lo"]) & (x <= state["a_hi"])
+  probe = f32(rng.normal(size=(B, 3, N)))
+
   @jax.jit
   def train_and_reference(variables, x):
-    y = dense(config, "train", N, use_bias=True).apply(variables, x)
+    apply = dense(config, "train", N, use_bias=True).apply
+    y, vjp = jax.vjp(lambda x: apply(variables, x), x)
     state, kernel = variables["quant"]["QuantDot_0"], variables["params"]["kernel"]
     scale, zero = qz.scale_zero(state["a_lo"], state["a_hi"], 8, False)
     x_hat = qz.fake_quant(x, scale, zero, 8, False)
     w_scale, _ = qz.scale_zero(*qz.calibrate(kernel, (0,), bits=8, symmetric=True), 8, True)
     w_hat = qz.fake_quant(kernel, w_scale, None, 8, True)
-    return y, x_hat @ w_hat + variables["params"]["bias"], x_hat
+    return y, vjp(probe)[0], x_hat @ w_hat + variables["params"]["bias"], x_hat, w_hat
 
-  y, expected, x_hat = jax.tree.map(np.asarray, train_and_reference(variables, x))
+  y, grad_x, expected, x_hat, w_hat = jax.tree.map(
+    np.asarray, train_and_reference(variables, f32(x))
+  )
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-  assert np.abs(x_hat - np.asarray(x)).max() > 1.0  # x was clipped to the static range
+  assert np.abs(x_hat - x).max() > 1.0  # x was clipped to the static range
+  # Outside the calibrated range no gradient; inside and on its ends the full one.
+  assert inside[0, 0, :2].all() and 0 < (~inside).sum() < x.size / 2
+  full = np.asarray(probe) @ w_hat.T
+  np.testing.assert_allclose(grad_x, np.where(inside, full, 0.0), rtol=1e-5, atol=1e-6)
 
 
 # Whole models: the QAT forward and the converted integer model agree bit for bit.

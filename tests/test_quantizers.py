@@ -90,6 +90,7 @@ def test_codes_and_fake_quant_lie_on_the_grid(granularity, symmetric):
     codes = r["fake"] / r["scale"] + r["zero"]  # fake_quant(x) = s (q - z)
     np.testing.assert_allclose(codes, np.round(codes), atol=1e-4)
     np.testing.assert_allclose(codes, q, atol=1e-4)
+    np.testing.assert_array_equal(r["fake"], r["deq"])  # fake_quant is the dequantized codes
     assert np.abs(r["fake"] - np.asarray(x)).max() > 0  # not the identity
 
 
@@ -173,6 +174,70 @@ def test_ste_gradient_is_one_inside_the_range_and_zero_outside(symmetric):
   np.testing.assert_array_equal(grad, np.where(inside, 1.0, 0.0))
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "tile"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_ste_passes_the_full_gradient_to_each_groups_largest_element(granularity, symmetric, jit):
+  """d/dw sum(g * fake_quant(w)) = g everywhere: absmax scaling puts each group's largest
+  element on the end of its range (jnp.clip's gradient there is 0.5), a scale one ulp low
+  puts it just beyond (gradient 0), and so does the asymmetric grid's rounded zero point."""
+  rng = np.random.RandomState(0)
+  w, axes = groups(f32(0.1 * rng.normal(size=SHAPE)), granularity)
+  g = f32(rng.normal(size=w.shape))
+
+  def grads(w, g):
+    out = {}
+    for bits in (3, 8):
+      lo, hi = qz.calibrate(w, axes, bits=bits, symmetric=symmetric)
+      scale, zero = qz.scale_zero(lo, hi, bits, symmetric)
+      bounds = qz.grid_range(lo, hi, symmetric)
+      for name, s in [("scale", scale), ("one ulp low", jnp.nextafter(scale, 0.0))]:
+        out[bits, name] = jax.grad(
+          lambda w: jnp.sum(g * qz.fake_quant(w, s, zero, bits, symmetric, *bounds))
+        )(w)
+        if symmetric:  # without the range: the one the scale implies
+          out[bits, name, "implied"] = jax.grad(
+            lambda w: jnp.sum(g * qz.fake_quant(w, s, None, bits, True))
+          )(w)
+        q_min, q_max = qz.int_range(bits, symmetric)
+        z = 0.0 if zero is None else zero
+        out[bits, name, "past the grid"] = (w < s * (q_min - z)) | (w > s * (q_max - z))
+    return out
+
+  out = jax.tree.map(np.asarray, (jax.jit(grads) if jit else grads)(w, g))
+  for key, x in out.items():
+    if key[-1] != "past the grid":
+      np.testing.assert_array_equal(x, np.asarray(g), err_msg=str(key))
+    elif key[1] == "one ulp low" or not symmetric:  # elements past the grid's ends do occur
+      assert x.any(), key
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_ste_on_a_static_range_passes_inside_and_on_its_ends_only(symmetric):
+  """A calibrated range [lo, hi]: an activation on either end gets the full gradient, one
+  outside it none, even half a step out, where it still rounds to the grid's end."""
+  lo, hi = np.float32(-1.3), np.float32(2.1)
+  if symmetric:
+    lo = -hi
+  bits = 8
+  scale, zero = qz.scale_zero(f32(lo), f32(hi), bits, symmetric)
+  step = float(scale)
+  x = np.array(
+    [lo - 1, lo - step / 2, lo * (1 + 1e-5), lo, lo * (1 - 1e-5), 0, hi * (1 - 1e-5), hi]
+    + [hi * (1 + 1e-5), hi + step / 2, hi + 1],
+    np.float32,
+  )
+  inside = (x >= lo) & (x <= hi)
+
+  @jax.jit
+  def grad(x, lo, hi):
+    return jax.grad(lambda x: jnp.sum(qz.fake_quant(x, scale, zero, bits, symmetric, lo, hi)))(x)
+
+  grad_x = np.asarray(grad(f32(x), f32(lo), f32(hi)))
+  np.testing.assert_array_equal(grad_x, inside.astype(np.float32))
+  assert inside.sum() == 5 and (~inside).sum() == 6
+
+
 def test_per_channel_beats_per_tensor_on_outlier_channels():
   rng = np.random.RandomState(0)
   w = 0.02 * rng.normal(size=SHAPE)
@@ -246,3 +311,26 @@ def test_lsq_gradients_match_the_paper(per_channel):
   expected = g * per_element.sum(axis=0, keepdims=True) if per_channel else g * per_element.sum()
   assert grad_s.shape == step.shape
   np.testing.assert_allclose(grad_s, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lsq_gradients_on_the_grid_ends():
+  """v / s on -Q_N or Q_P (or a hair past them, a step rounded one ulp low): v gets the full
+  gradient; s gets -Q_N or Q_P there (Esser et al., eq. 3), round(v/s) - v/s inside."""
+  bits = 4
+  q_n, q_p = qz.lsq_range(bits)
+  step = np.full(7, 0.05, np.float32)
+  codes = np.array([-q_n, q_p, -q_n - 0.7, q_p + 0.4, 1.3, q_p, -q_n], np.float32)
+  v = codes * step
+  step[-2:] = np.nextafter(step[-2:], np.float32(0))  # v / s a hair past the ends
+  assert np.all(np.abs(v[-2:] / step[-2:]) > np.abs(codes[-2:]))
+
+  @jax.jit
+  def grads(v, step):
+    return jax.grad(lambda v, s: jnp.sum(qz.lsq_fake_quant(v, s, bits)), (0, 1))(v, step)
+
+  grad_v, grad_s = map(np.asarray, grads(f32(v), f32(step)))
+  np.testing.assert_array_equal(grad_v, [1, 1, 0, 0, 1, 1, 1])
+  g = 1 / np.sqrt(q_p)  # one element per step
+  r = v / step
+  expected = g * np.array([-q_n, q_p, -q_n, q_p, np.round(r[4]) - r[4], q_p, -q_n])
+  np.testing.assert_allclose(grad_s, expected, rtol=1e-5)

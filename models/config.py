@@ -17,6 +17,7 @@ ACTIVATIONS = {
 }
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
+ROPE_TYPES = ("default", "llama3")
 HEADS = {"decoder": ("lm",), "encoder": ("mlm", "classify", "none")}
 
 # Names the attention block tags with `checkpoint_name`, for "save_qkv_out".
@@ -47,9 +48,18 @@ class ModelConfig:
   norm_eps: float = 1e-5
   positions: str = "learned"  # "learned" | "rotary" (rotate-half, as HF Llama)
   rope_theta: float = 10000.0
+  # rope_type "llama3" (Llama 3.1): wavelengths longer than original_max_position_embeddings /
+  # low_freq_factor are divided by rope_factor, shorter than ... / high_freq_factor kept,
+  # those between blended (transformers' _compute_llama3_parameters).
+  rope_type: str = "default"  # "default" | "llama3"
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position_embeddings: int = 8192  # the context length of pretraining
   activation: str = "gelu_tanh"  # "gelu" (erf, BERT) | "gelu_tanh" (GPT-2) | "silu" | "relu"
   gated_mlp: bool = False  # SwiGLU-style: act(x W_gate) * (x W_up)
   use_bias: bool = True
+  qkv_bias: bool = False  # biases on query/key/value even when use_bias is False (Qwen2)
   tie_embeddings: bool = True
   type_vocab_size: int = 2  # encoder only (token-type embeddings)
   head: str = "lm"  # decoder: "lm"; encoder: "mlm" | "classify" | "none"
@@ -58,6 +68,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; params are always float32
   scan_layers: bool = False
   remat_policy: str = "none"  # a key of REMAT_POLICIES
+  sliding_window: int = 0  # decoder: a token sees itself and the previous sliding_window - 1
   attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=)
   record_attention: bool = False  # sow attention probs (uses the explicit path)
 
@@ -74,6 +85,7 @@ class ModelConfig:
     check_choice("dtype", DTYPES)
     check_choice("remat_policy", REMAT_POLICIES)
     check_choice("attention_impl", ATTENTION_IMPLS)
+    check_choice("rope_type", ROPE_TYPES)
     if self.head not in HEADS[self.kind]:
       raise ValueError(
         f"head={self.head!r} is not valid for kind={self.kind!r}: "
@@ -90,6 +102,7 @@ class ModelConfig:
       "num_labels",
       "n_kv_heads",
       "head_dim",
+      "rope_original_max_position_embeddings",
     ):
       value = getattr(self, field)
       if value is not None and (not isinstance(value, int) or value <= 0):
@@ -114,6 +127,15 @@ class ModelConfig:
       raise ValueError(
         f"norm_eps={self.norm_eps} and rope_theta={self.rope_theta} must both be positive"
       )
+    if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor or self.rope_factor <= 0:
+      raise ValueError(
+        f"rope_factor={self.rope_factor} must be positive and 0 < rope_low_freq_factor="
+        f"{self.rope_low_freq_factor} < rope_high_freq_factor={self.rope_high_freq_factor}"
+      )
+    if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
+      raise ValueError(f"sliding_window={self.sliding_window!r} must be 0 (none) or positive")
+    if self.sliding_window and self.kind != "decoder":
+      raise ValueError("sliding_window is a causal window: it needs kind='decoder'")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"dropout_rate={self.dropout_rate} must lie in [0, 1)")
 

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: BERT, GPT-2 and Llama-family decoders.
+"""Hugging Face checkpoints in and out: BERT, GPT-2, Llama, Mistral and Qwen2.
 
     model, params = models.hf.from_pretrained("path/to/bert", head="classify", num_labels=2)
     logits = model.apply({"params": params}, input_ids, attention_mask=mask)
@@ -11,10 +11,13 @@ with `jax.make_array_from_callback`, so with `mesh=` each device receives only i
 and the host holds one checkpoint tensor at a time, never the whole model. Nothing here
 needs torch except reading a pytorch_model.bin.
 
-Our parameter tree maps 1:1 onto HF names (models/transformer.py); `TENSORS` below is the
-whole mapping. Kinds: "copy" (same shape), "vector" (a bias flattened over heads),
-"linear" (torch [out, in], transposed) and "conv1d" (GPT-2's [in, out]); GPT-2's fused
-c_attn is cut into query/key/value by `part`.
+Each family is one `Family` in FAMILIES: its architectures, the ModelConfig fields all its
+models share, its config.json keys, and its tensors as modules (our path, HF name, kind).
+Our parameter tree maps 1:1 onto HF names (models/transformer.py). Module kinds: "embed" (a
+table), "norm" (scale, and bias for LayerNorm), "dense" (torch [out, in], transposed) and
+"conv1d" (GPT-2's [in, out]) with a bias where the config has one, "qkv" (GPT-2's fused
+c_attn, cut into query/key/value), "param" (a tensor as is) and "unembed" (an untied output
+kernel). Everything below the table is generic over the family.
 """
 
 import dataclasses
@@ -24,6 +27,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 
 from flax import traverse_util
 import flax.linen as nn
@@ -37,27 +41,7 @@ from models.transformer import build
 
 log = logging.getLogger(__name__)
 
-# architectures[0] of config.json -> (family, our head)
-ARCHITECTURES = {
-  "BertModel": ("bert", "none"),
-  "BertForMaskedLM": ("bert", "mlm"),
-  "BertForPreTraining": ("bert", "mlm"),
-  "BertForSequenceClassification": ("bert", "classify"),
-  "GPT2Model": ("gpt2", "lm"),
-  "GPT2LMHeadModel": ("gpt2", "lm"),
-  "LlamaModel": ("llama", "lm"),
-  "LlamaForCausalLM": ("llama", "lm"),
-}
-EXPORT_ARCH = {
-  ("bert", "none"): "BertModel",
-  ("bert", "mlm"): "BertForMaskedLM",
-  ("bert", "classify"): "BertForSequenceClassification",
-  ("gpt2", "lm"): "GPT2LMHeadModel",
-  ("llama", "lm"): "LlamaForCausalLM",
-}
-BASE_PREFIX = {"bert": "bert.", "gpt2": "transformer.", "llama": "model."}
-HEAD_PARAMS = ("mlm_head", "pooler", "classifier", "lm_head")
-ACTIVATIONS = {
+ACTIVATIONS = {  # HF hidden_act -> ours
   "gelu": "gelu",
   "gelu_new": "gelu_tanh",
   "gelu_pytorch_tanh": "gelu_tanh",
@@ -65,6 +49,7 @@ ACTIVATIONS = {
   "swish": "silu",
   "relu": "relu",
 }
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu", "relu": "relu"}
 # Checkpoint tensors that are buffers or tied copies, never weights of ours.
 IGNORED = (
   r"(.*\.)?embeddings\.position_ids",
@@ -73,6 +58,245 @@ IGNORED = (
   r"(.*\.)?h\.\d+\.attn\.(masked_)?bias",  # GPT-2's causal-mask buffers
   r"(.*\.)?rotary_emb\.inv_freq",
 )
+
+
+def _unsupported(field, value, why):
+  raise ValueError(f"config.json has {field}={value!r}, which trimformer does not support: {why}")
+
+
+# ---- the families ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One HF model family: how its config.json and tensors map onto ours."""
+
+  name: str  # config.json's model_type
+  architectures: dict  # HF architecture -> our head; a head exports as its first architecture
+  prefix: str  # the body's tensor prefix under a head ("bert.", "model."); a bare body has none
+  layout: dict  # ModelConfig fields every model of the family has
+  keys: dict  # our field -> config.json key, or (key, default: a value or a function of it)
+  body: tuple  # modules before the layers: (our path, HF name, kind)
+  layer: str  # a layer's HF prefix, "{}" its index
+  block: tuple  # the modules of one layer
+  final: tuple = ()  # modules after the layers
+  heads: dict = dataclasses.field(default_factory=dict)  # our head -> modules; "{b}": prefix
+  only: dict = dataclasses.field(default_factory=dict)  # config.json key -> the value we support
+  dropout: tuple = ()  # config.json keys written with our dropout_rate
+  read: Callable[[dict], dict] = lambda hf: {}  # more fields from config.json, or a refusal
+  write: Callable[[ModelConfig], dict] = lambda cfg: {}  # more config.json keys
+
+
+# A "llama3" rope_parameters' keys; our fields are "rope_" + key.
+LLAMA3 = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_read(hf: dict) -> dict:
+  """RoPE fields from rope_scaling (older files; first, as in transformers) or rope_parameters."""
+  rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind not in ("default", "llama3"):
+    _unsupported("rope_type", kind, "RoPE is 'default' or 'llama3'")
+  partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  if partial != 1.0:
+    _unsupported("partial_rotary_factor", partial, "rotary positions cover the whole head")
+  fields = dict(rope_type=kind, rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  if kind == "llama3":
+    rope.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
+    missing = [k for k in LLAMA3 if k not in rope]
+    if missing:
+      _unsupported("rope_parameters", rope, f"llama3 RoPE needs {missing}")
+    fields.update({f"rope_{k}": rope[k] for k in LLAMA3})
+  return fields
+
+
+def _rope_write(cfg: ModelConfig) -> dict:
+  """rope_parameters (transformers 5) and, for llama3, rope_scaling (transformers 4)."""
+  rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+  if cfg.rope_type == "default":
+    return dict(rope_parameters=rope, rope_theta=cfg.rope_theta)
+  rope.update({k: getattr(cfg, f"rope_{k}") for k in LLAMA3})
+  return dict(rope_parameters=rope, rope_scaling=rope, rope_theta=cfg.rope_theta)
+
+
+def _llama_read(hf: dict) -> dict:
+  bias = hf.get("attention_bias", False)
+  if bias != hf.get("mlp_bias", False):
+    _unsupported("attention_bias / mlp_bias", (bias, hf.get("mlp_bias")), "they must be equal")
+  return dict(**_rope_read(hf), use_bias=bias)
+
+
+def _qwen2_read(hf: dict) -> dict:
+  """Qwen2 slides its window (with use_sliding_window) over the layers from max_window_layers
+  on, or over those layer_types names; we slide it over all layers or none."""
+  window = (hf.get("sliding_window") if hf.get("use_sliding_window") else None) or 0
+  start = hf.get("max_window_layers", 28)
+  kinds = hf.get("layer_types") or [
+    "sliding_attention" if window and i >= start else "full_attention"
+    for i in range(hf["num_hidden_layers"])
+  ]
+  windows = {window if kind == "sliding_attention" else 0 for kind in kinds} or {0}
+  if len(windows) > 1:
+    why = "a sliding window on some layers only: slide it over all layers or none"
+    _unsupported("use_sliding_window / max_window_layers / layer_types", (window, start), why)
+  return dict(**_rope_read(hf), sliding_window=windows.pop())
+
+
+def _qwen2_write(cfg: ModelConfig) -> dict:
+  slide = dict(use_sliding_window=cfg.sliding_window > 0, max_window_layers=0)
+  return dict(**_rope_write(cfg), **slide, sliding_window=cfg.sliding_window or None)
+
+
+COMMON_KEYS = dict(
+  vocab_size="vocab_size",
+  d_model="hidden_size",
+  n_layers="num_hidden_layers",
+  n_heads="num_attention_heads",
+  d_ff="intermediate_size",
+  max_len="max_position_embeddings",
+)
+LLAMA_KEYS = dict(
+  **COMMON_KEYS,
+  n_kv_heads=("num_key_value_heads", lambda hf: hf["num_attention_heads"]),
+  head_dim=("head_dim", lambda hf: hf["hidden_size"] // hf["num_attention_heads"]),
+  norm_eps=("rms_norm_eps", 1e-6),
+  activation=("hidden_act", "silu"),
+  tie_embeddings=("tie_word_embeddings", False),
+)
+LEARNED = dict(norm="layernorm", positions="learned", gated_mlp=False, use_bias=True)
+LEARNED.update(qkv_bias=False, sliding_window=0)
+ROTARY = dict(kind="decoder", norm="rmsnorm", positions="rotary", gated_mlp=True)
+LM_HEAD = {"lm": (("lm_head", "lm_head", "unembed"),)}
+
+LLAMA = Family(
+  name="llama",
+  architectures={"LlamaForCausalLM": "lm", "LlamaModel": "lm"},
+  prefix="model.",
+  layout=dict(**ROTARY, qkv_bias=False, sliding_window=0),  # use_bias: attention_bias
+  keys={**LLAMA_KEYS, "max_len": ("max_position_embeddings", 2048)},
+  body=(("embed", "embed_tokens", "embed"),),
+  layer="layers.{}.",
+  block=(
+    ("attn_norm", "input_layernorm", "norm"),
+    *((f"attn/{n}", f"self_attn.{n[0]}_proj", "dense") for n in ("query", "key", "value")),
+    ("attn/out", "self_attn.o_proj", "dense"),
+    ("mlp_norm", "post_attention_layernorm", "norm"),
+    ("mlp/wg", "mlp.gate_proj", "dense"),
+    ("mlp/wi", "mlp.up_proj", "dense"),
+    ("mlp/wo", "mlp.down_proj", "dense"),
+  ),
+  final=(("final_norm", "norm", "norm"),),
+  heads=LM_HEAD,
+  read=_llama_read,
+  write=lambda cfg: dict(**_rope_write(cfg), attention_bias=cfg.use_bias, mlp_bias=cfg.use_bias),
+)
+FAMILIES = {
+  "bert": Family(
+    name="bert",
+    architectures={
+      "BertModel": "none",
+      "BertForMaskedLM": "mlm",
+      "BertForPreTraining": "mlm",
+      "BertForSequenceClassification": "classify",
+    },
+    prefix="bert.",
+    layout=dict(kind="encoder", **LEARNED),
+    keys=dict(
+      **COMMON_KEYS,
+      norm_eps=("layer_norm_eps", 1e-12),
+      activation=("hidden_act", "gelu"),
+      type_vocab_size=("type_vocab_size", 2),
+      tie_embeddings=("tie_word_embeddings", True),
+    ),
+    body=(
+      ("embed", "embeddings.word_embeddings", "embed"),
+      ("pos_embed", "embeddings.position_embeddings", "embed"),
+      ("type_embed", "embeddings.token_type_embeddings", "embed"),
+      ("embed_norm", "embeddings.LayerNorm", "norm"),
+    ),
+    layer="encoder.layer.{}.",
+    block=(
+      *((f"attn/{n}", f"attention.self.{n}", "dense") for n in ("query", "key", "value")),
+      ("attn/out", "attention.output.dense", "dense"),
+      ("attn_norm", "attention.output.LayerNorm", "norm"),
+      ("mlp/wi", "intermediate.dense", "dense"),
+      ("mlp/wo", "output.dense", "dense"),
+      ("mlp_norm", "output.LayerNorm", "norm"),
+    ),
+    heads={
+      "mlm": (
+        ("mlm_head/transform", "cls.predictions.transform.dense", "dense"),
+        ("mlm_head/norm", "cls.predictions.transform.LayerNorm", "norm"),
+        ("mlm_head/bias", "cls.predictions.bias", "param"),
+        ("mlm_head/decoder", "cls.predictions.decoder", "unembed"),
+      ),
+      "classify": (("pooler", "{b}pooler.dense", "dense"), ("classifier", "classifier", "dense")),
+    },
+    only={"position_embedding_type": "absolute"},
+    dropout=("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    read=lambda hf: dict(num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2)),
+    write=lambda cfg: dict(
+      pad_token_id=0, id2label={str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+    ),
+  ),
+  "gpt2": Family(
+    name="gpt2",
+    architectures={"GPT2LMHeadModel": "lm", "GPT2Model": "lm"},
+    prefix="transformer.",
+    layout=dict(kind="decoder", **LEARNED),
+    keys=dict(
+      vocab_size="vocab_size",
+      d_model="n_embd",
+      n_layers="n_layer",
+      n_heads="n_head",
+      d_ff=("n_inner", lambda hf: 4 * hf["n_embd"]),
+      max_len="n_positions",
+      norm_eps=("layer_norm_epsilon", 1e-5),
+      activation=("activation_function", "gelu_new"),
+      tie_embeddings=("tie_word_embeddings", True),
+    ),
+    body=(("embed", "wte", "embed"), ("pos_embed", "wpe", "embed")),
+    layer="h.{}.",
+    block=(
+      ("attn_norm", "ln_1", "norm"),
+      ("attn", "attn.c_attn", "qkv"),
+      ("attn/out", "attn.c_proj", "conv1d"),
+      ("mlp_norm", "ln_2", "norm"),
+      ("mlp/wi", "mlp.c_fc", "conv1d"),
+      ("mlp/wo", "mlp.c_proj", "conv1d"),
+    ),
+    final=(("final_norm", "ln_f", "norm"),),
+    heads=LM_HEAD,
+    only=dict(
+      scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False
+    ),
+    dropout=("resid_pdrop", "embd_pdrop", "attn_pdrop"),
+  ),
+  "llama": LLAMA,
+  # Llama with a sliding window over all layers and no biases.
+  "mistral": dataclasses.replace(
+    LLAMA,
+    name="mistral",
+    architectures={"MistralForCausalLM": "lm", "MistralModel": "lm"},
+    layout=dict(**ROTARY, use_bias=False, qkv_bias=False),
+    keys={**LLAMA_KEYS, "max_len": ("max_position_embeddings", 4096 * 32)},
+    read=lambda hf: dict(**_rope_read(hf), sliding_window=hf.get("sliding_window") or 0),
+    write=lambda cfg: dict(**_rope_write(cfg), sliding_window=cfg.sliding_window or None),
+  ),
+  # Llama with biases on q_proj, k_proj and v_proj only.
+  "qwen2": dataclasses.replace(
+    LLAMA,
+    name="qwen2",
+    architectures={"Qwen2ForCausalLM": "lm", "Qwen2Model": "lm"},
+    layout=dict(**ROTARY, use_bias=False, qkv_bias=True),
+    keys={**LLAMA_KEYS, "max_len": ("max_position_embeddings", 32768)},
+    read=_qwen2_read,
+    write=_qwen2_write,
+  ),
+}
+ARCHITECTURES = {  # HF architecture -> (family, our head)
+  arch: (f.name, head) for f in FAMILIES.values() for arch, head in f.architectures.items()
+}
 
 
 # ---- reading and writing tensors ----------------------------------------------------------
@@ -219,155 +443,59 @@ def architecture(hf: dict) -> tuple[str, str, str]:
   return (arch, *ARCHITECTURES[arch])
 
 
-def _unsupported(field, value, why):
-  raise ValueError(f"config.json has {field}={value!r}, which trimformer does not support: {why}")
-
-
-def _activation(name):
-  if name not in ACTIVATIONS:
-    _unsupported("activation", name, f"choose one of {sorted(ACTIVATIONS)}")
-  return ACTIVATIONS[name]
+def _key(entry) -> tuple:
+  """(config.json key, default) of a Family.keys entry; a bare key has no default."""
+  return entry if isinstance(entry, tuple) else (entry, None)
 
 
 def config_from_hf(hf: dict, head: str | None = None, **overrides) -> ModelConfig:
   """Our ModelConfig for an HF config.json (a dict); `head` and `overrides` replace fields."""
-  _, family, ckpt_head = architecture(hf)
-  if family == "bert":
-    if hf.get("position_embedding_type", "absolute") != "absolute":
-      _unsupported("position_embedding_type", hf["position_embedding_type"], "only absolute")
-    fields = dict(
-      kind="encoder",
-      vocab_size=hf["vocab_size"],
-      d_model=hf["hidden_size"],
-      n_layers=hf["num_hidden_layers"],
-      n_heads=hf["num_attention_heads"],
-      d_ff=hf["intermediate_size"],
-      max_len=hf["max_position_embeddings"],
-      norm_eps=hf.get("layer_norm_eps", 1e-12),
-      activation=_activation(hf.get("hidden_act", "gelu")),
-      type_vocab_size=hf.get("type_vocab_size", 2),
-      tie_embeddings=hf.get("tie_word_embeddings", True),
-      num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
-    )
-  elif family == "gpt2":
-    for field in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
-      if hf.get(field):
-        _unsupported(field, hf[field], "set it to false")
-    if not hf.get("scale_attn_weights", True):
-      _unsupported("scale_attn_weights", False, "attention is scaled by 1/sqrt(head_dim)")
-    fields = dict(
-      vocab_size=hf["vocab_size"],
-      d_model=hf["n_embd"],
-      n_layers=hf["n_layer"],
-      n_heads=hf["n_head"],
-      d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
-      max_len=hf["n_positions"],
-      norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-      activation=_activation(hf.get("activation_function", "gelu_new")),
-      tie_embeddings=hf.get("tie_word_embeddings", True),
-    )
-  else:  # llama
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-      _unsupported("rope type", rope.get("rope_type", rope.get("type")), "only default RoPE")
-    if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
-      _unsupported("attention_bias / mlp_bias", (hf["attention_bias"], hf["mlp_bias"]), "equal")
-    fields = dict(
-      vocab_size=hf["vocab_size"],
-      d_model=hf["hidden_size"],
-      n_layers=hf["num_hidden_layers"],
-      n_heads=hf["num_attention_heads"],
-      n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-      d_ff=hf["intermediate_size"],
-      max_len=hf.get("max_position_embeddings", 2048),
-      norm="rmsnorm",
-      norm_eps=hf.get("rms_norm_eps", 1e-6),
-      positions="rotary",
-      rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-      activation=_activation(hf.get("hidden_act", "silu")),
-      gated_mlp=True,
-      use_bias=hf.get("attention_bias", False),
-      tie_embeddings=hf.get("tie_word_embeddings", False),
-    )
-  return ModelConfig(**{**fields, "head": head or ckpt_head, **overrides})
+  _, name, ckpt_head = architecture(hf)
+  family, fields = FAMILIES[name], {}
+  for field, entry in family.keys.items():
+    key, default = _key(entry)
+    value = hf.get(key)
+    if value is None:
+      value = default(hf) if callable(default) else default
+    if value is None:
+      raise ValueError(f"config.json of a {name} model lacks {key!r}")
+    fields[field] = value
+  if fields["activation"] not in ACTIVATIONS:
+    _unsupported("activation", fields["activation"], f"choose one of {sorted(ACTIVATIONS)}")
+  fields["activation"] = ACTIVATIONS[fields["activation"]]
+  for key, ok in family.only.items():
+    if hf.get(key, ok) != ok:
+      _unsupported(key, hf[key], f"only {ok!r}")
+  fields.update(family.layout, **family.read(hf), head=head or ckpt_head)
+  return ModelConfig(**{**fields, **overrides})
 
 
 def family_of(cfg: ModelConfig) -> str:
-  """The HF family a config exports to, or an error naming the field that prevents it."""
-  want = {
-    "bert": dict(kind="encoder", norm="layernorm", positions="learned", gated_mlp=False),
-    "gpt2": dict(kind="decoder", norm="layernorm", positions="learned", gated_mlp=False),
-    "llama": dict(kind="decoder", norm="rmsnorm", positions="rotary", gated_mlp=True),
-  }
-  for family, fields in want.items():
-    if all(getattr(cfg, k) == v for k, v in fields.items()):
-      break
-  else:
-    raise ValueError(
-      f"No HF architecture matches kind={cfg.kind} norm={cfg.norm} positions={cfg.positions} "
-      f"gated_mlp={cfg.gated_mlp}: BERT, GPT-2 and Llama layouts are {want}."
-    )
-  if family != "llama" and (not cfg.use_bias or cfg.resolved_kv_heads != cfg.n_heads):
-    raise ValueError(f"{family} needs use_bias=True and n_kv_heads == n_heads")
-  if family == "gpt2" and cfg.activation not in ("gelu", "gelu_tanh", "relu", "silu"):
-    raise ValueError(f"GPT-2 has no activation {cfg.activation!r}")
-  return family
+  """The HF family a config exports to (the first whose layout it has), or an error naming
+  the fields that prevent it."""
+  misfits = []
+  for family in FAMILIES.values():
+    differ = {k: v for k, v in family.layout.items() if getattr(cfg, k) != v}
+    if differ:
+      misfits.append(f"{family.name} needs " + ", ".join(f"{k}={v!r}" for k, v in differ.items()))
+      continue
+    heads = (cfg.resolved_kv_heads, cfg.resolved_head_dim * cfg.n_heads)
+    if "n_kv_heads" not in family.keys and heads != (cfg.n_heads, cfg.d_model):
+      raise ValueError(f"{family.name} needs n_kv_heads == n_heads, head_dim == d_model / n_heads")
+    return family.name
+  raise ValueError("No HF architecture matches this config: " + "; ".join(misfits))
 
 
 def hf_config(cfg: ModelConfig) -> dict:
   """The config.json transformers reads for our config (inverse of config_from_hf)."""
-  family = family_of(cfg)
-  act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu", "relu": "relu"}[cfg.activation]
-  common = dict(architectures=[EXPORT_ARCH[family, cfg.head]], model_type=family)
-  common.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings)
-  if family == "bert":
-    labels = {"id2label": {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}}
-    return dict(
-      **common,
-      **(labels if cfg.head == "classify" else {}),
-      hidden_size=cfg.d_model,
-      num_hidden_layers=cfg.n_layers,
-      num_attention_heads=cfg.n_heads,
-      intermediate_size=cfg.d_ff,
-      hidden_act=act,
-      max_position_embeddings=cfg.max_len,
-      type_vocab_size=cfg.type_vocab_size,
-      layer_norm_eps=cfg.norm_eps,
-      hidden_dropout_prob=cfg.dropout_rate,
-      attention_probs_dropout_prob=cfg.dropout_rate,
-      pad_token_id=0,
-    )
-  if family == "gpt2":
-    return dict(
-      **common,
-      n_embd=cfg.d_model,
-      n_layer=cfg.n_layers,
-      n_head=cfg.n_heads,
-      n_inner=cfg.d_ff,
-      n_positions=cfg.max_len,
-      layer_norm_epsilon=cfg.norm_eps,
-      activation_function=act,
-      resid_pdrop=cfg.dropout_rate,
-      embd_pdrop=cfg.dropout_rate,
-      attn_pdrop=cfg.dropout_rate,
-    )
-  return dict(
-    **common,
-    hidden_size=cfg.d_model,
-    num_hidden_layers=cfg.n_layers,
-    num_attention_heads=cfg.n_heads,
-    num_key_value_heads=cfg.resolved_kv_heads,
-    head_dim=cfg.resolved_head_dim,
-    intermediate_size=cfg.d_ff,
-    max_position_embeddings=cfg.max_len,
-    rms_norm_eps=cfg.norm_eps,
-    rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-    rope_theta=cfg.rope_theta,
-    hidden_act=act,
-    attention_bias=cfg.use_bias,
-    mlp_bias=cfg.use_bias,
-  )
+  family = FAMILIES[family_of(cfg)]
+  arch = next(a for a, head in family.architectures.items() if head == cfg.head)
+  out = dict(architectures=[arch], model_type=family.name)
+  resolved = dict(n_kv_heads=cfg.resolved_kv_heads, head_dim=cfg.resolved_head_dim)
+  for field, entry in family.keys.items():
+    out[_key(entry)[0]] = resolved.get(field, getattr(cfg, field))
+  out[_key(family.keys["activation"])[0]] = HF_ACTIVATIONS[cfg.activation]
+  return {**out, **{k: cfg.dropout_rate for k in family.dropout}, **family.write(cfg)}
 
 
 # ---- the tensor mapping ---------------------------------------------------------------------
@@ -409,75 +537,49 @@ class Tensor:
     return x
 
 
-def _norm(path, key, bias=True):
-  out = [Tensor((*path, "scale"), key + ".weight")]
-  return out + [Tensor((*path, "bias"), key + ".bias")] if bias else out
-
-
-def _dense(path, key, kind="linear", n_in=1, bias=True, part=None):
+def _dense(cfg, path, key, kind, part=None):
+  n_in = 2 if path[-1] == "out" else 1  # attn/out's kernel is [H, D, E]
+  bias = cfg.use_bias or (cfg.qkv_bias and path[-1] in ("query", "key", "value"))
   out = [Tensor((*path, "kernel"), key + ".weight", kind, n_in, part)]
   return out + [Tensor((*path, "bias"), key + ".bias", "vector", part=part)] if bias else out
+
+
+def _module(cfg: ModelConfig, path: str, key: str, kind: str) -> list[Tensor]:
+  """The tensors of one module: our path ("layers_0/attn/query"), its HF name and kind."""
+  path = tuple(path.split("/"))
+  if kind == "embed":
+    return [Tensor((*path, "embedding"), key + ".weight")]
+  if kind == "param":
+    return [Tensor(path, key)]
+  if kind == "norm":
+    out = [Tensor((*path, "scale"), key + ".weight")]
+    return out + [Tensor((*path, "bias"), key + ".bias")] if cfg.norm == "layernorm" else out
+  if kind == "unembed":
+    return [] if cfg.tie_embeddings else [Tensor((*path, "kernel"), key + ".weight", "linear")]
+  if kind == "qkv":
+    names = ("query", "key", "value")
+    return [t for j, n in enumerate(names) for t in _dense(cfg, (*path, n), key, "conv1d", (j, 3))]
+  return _dense(cfg, path, key, "linear" if kind == "dense" else kind)
 
 
 def tensors(cfg: ModelConfig, family: str, base: str) -> list[Tensor]:
   """Every parameter of an unscanned model of `cfg` and its HF tensor; `base` is the body's
   prefix ("bert.", "transformer.", "model." or "" for a bare body checkpoint)."""
-  b, out = base, []
-  if family == "bert":
-    e = f"{b}embeddings."
-    out += [
-      Tensor(("embed", "embedding"), e + "word_embeddings.weight"),
-      Tensor(("pos_embed", "embedding"), e + "position_embeddings.weight"),
-      Tensor(("type_embed", "embedding"), e + "token_type_embeddings.weight"),
-      *_norm(("embed_norm",), e + "LayerNorm"),
-    ]
-    for i in range(cfg.n_layers):
-      p, k = f"layers_{i}", f"{b}encoder.layer.{i}."
-      for name in ("query", "key", "value"):
-        out += _dense((p, "attn", name), k + f"attention.self.{name}")
-      out += _dense((p, "attn", "out"), k + "attention.output.dense", n_in=2)
-      out += _norm((p, "attn_norm"), k + "attention.output.LayerNorm")
-      out += _dense((p, "mlp", "wi"), k + "intermediate.dense")
-      out += _dense((p, "mlp", "wo"), k + "output.dense")
-      out += _norm((p, "mlp_norm"), k + "output.LayerNorm")
-    if cfg.head == "mlm":
-      out += _dense(("mlm_head", "transform"), "cls.predictions.transform.dense")
-      out += _norm(("mlm_head", "norm"), "cls.predictions.transform.LayerNorm")
-      out.append(Tensor(("mlm_head", "bias"), "cls.predictions.bias"))
-      if not cfg.tie_embeddings:
-        out += _dense(("mlm_head", "decoder"), "cls.predictions.decoder", bias=False)
-    if cfg.head == "classify":
-      out += _dense(("pooler",), f"{b}pooler.dense") + _dense(("classifier",), "classifier")
-    return out
-  if family == "gpt2":
-    out += [Tensor(("embed", "embedding"), f"{b}wte.weight")]
-    out += [Tensor(("pos_embed", "embedding"), f"{b}wpe.weight")]
-    for i in range(cfg.n_layers):
-      p, k = f"layers_{i}", f"{b}h.{i}."
-      out += _norm((p, "attn_norm"), k + "ln_1")
-      for j, name in enumerate(("query", "key", "value")):
-        out += _dense((p, "attn", name), k + "attn.c_attn", "conv1d", part=(j, 3))
-      out += _dense((p, "attn", "out"), k + "attn.c_proj", "conv1d", n_in=2)
-      out += _norm((p, "mlp_norm"), k + "ln_2")
-      out += _dense((p, "mlp", "wi"), k + "mlp.c_fc", "conv1d")
-      out += _dense((p, "mlp", "wo"), k + "mlp.c_proj", "conv1d")
-    out += _norm(("final_norm",), f"{b}ln_f")
-  else:  # llama
-    bias = cfg.use_bias
-    out += [Tensor(("embed", "embedding"), f"{b}embed_tokens.weight")]
-    for i in range(cfg.n_layers):
-      p, k = f"layers_{i}", f"{b}layers.{i}."
-      out += _norm((p, "attn_norm"), k + "input_layernorm", bias=False)
-      for name, hf_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-        out += _dense((p, "attn", name), k + f"self_attn.{hf_name}", bias=bias)
-      out += _dense((p, "attn", "out"), k + "self_attn.o_proj", n_in=2, bias=bias)
-      out += _norm((p, "mlp_norm"), k + "post_attention_layernorm", bias=False)
-      for name, hf_name in (("wg", "gate_proj"), ("wi", "up_proj"), ("wo", "down_proj")):
-        out += _dense((p, "mlp", name), k + f"mlp.{hf_name}", bias=bias)
-    out += _norm(("final_norm",), f"{b}norm", bias=False)
-  if not cfg.tie_embeddings:
-    out += _dense(("lm_head",), "lm_head", bias=False)
-  return out
+  f = FAMILIES[family]
+  layers = [
+    (f"layers_{i}/{p}", f.layer.format(i) + k, kind)
+    for i in range(cfg.n_layers)
+    for p, k, kind in f.block
+  ]
+  body = [(p, base + k, kind) for p, k, kind in (*f.body, *layers, *f.final)]
+  heads = [(p, k.format(b=base), kind) for p, k, kind in f.heads.get(cfg.head, ())]
+  return [t for module in body + heads for t in _module(cfg, *module)]
+
+
+def _head_keys(family: str, base: str) -> tuple[set, set]:
+  """(our head parameters, their HF names) across the family's heads."""
+  modules = [m for ms in FAMILIES[family].heads.values() for m in ms]
+  return {p.split("/")[0] for p, _, _ in modules}, {k.format(b=base) for _, k, _ in modules}
 
 
 # ---- loading --------------------------------------------------------------------------------
@@ -493,22 +595,19 @@ def _stored_key(ckpt: Checkpoint, key: str) -> str | None:
   return None
 
 
-def _is_head_key(key: str, base: str) -> bool:
-  return key.startswith(("cls.", "classifier.", "lm_head.", f"{base}pooler."))
-
-
 def _plan(ckpt: Checkpoint, cfg: ModelConfig, flat: dict) -> dict:
   """path -> [(Tensor, stored key), one per layer], for every leaf of `flat` (our params,
   flattened) the checkpoint provides; None for a head the checkpoint lacks. Every missing,
   unexpected or misshapen tensor is an error here, before any tensor is read."""
   _, family, ckpt_head = architecture(ckpt.config)
-  if family != family_of(cfg):
-    raise ValueError(
-      f"{ckpt.directory} holds a {family} checkpoint; this config is {family_of(cfg)}"
-    )
-  prefix = BASE_PREFIX[family]
+  differ = {k: v for k, v in FAMILIES[family].layout.items() if getattr(cfg, k) != v}
+  if differ:
+    raise ValueError(f"{ckpt.directory} holds a {family} checkpoint, which needs {differ}")
+  prefix = FAMILIES[family].prefix
   base = prefix if any(k.startswith(prefix) for k in ckpt.files) else ""
   specs = {t.path: t for t in tensors(cfg, family, base)}
+  head_params, head_keys = _head_keys(family, base)
+  is_head = lambda k: any(k == h or k.startswith(h + ".") for h in head_keys)  # noqa: E731
   plan, missing, shapes = {}, [], []
   for path, leaf in flat.items():
     scanned = path[0] == "layers"
@@ -518,7 +617,7 @@ def _plan(ckpt: Checkpoint, cfg: ModelConfig, flat: dict) -> dict:
     layers = [(specs[p], _stored_key(ckpt, specs[p].key)) for p in per_layer]
     absent = [t.key for t, k in layers if k is None]
     if absent:
-      if path[0] in HEAD_PARAMS and cfg.head != ckpt_head:
+      if path[0] in head_params and cfg.head != ckpt_head:
         plan[path] = None  # a new head, e.g. a classifier on a pretrained encoder
       else:
         missing.append(f"{absent[0]} (for {'/'.join(path)})")
@@ -537,9 +636,9 @@ def _plan(ckpt: Checkpoint, cfg: ModelConfig, flat: dict) -> dict:
     for k in ckpt.files
     if k not in used
     and not any(re.fullmatch(p, k) for p in IGNORED)
-    and not _is_head_key(k, base)  # another head's (e.g. BertModel's pooler): unused
+    and not is_head(k)  # another head's (e.g. BertModel's pooler): unused
   ]
-  unused = [k for k in ckpt.files if k not in used and _is_head_key(k, base)]
+  unused = [k for k in ckpt.files if k not in used and is_head(k)]
   if unused:
     log.info("%s: head weights not used by a %r head: %s", ckpt.directory, cfg.head, unused)
   problems = [
@@ -668,8 +767,7 @@ def save_pretrained(cfg: ModelConfig, params: dict, directory: str):
   first writes.
   """
   family = family_of(cfg)
-  arch = EXPORT_ARCH.get((family, cfg.head))
-  base = "" if arch == "BertModel" else BASE_PREFIX[family]
+  base = "" if cfg.head == "none" else FAMILIES[family].prefix  # a bare body has no prefix
   flat = traverse_util.flatten_dict(params)
   flat_left = set(flat)
   parts: dict[str, list] = {}

@@ -11,6 +11,7 @@ variables (e.g. learned quantization step sizes), as with flax's DenseGeneral.
 """
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -127,10 +128,27 @@ class Norm(nn.Module):
     return y.astype(x.dtype)
 
 
-def rotary(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+  """RoPE's inverse frequencies D/2: theta^(-2i/D), and for rope_type "llama3" rescaled as
+  transformers' `_compute_llama3_parameters` does: wavelengths longer than original_max_len /
+  low_freq_factor are divided by `factor`, shorter than original_max_len / high_freq_factor
+  kept, and blended in between."""
+  d = cfg.resolved_head_dim
+  inv_freq_D2 = 1.0 / cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  if cfg.rope_type == "default":
+    return inv_freq_D2
+  factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  old_len = cfg.rope_original_max_position_embeddings
+  wavelen_D2 = 2 * math.pi / inv_freq_D2
+  scaled_D2 = jnp.where(wavelen_D2 > old_len / low, inv_freq_D2 / factor, inv_freq_D2)
+  smooth_D2 = (old_len / wavelen_D2 - low) / (high - low)
+  blended_D2 = (1 - smooth_D2) * scaled_D2 / factor + smooth_D2 * scaled_D2
+  medium_D2 = (wavelen_D2 >= old_len / high) & (wavelen_D2 <= old_len / low)
+  return jnp.where(medium_D2, blended_D2, scaled_D2)
+
+
+def rotary(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, inv_freq_D2: jax.Array) -> jax.Array:
   """Rotary position embedding, rotate-half convention (HF Llama: no weight permutation)."""
-  d = x_BxLxHxD.shape[-1]
-  inv_freq_D2 = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
   angles_BxLxD2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_D2
   angles_BxLx1xD = jnp.concatenate([angles_BxLxD2, angles_BxLxD2], -1)[:, :, None, :]
   x = x_BxLxHxD.astype(jnp.float32)
@@ -138,6 +156,16 @@ def rotary(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   y = x * jnp.cos(angles_BxLx1xD) + rotated * jnp.sin(angles_BxLx1xD)
   return y.astype(x_BxLxHxD.dtype)
+
+
+def causal_mask(length: int, window: int = 0) -> jax.Array:
+  """1x1xLxL bool: query i sees keys j <= i, and with a window only j > i - window (HF Mistral's
+  sliding window: the last `window` tokens, itself included)."""
+  query_Lx1, key_1xL = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
+  mask_LxL = key_1xL <= query_Lx1
+  if window:
+    mask_LxL &= key_1xL > query_Lx1 - window
+  return mask_LxL[None, None]
 
 
 def explicit_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask, qk_dot_general, pv_dot_general):
@@ -182,12 +210,14 @@ class Attention(nn.Module):
     dense = functools.partial(
       Dense, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, dot_general_cls=self.dot_general_cls
     )
-    q_BxLxHxD = dense((h, d), ("embed", "heads", "head_dim"), name="query")(x_BxLxE)
-    k_BxLxKxD = dense((k, d), ("embed", "kv_heads", "head_dim"), name="key")(x_BxLxE)
-    v_BxLxKxD = dense((k, d), ("embed", "kv_heads", "head_dim"), name="value")(x_BxLxE)
+    qkv = functools.partial(dense, use_bias=cfg.use_bias or cfg.qkv_bias)
+    q_BxLxHxD = qkv((h, d), ("embed", "heads", "head_dim"), name="query")(x_BxLxE)
+    k_BxLxKxD = qkv((k, d), ("embed", "kv_heads", "head_dim"), name="key")(x_BxLxE)
+    v_BxLxKxD = qkv((k, d), ("embed", "kv_heads", "head_dim"), name="value")(x_BxLxE)
     if cfg.positions == "rotary":
-      q_BxLxHxD = rotary(q_BxLxHxD, positions_BxL, cfg.rope_theta)
-      k_BxLxKxD = rotary(k_BxLxKxD, positions_BxL, cfg.rope_theta)
+      inv_freq_D2 = rope_frequencies(cfg)
+      q_BxLxHxD = rotary(q_BxLxHxD, positions_BxL, inv_freq_D2)
+      k_BxLxKxD = rotary(k_BxLxKxD, positions_BxL, inv_freq_D2)
     q_BxLxHxD = nn.with_logical_constraint(q_BxLxHxD, ("batch", "length", "act_heads", "head_dim"))
     kv_axes = ("batch", "length", "act_kv_heads", "head_dim")
     k_BxLxKxD = nn.with_logical_constraint(k_BxLxKxD, kv_axes)
@@ -197,7 +227,8 @@ class Attention(nn.Module):
     k_BxLxKxD = checkpoint_name(k_BxLxKxD, "key")
     v_BxLxKxD = checkpoint_name(v_BxLxKxD, "value")
 
-    # Padding masks keys only: a padded query still attends to real keys, so no row is empty.
+    # Padding masks keys only: a padded query still attends to real keys, so no row is empty
+    # (unless a sliding window holds only padding: that row is uniform in every path).
     key_mask_Bx1x1xS = None
     if attention_mask_BxL is not None:
       key_mask_Bx1x1xS = attention_mask_BxL[:, None, None, :].astype(bool)
@@ -205,8 +236,7 @@ class Attention(nn.Module):
     if cfg.record_attention or self.attn_dot_general_cls is not None:
       mask = key_mask_Bx1x1xS
       if self.causal:
-        length = x_BxLxE.shape[1]
-        causal_1x1xLxS = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        causal_1x1xLxS = causal_mask(x_BxLxE.shape[1], cfg.sliding_window)
         mask = causal_1x1xLxS if mask is None else mask & causal_1x1xLxS
       out_BxLxHxD, probs_BxHxLxS = explicit_attention(
         q_BxLxHxD,
@@ -219,13 +249,16 @@ class Attention(nn.Module):
       if cfg.record_attention:
         self.sow("intermediates", "attention_probs", probs_BxHxLxS)
     else:
-      # GQA is native here (BTNH layout with K < N kv heads).
+      # GQA is native here (BTNH layout with K < N kv heads). A window of W keys is JAX's
+      # (W - 1, 0): key j is seen from query i when i - (W - 1) <= j <= i (cuDNN included).
+      window = (cfg.sliding_window - 1, 0) if self.causal and cfg.sliding_window else None
       out_BxLxHxD = jax.nn.dot_product_attention(
         q_BxLxHxD,
         k_BxLxKxD,
         v_BxLxKxD,
         mask=key_mask_Bx1x1xS,
         is_causal=self.causal,
+        local_window_size=window,
         implementation=cfg.attention_impl,
       )
     out_BxLxHxD = checkpoint_name(out_BxLxHxD, "attn_out")

@@ -4,6 +4,7 @@ the same logits through models.hf as in torch, scanned or not, sharded or not, a
 import dataclasses
 import json
 import os
+import re
 
 import flax
 import jax
@@ -33,8 +34,9 @@ def _bert_config(**kw):
   )
 
 
-def _llama_config(**kw):
-  return transformers.LlamaConfig(
+def _llama_config(cls=None, **kw):
+  """A tiny Llama-family config (LlamaConfig, MistralConfig, Qwen2Config)."""
+  return (cls or transformers.LlamaConfig)(
     vocab_size=V,
     hidden_size=32,
     num_hidden_layers=2,
@@ -46,6 +48,16 @@ def _llama_config(**kw):
   )
 
 
+LLAMA3 = dict(  # Llama 3.1's scaled RoPE
+  rope_type="llama3",
+  rope_theta=10000.0,
+  factor=8.0,
+  low_freq_factor=1.0,
+  high_freq_factor=4.0,
+  original_max_position_embeddings=16,  # short: 3 of head_dim 8's 4 wavelengths are longer
+)
+WINDOW = 8  # < L: the window matters; >= 8: no row of _inputs() sees only padding
+
 MAKERS = {
   "bert_mlm": lambda: transformers.BertForMaskedLM(_bert_config()),
   "bert_classify": lambda: transformers.BertForSequenceClassification(_bert_config(num_labels=3)),
@@ -56,6 +68,14 @@ MAKERS = {
   "llama": lambda: transformers.LlamaForCausalLM(_llama_config()),
   "llama_tied_bias": lambda: transformers.LlamaForCausalLM(
     _llama_config(tie_word_embeddings=True, attention_bias=True, mlp_bias=True, rope_theta=500.0)
+  ),
+  "llama3_rope": lambda: transformers.LlamaForCausalLM(_llama_config(rope_parameters=LLAMA3)),
+  "mistral": lambda: transformers.MistralForCausalLM(
+    _llama_config(transformers.MistralConfig, sliding_window=WINDOW)
+  ),
+  "qwen2": lambda: transformers.Qwen2ForCausalLM(_llama_config(transformers.Qwen2Config)),
+  "qwen2_tied": lambda: transformers.Qwen2ForCausalLM(
+    _llama_config(transformers.Qwen2Config, tie_word_embeddings=True)
   ),
 }
 
@@ -100,13 +120,46 @@ def saved(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-  "name,scan", [(n, False) for n in MAKERS] + [("bert_mlm", True), ("gpt2", True), ("llama", True)]
+  "name,scan",
+  [(n, False) for n in MAKERS] + [(n, True) for n in ("bert_mlm", "gpt2", "llama", "qwen2")],
 )
 def test_import_matches_transformers(saved, name, scan):
   directory, _, ref = saved[name]
   model, params = hf.from_pretrained(directory, scan_layers=scan)
   assert ("layers" in params) == scan
   np.testing.assert_allclose(_ours(model, params, *_inputs()), ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+  "name,override,same",
+  [
+    ("mistral", dict(record_attention=True), True),  # the explicit attention path
+    ("mistral", dict(attention_impl="xla"), True),
+    ("mistral", dict(sliding_window=0), False),  # the window matters
+    ("llama3_rope", dict(rope_type="default"), False),  # the scaling matters
+  ],
+)
+def test_window_and_rope_scaling(saved, name, override, same):
+  """Every attention path honours the window; without the window or the scaling, the logits
+  are not transformers'."""
+  directory, _, ref = saved[name]
+  model, params = hf.from_pretrained(directory, **override)
+  ours = _ours(model, params, *_inputs())
+  if same:
+    np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
+  else:
+    assert np.abs(ours - ref).max() > 100 * TOL
+
+
+def test_qwen2_exports_a_window(saved, tmp_path):
+  """Qwen2 with a sliding window on every layer: transformers reads it back as ours."""
+  model, params = hf.from_pretrained(saved["qwen2"][0], sliding_window=WINDOW)
+  hf.save_pretrained(model.config, params, str(tmp_path))
+  reloaded = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path)).eval()
+  assert reloaded.config.layer_types == ["sliding_attention"] * 2
+  ours = _ours(model, params, *_inputs())
+  np.testing.assert_allclose(_torch_out(reloaded, *_inputs()), ours, atol=TOL, rtol=0)
+  assert np.abs(ours - saved["qwen2"][2]).max() > 100 * TOL
 
 
 @pytest.mark.parametrize("name", list(MAKERS))
@@ -231,12 +284,6 @@ def test_bad_checkpoints_name_the_problem(saved, tmp_path):
   with pytest.raises(ValueError, match="Unsupported architecture 'T5ForConditionalGeneration'"):
     hf.from_pretrained(_rewrite(src, tmp_path / "t5", edit_config=t5))
 
-  def scaled_rope(c):
-    c["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
-
-  llama = saved["llama"][0]
-  with pytest.raises(ValueError, match="rope type='llama3'.*only default RoPE"):
-    hf.from_pretrained(_rewrite(llama, tmp_path / "rope", edit_config=scaled_rope))
   os.makedirs(tmp_path / "no_weights")
   with open(tmp_path / "no_weights" / "config.json", "w") as f:
     f.write("{}")
@@ -246,15 +293,62 @@ def test_bad_checkpoints_name_the_problem(saved, tmp_path):
     hf.from_pretrained(str(tmp_path / "absent"))
 
 
+def _qwen2_window(start, layer_types=None):
+  """Qwen2's config.json keys for a window of 4 on layers start... (or as layer_types say)."""
+  return dict(
+    use_sliding_window=True, sliding_window=4, max_window_layers=start, layer_types=layer_types
+  )
+
+
+@pytest.mark.parametrize(
+  "name,edit,words",
+  [
+    ("llama", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope_type='yarn'"),
+    ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "llama3 RoPE needs"),
+    ("llama", dict(rope_parameters=None, partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
+    ("llama", dict(attention_bias=True), "attention_bias / mlp_bias"),
+    ("qwen2", _qwen2_window(1), "use_sliding_window / max_window_layers / layer_types"),
+    ("qwen2", _qwen2_window(0, ["full_attention", "sliding_attention"]), "some layers only"),
+    ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
+    ("bert_mlm", dict(position_embedding_type="relative_key"), "position_embedding_type"),
+  ],
+)
+def test_unsupported_config_names_the_field(saved, name, edit, words):
+  config = {**hf.Checkpoint(saved[name][0]).config, **edit}
+  with pytest.raises(ValueError, match=re.escape(words)):
+    hf.config_from_hf(config)
+
+
+@pytest.mark.parametrize(
+  "edit,window",
+  [
+    (dict(use_sliding_window=False, sliding_window=4), 0),
+    (_qwen2_window(0), 4),
+    (_qwen2_window(2), 0),
+  ],
+)
+def test_qwen2_window_on_all_layers_or_none(saved, edit, window):
+  config = {**hf.Checkpoint(saved["qwen2"][0]).config, **edit}
+  assert hf.config_from_hf(config).sliding_window == window
+
+
 def test_offline_hub_name_says_what_to_do(monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   with pytest.raises(OSError, match="not a local directory and could not be fetched"):
     hf.from_pretrained("no-such-org/no-such-model")
 
 
-def test_export_refuses_what_hf_cannot_hold():
-  cfg = dataclasses.replace(PRESETS["tiny"], norm="rmsnorm")  # rmsnorm + learned positions
-  with pytest.raises(ValueError, match="No HF architecture matches"):
+@pytest.mark.parametrize(
+  "preset,fields,words",
+  [
+    ("tiny", dict(norm="rmsnorm"), "gpt2 needs norm='layernorm'"),  # with learned positions
+    ("llama-1b", dict(use_bias=True, sliding_window=4), "mistral needs use_bias=False"),
+    ("tiny", dict(n_kv_heads=2), "gpt2 needs n_kv_heads == n_heads"),
+  ],
+)
+def test_export_refuses_what_hf_cannot_hold(preset, fields, words):
+  cfg = dataclasses.replace(PRESETS[preset], **fields)
+  with pytest.raises(ValueError, match=re.escape(words)):
     hf.save_pretrained(cfg, {}, "/nonexistent")
 
 

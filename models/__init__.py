@@ -3,6 +3,7 @@
 from models import hf
 from models.config import PRESETS, ModelConfig, get_preset
 from models.layers import Dense, DotGeneralFactory
+from models.structure import Structure, structure
 from models.transformer import Decoder, Encoder, build, count_params, scan_params, unscan_params
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
   "get_preset",
   "Dense",
   "DotGeneralFactory",
+  "Structure",
+  "structure",
   "Decoder",
   "Encoder",
   "build",

@@ -43,6 +43,19 @@ def draw(shapes, seed=0, ties=False, std=1.0):
   return jax.tree.map(one, shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
+# The models' layout, passed to compress.prune as plain data (compress knows no names).
+S = models.structure()
+SELECT = dict(select=S.weights)  # the weight matrices (kernels), as the experiments select
+SCANNED = dict(select=S.weights, stacked=f"^{S.layers}/")
+HEADS = prune.parse_granularity("heads", heads=S.heads)
+NEURONS = prune.parse_granularity("neurons", neurons=S.neurons)
+
+
+def n_m(spec):
+  """An N:M granularity on the models' kernels, e.g. n_m("2:4")."""
+  return prune.parse_granularity(spec, nm_axes=S.contracting)
+
+
 def tiny_shapes(**overrides):
   cfg = models.get_preset("tiny", **overrides)
   model = models.build(cfg)
@@ -50,7 +63,7 @@ def tiny_shapes(**overrides):
   return model, nn.unbox(jax.eval_shape(model.init, jax.random.key(0), ids))["params"]
 
 
-def selected(tree, pattern=r"kernel$"):
+def selected(tree, pattern=S.weights):
   return {n: x for n, x in leaves(tree).items() if re.search(pattern, n) and np.ndim(x) >= 2}
 
 

@@ -139,11 +139,14 @@ def test_student_init_copies_exactly_the_mapped_layers(scan):
 
   teacher, student = params(4, scan[0], 0), params(3, scan[1], 1)
   layer_map = {0: 0, 1: 2}
-  out = distill.init_from_teacher(student, teacher, layer_map)
+  layers = models.structure().layers
+  out = distill.init_from_teacher(student, teacher, layer_map, layers)
   assert jax.tree.structure(out) == jax.tree.structure(student)
   for s, t in layer_map.items():
     jax.tree.map(np.testing.assert_array_equal, layer(out, s), layer(teacher, t))
   jax.tree.map(np.testing.assert_array_equal, layer(out, 2), layer(student, 2))  # unmapped
   np.testing.assert_array_equal(out["embed"]["embedding"], teacher["embed"]["embedding"])
   with pytest.raises(ValueError, match="past the depth"):
-    distill.init_from_teacher(student, teacher, {0: 4})
+    distill.init_from_teacher(student, teacher, {0: 4}, layers)
+  with pytest.raises(ValueError, match="No layers under 'blocks'"):
+    distill.init_from_teacher(student, teacher, layer_map, "blocks")

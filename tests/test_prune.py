@@ -19,12 +19,17 @@ import parallel
 from compress import prune
 
 from prune_helpers import (
+  HEADS,
   MATRICES,
+  NEURONS,
+  SCANNED,
+  SELECT,
   TABLES,
   draw,
   f32,
   jit_step,
   leaves,
+  n_m,
   n_prune,
   numpy_tree,
   pruner,
@@ -200,7 +205,7 @@ def test_heads_and_neurons_are_pruned_whole(tiny):
   _, tiny = tiny
   params = selected(numpy_tree(tiny))
   attn, mlp = "layers_0/attn/", "layers_0/mlp/"
-  pruned = selected(numpy_tree(pruner(granularity="heads")(tiny, 0.5)))
+  pruned = selected(numpy_tree(pruner(granularity=HEADS)(tiny, 0.5)))
   qkv = [pruned[attn + p + "/kernel"] for p in ("query", "key", "value")]
   out = pruned[attn + "out/kernel"]
   alive = np.stack([(x != 0).all(axis=(0, 2)) for x in qkv] + [(out != 0).all(axis=(1, 2))])
@@ -214,7 +219,7 @@ def test_heads_and_neurons_are_pruned_whole(tiny):
   for name in (mlp + "wi/kernel", mlp + "wo/kernel"):
     np.testing.assert_array_equal(pruned[name], params[name])  # heads only
 
-  pruned = selected(numpy_tree(pruner(granularity="neurons")(tiny, 0.3)))
+  pruned = selected(numpy_tree(pruner(granularity=NEURONS)(tiny, 0.3)))
   wi, wo = pruned[mlp + "wi/kernel"], pruned[mlp + "wo/kernel"]
   dead = (wi == 0).all(axis=0)
   np.testing.assert_array_equal(dead, (wo == 0).all(axis=1))
@@ -236,11 +241,11 @@ def nm_groups(x, m, axis):
 
 def test_2_4_keeps_at_most_2_of_every_4_along_the_input_axis(tiny):
   _, tiny = tiny
-  nm = prune.NM(2, 4)
+  nm = n_m("2:4")
   params = selected(numpy_tree(tiny))
-  pruned = selected(numpy_tree(pruner(granularity="2:4")(tiny, None)))
+  pruned = selected(numpy_tree(pruner(granularity=nm, **SELECT)(tiny, None)))
   for name, x in pruned.items():
-    axis = nm.axis(name)
+    axis = nm.axis(name, x.ndim)
     assert axis == (-3 if "query" in name or "key" in name or "value" in name else -2)
     nonzero = (nm_groups(x, 4, axis) != 0).sum(-1)
     assert nonzero.max() <= 2 and np.all(nonzero == 2), name  # ties: exactly 2 (none were 0)
@@ -333,16 +338,22 @@ def init(tx):
   [
     (lambda: prune.pruning(granularity="5:4"), r"N:M = 5:4: need 1 <= N <= M"),
     (
-      init(prune.pruning(granularity="2:3")),
+      init(prune.pruning(granularity=n_m("2:3"), **SELECT)),
       r"N:M 2:3 on layers_0/attn/key/kernel \(128, 4, 32\): M=3 does not divide its axis -3",
+    ),
+    (
+      init(prune.pruning(granularity="2:4", **SELECT)),
+      r"N:M 2:4 on layers_0/attn/key/kernel \(128, 4, 32\): which axis is its input\?",
     ),
     (init(prune.pruning(0.5, select="nothing_matches")), r"'nothing_matches'.* no parameter"),
     (lambda: prune.cubic(start=10, end=5, every=1), r"ends \(end=5\) before it starts"),
     (lambda: prune.cubic(start=0, end=10, every=3), r"end - start = 10 is not a multiple of"),
     (lambda: prune.pruning(0.5, score="movement"), r"score reads the gradients: wrap"),
     (lambda: prune.pruning(0.5, granularity="diagonal"), r"granularity 'diagonal': use"),
+    (lambda: prune.pruning(0.5, granularity="heads"), r"'heads' needs the model's heads rules"),
+    (lambda: prune.parse_granularity("neurons"), r"prune.parse_granularity\('neurons', neuro"),
     (
-      lambda: prune.pruning(0.5, granularity="heads", distribution="erk"),
+      lambda: prune.pruning(0.5, granularity=HEADS, distribution="erk"),
       r"distribution='erk' sets per-matrix sparsities",
     ),
     (lambda: prune.pruning(0.5, distribution="layerwise"), r"distribution='layerwise'"),
@@ -353,11 +364,14 @@ def init(tx):
   ids=[
     "N>M",
     "M-does-not-divide",
+    "N:M-without-axes",
     "no-parameter",
     "end<start",
     "not-a-multiple",
     "movement-chained",
     "granularity",
+    "heads-without-rules",
+    "neurons-without-rules",
     "erk-heads",
     "distribution",
     "nm-sparsity",
@@ -371,7 +385,7 @@ def test_invalid_arguments_are_rejected(make, match):
 
 
 def test_n_m_that_divides_every_axis_is_accepted():
-  state = jax.eval_shape(prune.pruning(granularity="2:4").init, tiny_params())
+  state = jax.eval_shape(prune.pruning(granularity=n_m("2:4"), **SELECT).init, tiny_params())
   masks = selected(state.masks)
   assert len(masks) == 6 and all(m.dtype == jnp.bool_ for m in masks.values())
 
@@ -405,9 +419,9 @@ def test_scanned_layers_are_pruned_layer_by_layer_as_unscanned(granularity, dist
   scanned["layers"] = jax.tree.map(
     lambda a, b: np.stack([a, b]), params["layers_0"], params["layers_1"]
   )
-  kw = dict(granularity=granularity, distribution=distribution)
-  flat = numpy_tree(pruner(**kw)(params, 0.5))
-  stacked = numpy_tree(pruner(**kw)(scanned, 0.5))
+  kw = dict(granularity=HEADS if granularity == "heads" else granularity)
+  flat = numpy_tree(pruner(**kw, **SELECT, distribution=distribution)(params, 0.5))
+  stacked = numpy_tree(pruner(**kw, **SCANNED, distribution=distribution)(scanned, 0.5))
   for i in range(2):
     for name, x in leaves(flat[f"layers_{i}"]).items():
       np.testing.assert_array_equal(leaves(stacked["layers"])[name][i], x, err_msg=name)

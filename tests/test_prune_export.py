@@ -10,7 +10,18 @@ import pytest
 
 from compress import prune
 
-from prune_helpers import TABLES, draw, f32, leaves, numpy_tree, pruner, selected, tiny_shapes
+from prune_helpers import (
+  SELECT,
+  TABLES,
+  draw,
+  f32,
+  leaves,
+  n_m,
+  numpy_tree,
+  pruner,
+  selected,
+  tiny_shapes,
+)
 
 
 # Sparse export.
@@ -60,8 +71,8 @@ def payload(directory):
 @pytest.mark.parametrize("n,m", [(2, 4), (2, 8)])
 def test_n_m_checkpoint_round_trips_and_is_no_larger_than_the_bitmask(exported, n, m, tmp_path):
   _, params, _, _ = exported
-  pruned = numpy_tree(pruner(granularity=f"{n}:{m}")(params, None))
-  prune.save(tmp_path / "nm", pruned, nm=prune.NM(n, m))
+  pruned = numpy_tree(pruner(granularity=n_m(f"{n}:{m}"), **SELECT)(params, None))
+  prune.save(tmp_path / "nm", pruned, nm=n_m(f"{n}:{m}"))
   prune.save(tmp_path / "bitmask", pruned)
   loaded = prune.load(tmp_path / "nm")
   assert jax.tree.structure(loaded) == jax.tree.structure(pruned)
@@ -91,7 +102,8 @@ def test_report_counts_match_numpy():
   }
   tree = jax.tree.map(f32, tree)
   flat = leaves(numpy_tree(tree))
-  rep = prune.report(tree)
+  assert list(prune.report(tree)["layers"]) == ["a/kernel", "b/kernel", "c/embedding"]  # matrices
+  rep = prune.report(tree, select=r"kernel$")
   assert list(rep["layers"]) == ["a/kernel", "b/kernel"]
   for name, r in rep["layers"].items():
     x = flat[name]

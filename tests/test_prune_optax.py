@@ -11,6 +11,7 @@ from compress import prune, quant
 
 from prune_helpers import (
   MATRICES,
+  SELECT,
   draw,
   f32,
   jit_step,
@@ -161,7 +162,7 @@ def test_pruning_after_qat_transforms_keeps_zeros_on_the_int8_grid():
   tx = optax.chain(
     quant.split_optimizer(optax.adamw(1e-2), optax.adam(1e-3)),
     quant.keep_on_grid(8),
-    prune.pruning(s, prune.cubic(start=0, end=4, every=2)),
+    prune.pruning(s, prune.cubic(start=0, end=4, every=2), **SELECT),  # not the steps
   )
   start = draw(MATRIX_QAT, seed=11)
   params, state, history = run_steps(tx, start, 8)

@@ -5,19 +5,21 @@ import re
 import jax
 import jax.numpy as jnp
 
-_LAYER = re.compile(r"layers_(\d+)$")
+
+def _is_layer(key: str, layers: str) -> bool:
+  return key == layers or re.fullmatch(re.escape(layers) + r"_\d+", key) is not None
 
 
-def _depth(params: dict) -> int:
-  if "layers" in params:  # scanned: every leaf stacks the layers on axis 0
-    return jax.tree.leaves(params["layers"])[0].shape[0]
-  return sum(1 for k in params if _LAYER.fullmatch(k))
+def _depth(params: dict, layers: str) -> int:
+  if layers in params:  # scanned: every leaf stacks the layers on axis 0
+    return jax.tree.leaves(params[layers])[0].shape[0]
+  return sum(1 for k in params if _is_layer(k, layers))
 
 
-def _layer(params: dict, i: int):
-  if "layers" in params:
-    return jax.tree.map(lambda x: x[i], params["layers"])
-  return params[f"layers_{i}"]
+def _layer(params: dict, i: int, layers: str):
+  if layers in params:
+    return jax.tree.map(lambda x: x[i], params[layers])
+  return params[f"{layers}_{i}"]
 
 
 def _check_shapes(path: str, new, old):
@@ -29,12 +31,19 @@ def _check_shapes(path: str, new, old):
       )
 
 
-def init_from_teacher(student: dict, teacher: dict, layer_map: dict) -> dict:
+def init_from_teacher(student: dict, teacher: dict, layer_map: dict, layers: str) -> dict:
   """The student's params with layer i copied from teacher layer layer_map[i], and every
   non-layer parameter (embeddings, norms, heads) copied from the teacher. Student layers
-  the map leaves out keep their values. Scanned (`layers`) and unscanned (`layers_i`)
-  layouts mix freely. Pure: returns a new tree."""
-  n_s, n_t = _depth(student), _depth(teacher)
+  the map leaves out keep their values. `layers` is the top-level key of the layers (the
+  model's `Structure.layers`): scanned, one subtree `{layers}` stacking them on axis 0;
+  unscanned, `{layers}_{i}`. The two layouts mix freely. Pure: returns a new tree."""
+  n_s, n_t = _depth(student, layers), _depth(teacher, layers)
+  if not n_s or not n_t:
+    raise ValueError(
+      f"No layers under {layers!r} (nor {layers}_0, ...) in the "
+      f"{'student' if not n_s else 'teacher'}: pass the key its layers sit under. "
+      f"Top-level keys: {sorted(student if not n_s else teacher)}"
+    )
   for s, t in layer_map.items():
     if not 0 <= s < n_s or not 0 <= t < n_t:
       raise ValueError(
@@ -43,18 +52,21 @@ def init_from_teacher(student: dict, teacher: dict, layer_map: dict) -> dict:
       )
   out = {}
   for key, value in student.items():
-    if key == "layers" or _LAYER.fullmatch(key):
+    if _is_layer(key, layers):
       continue
     if key not in teacher:
       raise ValueError(f"The student's {key!r} has no counterpart in the teacher.")
     _check_shapes(key, teacher[key], value)
     out[key] = teacher[key]
-  layers = [layer_map.get(i) for i in range(n_s)]
-  new = [_layer(student, i) if t is None else _layer(teacher, t) for i, t in enumerate(layers)]
+  mapped = [layer_map.get(i) for i in range(n_s)]
+  new = [
+    _layer(student, i, layers) if t is None else _layer(teacher, t, layers)
+    for i, t in enumerate(mapped)
+  ]
   for i, layer in enumerate(new):
-    _check_shapes(f"layers_{i}", layer, _layer(student, i))
-  if "layers" in student:
-    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *new)
+    _check_shapes(f"{layers}_{i}", layer, _layer(student, i, layers))
+  if layers in student:
+    out[layers] = jax.tree.map(lambda *xs: jnp.stack(xs), *new)
   else:
-    out.update({f"layers_{i}": layer for i, layer in enumerate(new)})
+    out.update({f"{layers}_{i}": layer for i, layer in enumerate(new)})
   return out

@@ -2,6 +2,8 @@
 
 tx = prune.pruning(0.9, prune.cubic(start=100, end=1100, every=100), inner=optax.adamw(1e-3))
 tx = prune.pruning(granularity="2:4", inner=optax.adamw(1e-3))       # N:M, one shot at 0
+heads = prune.parse_granularity("heads", heads=s.heads)               # s: the model's layout
+tx = prune.pruning(0.5, granularity=heads, select=s.weights, stacked=f"^{s.layers}/")
 prune.report(params)                                                  # sparsity per layer
 prune.save(directory, params); params = prune.load(directory)         # bitmask + values
 """
@@ -10,8 +12,6 @@ from compress.prune.masks import nm_keep, order_key, smallest, target_count
 from compress.prune.schedules import Schedule, cubic, one_shot, periodic
 from compress.prune.granularity import (
   DISTRIBUTIONS,
-  HEADS,
-  NEURONS,
   NM,
   Blocks,
   Structured,
@@ -39,8 +39,6 @@ __all__ = [
   "one_shot",
   "periodic",
   "DISTRIBUTIONS",
-  "HEADS",
-  "NEURONS",
   "NM",
   "SCORES",
   "Blocks",

@@ -45,13 +45,19 @@ def one_shot_prune(params, sparsity=None, grads=None, **kwargs):
 
 
 def report(
-  params, masks=None, select: str = r"kernel$", exclude: str | None = None, min_ndim: int = 2
+  params,
+  masks=None,
+  select: str = r".",
+  exclude: str | None = None,
+  min_ndim: int = 2,
+  stacked: str | None = None,
 ) -> dict:
   """{"layers": {name: {shape, size, nonzero, sparsity}}, "selected": {...}, "all": {...}}:
   zeros per pruned parameter, over the pruned ones, and over all parameters.
 
   The pruned parameters are those with a mask in `masks` (a mask tree from `masks_of`),
-  else those the selector picks.
+  else those the selector picks (`select`, `exclude`, `min_ndim`, `stacked` as in `pruning`;
+  the default: every matrix).
   """
   if masks is not None:
     treedef = jax.tree.structure(params)
@@ -63,7 +69,7 @@ def report(
       if not isinstance(m, optax.MaskedNode)
     }
   else:
-    chosen = {n for _, n, _ in _select(params, select, exclude, min_ndim, "")}
+    chosen = {n for _, n, _ in _select(params, select, exclude, min_ndim, "", None, stacked)}
   layers, sel, tot = {}, [0, 0], [0, 0]
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
     name = path_name(path)
@@ -122,7 +128,8 @@ def _unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 def save(directory: str, tree: dict, nm: NM | None = None):
   """Writes a nested dict of arrays, each in its smallest form (see the module doc).
 
-  `nm`: also try N:M storage (n kept values of every m along `nm.axis(name)`).
+  `nm`: also try N:M storage (n kept values of every m along `nm.axis(name, ndim)`, for
+  the arrays it names an axis for).
   Single-process: every array is brought to this host.
   """
   directory = os.path.abspath(directory)
@@ -133,7 +140,7 @@ def save(directory: str, tree: dict, nm: NM | None = None):
     dense = x.nbytes
     nnz = int(np.count_nonzero(x))
     options = {"bitmask": nnz * x.itemsize + math.ceil(x.size / 8)}
-    axis = nm.axis(name) if nm is not None and x.ndim >= 2 and nm.m <= 16 else None
+    axis = nm.axis(name, x.ndim) if nm is not None and x.ndim >= 2 and nm.m <= 16 else None
     if axis is not None and _nm_fits(x, nm, axis):
       groups = x.size // nm.m
       options["nm"] = groups * nm.n * x.itemsize + math.ceil(groups * _patterns(nm.n, nm.m)[2] / 8)

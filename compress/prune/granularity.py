@@ -21,18 +21,20 @@ from compress.prune import masks as mk
 class NM:
   """Keep n of every m consecutive weights along the input dimension.
 
-  `axes`: (regex on the parameter path, axis) pairs, first match wins; the default is
-  the contracting axis next to the output axes of this codebase's kernels (embed for
-  query/key/value (embed, heads, head_dim); head_dim for out (heads, head_dim, embed);
-  the input axis of every (in, out) matrix). Negative axes also fit scanned layers.
+  `axes`: (regex on the parameter path, axis) pairs, first match wins: the input axis of
+  each parameter (a model's `contracting` rules). A matrix no rule matches runs its groups
+  along axis -2 (the input of an [in, out] matrix); any other parameter needs a rule.
+  Negative axes also fit scanned layers.
   """
 
   n: int
   m: int
-  axes: tuple = ((r"attn/(query|key|value)/kernel$", -3), (r".", -2))
+  axes: tuple | None = None
 
-  def axis(self, name: str) -> int:
-    return next(a for pattern, a in self.axes if re.search(pattern, name))
+  def axis(self, name: str, ndim: int) -> int | None:
+    """The axis of parameter `name` (of rank `ndim`, per layer when stacked), or None."""
+    found = next((a for pattern, a in self.axes or () if re.search(pattern, name)), None)
+    return -2 if found is None and ndim == 2 else found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +47,10 @@ class Blocks:
 
 @dataclasses.dataclass(frozen=True)
 class Structured:
-  """Prune whole groups: `rules` are (regex, axes summed over) pairs; what is left of a
-  parameter's shape indexes its groups. Parameters under the same module whose groups
-  have the same shape (query, key, value and out of one attention layer) share them."""
+  """Prune whole groups: `rules` are (regex, axes summed over) pairs, first match wins;
+  what is left of a parameter's shape indexes its groups. Parameters whose paths agree but
+  for their last two parts ("layers_0/attn/" of ".../query/kernel") and whose groups have
+  the same shape (query, key, value and out of one attention layer) share them."""
 
   name: str
   rules: tuple
@@ -56,22 +59,29 @@ class Structured:
     return next((axes for pattern, axes in self.rules if re.search(pattern, name)), None)
 
 
-HEADS = Structured(
-  "heads", ((r"attn/(query|key|value)/kernel$", (-3, -1)), (r"attn/out/kernel$", (-2, -1)))
-)
-NEURONS = Structured("neurons", ((r"mlp/(wi|wg)/kernel$", (-2,)), (r"mlp/wo/kernel$", (-1,))))
 DISTRIBUTIONS = ("uniform", "erk", "global")
 
 
-def parse_granularity(spec):
+def parse_granularity(spec, *, heads=None, neurons=None, nm_axes=None):
   """ "unstructured" | "N:M" (e.g. "2:4") | "RxC" blocks (e.g. "4x4") | "heads" | "neurons",
-  or an NM / Blocks / Structured instance."""
+  or an NM / Blocks / Structured instance (returned as is).
+
+  The model's layout comes as plain data: `heads` / `neurons` are (regex, axes summed over)
+  rules (needed for "heads" / "neurons"); `nm_axes` are N:M's (regex, input axis) rules.
+  """
   if not isinstance(spec, str):
     return spec
   if spec == "unstructured":
     return spec
   if spec in ("heads", "neurons"):
-    return HEADS if spec == "heads" else NEURONS
+    rules = heads if spec == "heads" else neurons
+    if not rules:
+      raise ValueError(
+        f"granularity {spec!r} needs the model's {spec} rules: prune.parse_granularity("
+        f"{spec!r}, {spec}=...) with (regex on the parameter path, axes summed over) pairs "
+        f"(e.g. a model's structure().{spec}), and pass the result as the granularity."
+      )
+    return Structured(spec, tuple((pattern, tuple(axes)) for pattern, axes in rules))
   m = re.fullmatch(r"(\d+):(\d+)", spec) or re.fullmatch(r"(\d+)x(\d+)", spec)
   if m is None:
     raise ValueError(
@@ -79,7 +89,9 @@ def parse_granularity(spec):
       "(e.g. '4x4'), 'heads' or 'neurons'."
     )
   a, b = int(m.group(1)), int(m.group(2))
-  return NM(a, b) if ":" in spec else Blocks(a, b)
+  if ":" not in spec:
+    return Blocks(a, b)
+  return NM(a, b, tuple((pattern, axis) for pattern, axis in nm_axes) if nm_axes else None)
 
 
 # ------------------------------------------------------------------------------ plan
@@ -102,25 +114,31 @@ def plan(names, shapes, granularity, where: str, stacked: str | None = None) -> 
   Parameters whose name matches `stacked` hold a stack of layers on axis 0 (scanned
   layers); uniform and ERK sparsity then apply to each layer of the stack.
   """
-  units = _units(names, shapes, granularity, where)
-  if stacked is None or isinstance(granularity, NM):
+  is_stack = [is_stacked(name, stacked) for name in names]
+  units = _units(names, shapes, granularity, where, is_stack)
+  if isinstance(granularity, NM):
     return units
-  pattern = re.compile(stacked)
-  out = []
-  for u in units:
-    shape = shapes[u.members[0]]
-    if pattern.search(names[u.members[0]]) and len(shape) >= 3:
-      u = u._replace(layers=shape[0])
-    out.append(u)
-  return out
+  stack = lambda u: shapes[u.members[0]][0] if is_stack[u.members[0]] else 0  # noqa: E731
+  return [u._replace(layers=stack(u)) for u in units]
 
 
-def _units(names, shapes, granularity, where: str) -> list[Unit]:
+def is_stacked(name: str, stacked: str | None) -> bool:
+  """Whether parameter `name` stacks layers on axis 0 (it matches the regex `stacked`)."""
+  return stacked is not None and re.search(stacked, name) is not None
+
+
+def _units(names, shapes, granularity, where: str, is_stack) -> list[Unit]:
   g = granularity
   if isinstance(g, NM):
     units = []
     for i, (name, shape) in enumerate(zip(names, shapes)):
-      axis = g.axis(name)
+      axis = g.axis(name, len(shape) - is_stack[i])
+      if axis is None:
+        raise ValueError(
+          f"N:M {g.n}:{g.m} on {name} {tuple(shape)}: which axis is its input? Only a matrix "
+          "has a default (-2); pass NM(n, m, axes=((regex, axis), ...)) (e.g. a model's "
+          f"structure().contracting, as prune.parse_granularity(..., nm_axes=...)). {where}"
+        )
       if not -len(shape) <= axis < len(shape) or shape[axis] % g.m:
         raise ValueError(
           f"N:M {g.n}:{g.m} on {name} {tuple(shape)}: M={g.m} does not divide its axis {axis} "

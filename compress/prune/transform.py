@@ -11,9 +11,11 @@ and stay zero; nothing needs to be called after `optax.apply_updates`. Wrapping 
 optimizer (`inner=`) also masks the gradients it sees (so its moments of pruned weights
 stay zero) and lets scores use the real gradients.
 
-Granularity: "unstructured"; `NM(n, m)` (keep n of every m along the input dimension,
-reached gradually when the schedule is); `Blocks(rows, cols)`; `HEADS` / `NEURONS`
-(whole attention heads / MLP neurons, scored jointly over the layers that share them).
+Granularity: "unstructured"; `NM(n, m, axes)` (keep n of every m along the input dimension,
+reached gradually when the schedule is); `Blocks(rows, cols)`; `Structured` heads / neurons
+(whole attention heads / MLP neurons, scored jointly over the layers that share them). What
+is a head, a neuron or an input axis, and where the layers are, the caller says as plain data
+(regexes on parameter paths, axis numbers): `parse_granularity("heads", heads=rules)`.
 Distribution: "uniform" (every parameter, or coupled group, at the sparsity), "erk"
 (Erdos-Renyi-Kernel per-layer sparsities with the same total) or "global" (one threshold
 over everything selected, found by distributed bisection; no score is gathered).
@@ -36,6 +38,7 @@ from compress.prune.granularity import (
   NM,
   Blocks,
   Structured,
+  is_stacked,
   keep_masks,
   parse_granularity,
   plan,
@@ -112,22 +115,26 @@ class PruneState(NamedTuple):
   inner: Any  # the wrapped optimizer's state (EmptyState when chained)
 
 
-def _select(params, select: str, exclude: str | None, min_ndim: int, where: str, accept=None):
+def _select(
+  params, select: str, exclude: str | None, min_ndim: int, where: str, accept=None, stacked=None
+):
   """[(position in the flat leaves, name, shape)] of the parameters to prune (those
-  `accept(name)` also takes, when given)."""
+  `accept(name)` also takes, when given). A stack of layers (`stacked`) counts its rank
+  per layer."""
   sel, ex = re.compile(select), re.compile(exclude) if exclude else None
   out, names = [], []
   for i, (path, x) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
     name = path_name(path)
     names.append(name)
-    ok = x.ndim >= min_ndim and sel.search(name) and not (ex and ex.search(name))
+    ndim = x.ndim - is_stacked(name, stacked)  # per layer
+    ok = ndim >= min_ndim and sel.search(name) and not (ex and ex.search(name))
     if ok and (accept is None or accept(name)):
       out.append((i, name, tuple(x.shape)))
   if not out:
     raise ValueError(
       f"The pruning selector select={select!r} (exclude={exclude!r}, min_ndim={min_ndim}"
-      f"{', granularity rules' if accept else ''}) matches no parameter. {where} Parameters: {', '.join(names[:12])}"
-      + (", ..." if len(names) > 12 else "")
+      f"{', granularity rules' if accept else ''}) matches no parameter. {where} "
+      f"Parameters: {', '.join(names[:12])}" + (", ..." if len(names) > 12 else "")
     )
   return out
 
@@ -139,23 +146,26 @@ def pruning(
   *,
   granularity="unstructured",
   distribution: str = "uniform",
-  select: str = r"kernel$",
+  select: str = r".",
   exclude: str | None = None,
   min_ndim: int = 2,
   score="magnitude",
   seed: int = 0,
-  stacked: str | None = r"^layers/",
+  stacked: str | None = None,
 ) -> optax.GradientTransformation:
   """Magnitude (or any `score`) pruning as a GradientTransformation; see the module doc.
 
   sparsity: the final fraction of weights pruned, in [0, 1) (N:M: 1 - N/M, leave unset).
   schedule: `one_shot(0)` by default; `cubic(...)` for gradual, `periodic(...)`.
   inner: the optimizer to wrap (None: chain this transform after it).
+  granularity: "unstructured", "N:M", "RxC", or what `parse_granularity` returns (heads
+    and neurons need the model's rules: parse them there).
   select / exclude: regexes on the parameter path ("layers_0/mlp/wi/kernel"); leaves of
-    rank < min_ndim are never pruned. The default selects every kernel of rank >= 2,
-    not embeddings, norms or biases.
-  stacked: regex of parameters whose axis 0 stacks layers (scanned models): "uniform"
-    and "erk" then hold for each layer, as they would unscanned.
+    rank < min_ndim (per layer, for a stack) are never pruned. The default selects every
+    matrix, embedding tables included: pass the model's weight regex (its
+    `Structure.weights`) to prune only its weight matrices.
+  stacked: regex of parameters whose axis 0 stacks layers (scanned models, e.g.
+    "^layers/"): "uniform" and "erk" then hold for each layer, as they would unscanned.
   """
   g = _validate(sparsity, granularity, distribution, score)
   schedule = schedule or schedules.one_shot(0)
@@ -174,7 +184,7 @@ def pruning(
 
   def selected(params):
     accept = (lambda n: g.reduce_axes(n) is not None) if isinstance(g, Structured) else None
-    return _select(params, select, exclude, min_ndim, hint, accept)
+    return _select(params, select, exclude, min_ndim, hint, accept, stacked)
 
   def init(params):
     chosen = selected(params)

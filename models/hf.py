@@ -41,15 +41,9 @@ from models.transformer import build
 
 log = logging.getLogger(__name__)
 
-ACTIVATIONS = {  # HF hidden_act -> ours
-  "gelu": "gelu",
-  "gelu_new": "gelu_tanh",
-  "gelu_pytorch_tanh": "gelu_tanh",
-  "silu": "silu",
-  "swish": "silu",
-  "relu": "relu",
-}
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu", "relu": "relu"}
+ACTIVATIONS = {hf: ours for ours, hf in HF_ACTIVATIONS.items()}  # HF hidden_act -> ours
+ACTIVATIONS.update(gelu_pytorch_tanh="gelu_tanh", swish="silu")
 # Checkpoint tensors that are buffers or tied copies, never weights of ours.
 IGNORED = (
   r"(.*\.)?embeddings\.position_ids",

@@ -22,7 +22,7 @@ import optax
 
 from compress.prune import schedules
 from compress.prune.granularity import NM
-from compress.prune.transform import PruneState, _select, pruning
+from compress.prune.transform import SCORES, PruneState, _select, pruning
 from compress.tree import disk_bytes, load_arrays, nested_items, path_name, save_arrays, set_new
 
 __all__ = ["disk_bytes", "format_report", "load", "masks_of", "one_shot_prune", "report", "save"]
@@ -38,6 +38,12 @@ def masks_of(opt_state) -> list:
 def one_shot_prune(params, sparsity=None, grads=None, **kwargs):
   """`params` pruned once, now, at `sparsity` (same arguments as `pruning`; `grads` for
   scores that read them). No training: what "one-shot without fine-tuning" measures."""
+  score = kwargs.get("score", "magnitude")
+  if grads is None and getattr(SCORES.get(score, score), "needs_grads", False):
+    raise ValueError(
+      f"score={score!r} reads the gradients: pass grads (e.g. the mean gradient of the loss "
+      "over a few calibration batches), or use score='magnitude'."
+    )
   tx = pruning(sparsity, schedules.one_shot(0), inner=optax.set_to_zero(), **kwargs)
   grads = jax.tree.map(jnp.zeros_like, params) if grads is None else grads
   updates, _ = tx.update(grads, tx.init(params), params)

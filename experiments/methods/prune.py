@@ -155,7 +155,7 @@ class Prune(Method):
     )(state["params"], grads)
 
   def eval_fields(self, run, state):
-    rep = prune.report(state["params"], self.masks(state), select=r"kernel$")
+    rep = prune.report(state["params"], self.masks(state))
     return {"sparsity": rep["selected"]["sparsity"]}
 
   @staticmethod

@@ -10,7 +10,8 @@ import orbax.checkpoint as ocp
 def path_name(path) -> str:
   """The "a/b/c" of the dict keys of a key path (skipping e.g. the `.value` of flax boxes),
   so a leaf has the same name boxed (at init) and unboxed (in the train step)."""
-  return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+  keys = tuple(k for k in path if isinstance(k, jax.tree_util.DictKey))
+  return jax.tree_util.keystr(keys, simple=True, separator="/")
 
 
 def nested_items(tree, prefix=()):

@@ -242,7 +242,7 @@ def _leaves(tree) -> dict:
   """{"a/b/c": leaf} of a nested dict."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    out["/".join(str(getattr(k, "key", k)) for k in path)] = leaf
+    out[jax.tree_util.keystr(path, simple=True, separator="/")] = leaf
   return out
 
 

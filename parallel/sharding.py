@@ -16,10 +16,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 PyTree = Any
 
 
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def logical_to_shardings(boxed_tree: PyTree, mesh: jax.sharding.Mesh, rules) -> PyTree:
   """NamedShardings for a tree whose leaves may be `nn.Partitioned` boxes.
 
@@ -49,8 +45,9 @@ def logical_to_shardings(boxed_tree: PyTree, mesh: jax.sharding.Mesh, rules) -> 
       for a in axes:
         size *= mesh.shape[a] if a is not None else 1
       if dim % size:
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
         raise ValueError(
-          f"{_path_str(path)} has shape {tuple(shape)} but its dimension {dim} is sharded over "
+          f"{name} has shape {tuple(shape)} but its dimension {dim} is sharded over "
           f"mesh axes {axes} of total size {size}, which does not divide it. Change the mesh "
           f"(mesh.{'/'.join(a for a in axes if a)}) or map that logical axis to None in the rules."
         )

@@ -8,6 +8,7 @@ import numpy as np
 
 import models
 from compress.quant import QuantDot
+from compress.tree import path_name
 
 
 B, L = 2, 8
@@ -57,7 +58,7 @@ def param_shapes(model, ids):
 
 def leaves(tree):
   """{"a/b/c": leaf} of a nested dict."""
-  return {"/".join(str(k.key) for k in p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  return {path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 # A one-layer decoder small enough to compile fast, with an untied output layer.

@@ -20,6 +20,7 @@ import models
 from compress import quant
 from compress.quant import Policy, QuantConfig, QuantDot
 from compress.quant import quantizers as qz
+from compress.tree import path_name
 from models.layers import Dense
 
 from quant_helpers import SMALL, B, draw, f32, leaves, param_shapes, quant_model, random_ids
@@ -322,6 +323,22 @@ def test_report_lists_each_layers_rule_and_the_unused_rules():
   np.testing.assert_array_equal(scales["layers_0/attn/query"], w_step)  # LSQ: the learned step
   assert w_step.shape == (1, SMALL["n_heads"], SMALL["d_model"] // SMALL["n_heads"])
   assert key_params.keys() == {"kernel", "bias"}  # no LSQ, no params of its own
+
+
+def test_names_are_the_same_boxed_and_unboxed():
+  """Layer names come from the dict keys only: a flax box's `.value` is not part of them."""
+  scale = nn.Partitioned(np.ones((1, 4), np.float32), (None, "mlp"))
+  quant_vars = {
+    "layers_0": {"mlp": {"wi": {"QuantDot_0": {"rule": np.int32(1), "w_scale": scale}}}},
+    "lm_head": {"QuantDot_0": {"rule": np.int32(0)}},
+  }
+  names = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(quant_vars)]
+  unboxed = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(quant_vars))]
+  assert names == unboxed and "layers_0/mlp/wi/QuantDot_0/w_scale" in names
+  matched = [("layers_0/mlp/wi", r"layers_0/mlp"), ("lm_head", r"lm_head")]
+  expected = (matched, [r"no_such_layer", LSQ_RULE, r".*"])
+  assert quant.report(REPORT_POLICY, quant_vars) == expected
+  assert quant.report(REPORT_POLICY, nn.unbox(quant_vars)) == expected
 
 
 # Bad input.

@@ -6,6 +6,7 @@ import re
 import jax
 
 from compress.quant import quantizers as qz
+from compress.tree import path_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +82,7 @@ def report(policy: Policy, quant_vars: dict) -> tuple[list[tuple[str, str]], lis
   collection, concrete or abstract (each QuantDot records its rule there at init)."""
   matched, used = [], set()
   for path, _ in jax.tree_util.tree_flatten_with_path(quant_vars)[0]:
-    keys = [str(getattr(k, "key", k)) for k in path]
+    keys = path_name(path).split("/")
     if keys[-1] == "rule":
       layer = "/".join(keys[:-2])
       index, _ = policy.match(layer)

@@ -532,6 +532,7 @@ class Tensor:
 
 
 def _dense(cfg, path, key, kind, part=None):
+  """A kernel and, where the config has one, its bias (Qwen2: query, key and value only)."""
   n_in = 2 if path[-1] == "out" else 1  # attn/out's kernel is [H, D, E]
   bias = cfg.use_bias or (cfg.qkv_bias and path[-1] in ("query", "key", "value"))
   out = [Tensor((*path, "kernel"), key + ".weight", kind, n_in, part)]
@@ -550,7 +551,7 @@ def _module(cfg: ModelConfig, path: str, key: str, kind: str) -> list[Tensor]:
     return out + [Tensor((*path, "bias"), key + ".bias")] if cfg.norm == "layernorm" else out
   if kind == "unembed":
     return [] if cfg.tie_embeddings else [Tensor((*path, "kernel"), key + ".weight", "linear")]
-  if kind == "qkv":
+  if kind == "qkv":  # GPT-2's c_attn: query, key and value side by side
     names = ("query", "key", "value")
     return [t for j, n in enumerate(names) for t in _dense(cfg, (*path, n), key, "conv1d", (j, 3))]
   return _dense(cfg, path, key, "linear" if kind == "dense" else kind)

@@ -33,8 +33,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   (experiments/methods) are asked at each stage, in their fixed order.
   """
   exp = build(config, workdir, devices)  # everything wrong with the input is caught here
-  # ... and every sharded dimension its mesh axes must divide, before a teacher or pretraining
-  # stage runs for minutes first (a trace of the init: nothing compiles or allocates).
+  # ... and every sharded dimension its mesh axes must divide, before a pretraining stage or a
+  # method's setup runs for minutes first (a trace of the init: nothing compiles or allocates).
   abstract, shardings = exp.shard_shapes()
   init_from = config.get("init_from") or ""
   if config.get("pretrain"):  # e.g. MLM pretraining before classification: same loop, own workdir
@@ -103,7 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     preemption.close()
   if not last_eval:  # no training (PTQ), or resumed after the final step (row written)
     last_eval = evaluate(start, write=t.steps == 0)
-  if t.steps == 0 and ckpt.latest_step() is None:  # e.g. an HF teacher used as it is
+  if t.steps == 0 and ckpt.latest_step() is None:  # e.g. an HF model used as it is
     ckpt.save(0, state)
   if int(state["step"]) >= t.steps:  # finished (not stopped early): the exports
     for m in run.exp.methods:

@@ -7,10 +7,13 @@ the optax side, and conversion to an integer checkpoint.
 
 from compress.quant.quantizers import (
   CALIBRATORS,
+  Grid,
   calibrate,
   check_bits,
   dequantize,
   fake_quant,
+  grid_range,
+  int_grid,
   int_range,
   lsq_fake_quant,
   lsq_grad_scale,
@@ -19,6 +22,7 @@ from compress.quant.quantizers import (
   quantize,
   scale_zero,
   storage_dtype,
+  straight_through,
   tile,
 )
 from compress.quant.dot_general import MODES, QuantDot, calibrate_model
@@ -44,6 +48,7 @@ __all__ = [
   "labels",
   "split_optimizer",
   "CALIBRATORS",
+  "Grid",
   "MODES",
   "Policy",
   "QuantConfig",
@@ -54,6 +59,8 @@ __all__ = [
   "dequantize",
   "disk_bytes",
   "fake_quant",
+  "grid_range",
+  "int_grid",
   "int_range",
   "load",
   "lsq_fake_quant",
@@ -65,5 +72,6 @@ __all__ = [
   "save",
   "scale_zero",
   "storage_dtype",
+  "straight_through",
   "tile",
 ]

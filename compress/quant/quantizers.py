@@ -11,6 +11,10 @@ Grids (Jacob et al.; Esser et al. for LSQ), for b bits:
               is exactly representable (x = 0 -> q = z -> x_hat = 0)
   LSQ         v_bar = clip(round(v / s), -Q_N, Q_P), v_hat = v_bar * s, s learned, its gradient
               scaled by g = 1 / sqrt(N * Q_P)
+
+Fake quantization (QAT) is dequantize(quantize(x)) forward and the straight-through estimator
+backward: the gradient of x inside the range the grid was set for, its ends included, and 0
+outside (`straight_through`).
 """
 
 from collections.abc import Sequence

@@ -274,18 +274,19 @@ def load_teacher(teacher: Teacher, example: dict, input_keys, mesh, rules):
 # -- the student's loss ---------------------------------------------------------------------
 
 
-def _per_layer(intermediates: dict, n_layers: int, *path) -> list:
-  """A sown value of every layer (scanned: stacked on axis 0), in layer order."""
+def _per_layer(intermediates: dict, n_layers: int, layers: str, *path) -> list:
+  """A sown value of every layer (scanned: stacked on axis 0 under `layers`; unscanned:
+  under `{layers}_{i}`), in layer order."""
 
   def get(tree):
     for key in path:
       tree = tree[key]
     return tree[0]  # sow keeps a tuple
 
-  if "layers" in intermediates:
-    stacked = get(intermediates["layers"])
+  if layers in intermediates:
+    stacked = get(intermediates[layers])
     return [stacked[i] for i in range(n_layers)]
-  return [get(intermediates[f"layers_{i}"]) for i in range(n_layers)]
+  return [get(intermediates[f"{layers}_{i}"]) for i in range(n_layers)]
 
 
 def make_loss(task, student: nn.Module, student_mc, teacher: Teacher):

@@ -161,7 +161,7 @@ def test_pruning_after_qat_transforms_keeps_zeros_on_the_int8_grid():
   s = 0.5
   tx = optax.chain(
     quant.split_optimizer(optax.adamw(1e-2), optax.adam(1e-3)),
-    quant.keep_on_grid(8),
+    quant.keep_on_grid(8, select=r"kernel$"),
     prune.pruning(s, prune.cubic(start=0, end=4, every=2), **SELECT),  # not the steps
   )
   start = draw(MATRIX_QAT, seed=11)

@@ -352,7 +352,7 @@ def test_names_are_the_same_boxed_and_unboxed():
     lambda: QuantConfig(act_bits=0),
     lambda: QuantConfig(bits=4.0),
     lambda: qz.int_range(16, True),
-    lambda: quant.keep_on_grid(bits=1),
+    lambda: quant.keep_on_grid(bits=1, select=r"kernel$"),
   ],
   ids=["bits=1", "bits=9", "act_bits=0", "bits=4.0", "int_range", "keep_on_grid"],
 )

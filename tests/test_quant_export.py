@@ -17,6 +17,9 @@ from compress.quant import quantizers as qz
 
 from quant_helpers import draw, leaves, param_shapes, random_ids
 
+_S = models.structure()
+MATRICES = f"{_S.weights}|{_S.embeddings}"  # the float matrices stored at storage_bits
+
 
 # Conversion to disk: int8 / int4 checkpoints are really smaller, and load back.
 
@@ -44,7 +47,7 @@ def checkpoints(tmp_path_factory):
     serving = jax.jit(lambda p, i: quant.convert(build("convert").apply, {"params": p}, i))(
       params, ids[:1, :1]
     )
-    quant.save(root / f"int{bits}", serving, storage_bits=bits)
+    quant.save(root / f"int{bits}", serving, storage_bits=bits, matrices=MATRICES)
     loaded = quant.load(root / f"int{bits}")
     serve = jax.jit(build("serve").apply)
     with open(root / f"int{bits}" / "format.json") as f:

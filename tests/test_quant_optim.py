@@ -95,7 +95,7 @@ def test_keep_on_grid_holds_kernels_on_a_4_bit_grid():
   @jax.jit
   def run(grads):
     results = []
-    for tx in (optax.chain(optax.adam(0.1), quant.keep_on_grid(bits=4)), optax.adam(0.1)):
+    for tx in (optax.chain(optax.adam(0.1), quant.keep_on_grid(bits=4, select=r"kernel$")), optax.adam(0.1)):
       p, state = params, tx.init(params)
       for g in grads:
         updates, state = tx.update(g, state, p)
@@ -117,4 +117,4 @@ def test_keep_on_grid_holds_kernels_on_a_4_bit_grid():
     plain_codes = plain[name] / (np.abs(plain[name]).max() / 7)
     assert np.abs(plain_codes - np.round(plain_codes)).max() > 0.1  # adam alone is off grid
   with pytest.raises(ValueError, match="params"):
-    quant.keep_on_grid(bits=4).update(small_tree(), optax.EmptyState())
+    quant.keep_on_grid(bits=4, select=r"kernel$").update(small_tree(), optax.EmptyState())

@@ -10,8 +10,8 @@ its weight codes and scales; each layer's float `kernel` is replaced by its code
 or native int4 for <= 4 bits) and the scales go to the "quant" collection. A tied output
 layer keeps its float table (the embedding lookup needs it) and quantizes it on the fly.
 
-`storage_bits` additionally stores the remaining float matrices (embedding tables, float
-heads) per row at that width; `load` dequantizes them, so they serve in float with that
+`storage_bits` additionally stores the remaining float matrices (`matrices`, a regex from the
+model's side: embedding tables, float heads) per row at that width; `load` dequantizes them, so they serve in float with that
 rounding (the one difference from the fake-quant model, which keeps them exact).
 
 `sparse=True` (a pruned model: Deep Compression's prune + quantize) stores each integer code
@@ -20,6 +20,7 @@ per byte), whenever that is smaller.
 """
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -86,12 +87,12 @@ def _unpack_int4(packed, shape) -> jax.Array:
   return nibbles[: int(np.prod(shape))].reshape(shape).astype(jnp.int4)
 
 
-def _storable(keys, x) -> bool:
-  """Float weight matrices (embedding tables, float kernels) may be stored at storage_bits;
-  scales, step sizes, biases and norms never are."""
+def _storable(keys, x, matrices: re.Pattern) -> bool:
+  """Float weight matrices (`matrices`: embedding tables, float kernels) may be stored at
+  storage_bits; scales, step sizes, biases and norms never are."""
   return (
     keys[0] == "params"
-    and keys[-1] in ("embedding", "kernel")
+    and matrices.search("/".join(keys[1:])) is not None
     and jnp.issubdtype(x.dtype, jnp.floating)
     and x.ndim >= 2
   )
@@ -113,15 +114,28 @@ def _sparse_codes(arrays, meta, name, x) -> bool:
   return True
 
 
-def save(directory: str, serving: dict, storage_bits: int | None = None, sparse: bool = False):
+def save(
+  directory: str,
+  serving: dict,
+  storage_bits: int | None = None,
+  sparse: bool = False,
+  matrices: str | None = None,
+):
   """Writes serving variables: int4 packed two per byte, other arrays as they are.
 
-  `storage_bits` (2..8): float weight matrices (embedding tables, kernels left float) are
-  stored as per-row symmetric codes plus float32 row scales; `load` dequantizes them.
+  `storage_bits` (2..8): the float weight matrices whose parameter path `matrices` matches
+  (a regex, e.g. r"(kernel|embedding)$": embedding tables, kernels left float) are stored as
+  per-row symmetric codes plus float32 row scales; `load` dequantizes them.
   `sparse`: integer codes that are mostly zeros as a bitmask + the non-zero codes.
   """
   if storage_bits is not None:
     qz.check_bits(storage_bits, "storage_bits")
+    if not matrices:
+      raise ValueError(
+        "save(storage_bits=...) needs `matrices`: a regex of the parameter paths of the float "
+        "weight matrices to store at that width (e.g. the model's kernels and embeddings)."
+      )
+  pattern = re.compile(matrices or "$^")
   directory = os.path.abspath(directory)
   arrays, meta = {}, {"int4": {}, "stored": {}, "sparse": {}}
   for keys, x in nested_items(serving):
@@ -133,7 +147,7 @@ def save(directory: str, serving: dict, storage_bits: int | None = None, sparse:
     if x.dtype == jnp.int4:
       arrays[name] = _pack_int4(x)
       meta["int4"][name] = list(x.shape)
-    elif storage_bits is not None and _storable(keys, x):
+    elif storage_bits is not None and _storable(keys, x, pattern):
       lo, hi = qz.calibrate(x, (-1,), bits=storage_bits, symmetric=True)
       scale, _ = qz.scale_zero(lo, hi, storage_bits, True)
       codes = qz.quantize(x, scale, None, storage_bits, True).astype(jnp.int8)

@@ -54,12 +54,13 @@ def decay_mask(params):
 
 
 def keep_on_grid(
-  bits: int, symmetric: bool = True, select: str = r"kernel$", reduce_axes=None
+  bits: int, symmetric: bool = True, *, select: str, reduce_axes=None
 ) -> optax.GradientTransformation:
   """Makes the updated weights lie on the quantization grid: u' = q(w + u) - w.
 
-  Chain it last. Leaves whose path matches `select` (re.search) are projected; their
-  scales come from their own absmax over `reduce_axes` (None: the whole tensor).
+  Chain it last. Leaves whose path matches `select` (re.search; e.g. the model's weight
+  matrices, r"kernel$") are projected; their scales come from their own absmax over
+  `reduce_axes` (None: the whole tensor).
   """
   qz.check_bits(bits)
   pattern = re.compile(select)

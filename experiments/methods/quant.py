@@ -14,6 +14,7 @@ import ml_collections
 import optax
 
 from compress import quant
+import models
 import parallel
 from experiments.methods import Method, register, export_row
 
@@ -131,7 +132,9 @@ class Quant(Method):
     directory = os.path.join(run.workdir, "export")
     # a pruned model's zero codes cost a bit each (Deep Compression's prune + quantize)
     sparse = self.config.get("prune", {}).get("method", "none") != "none"
-    quant.save(directory, serving, storage_bits=self.c.storage_bits or None, sparse=sparse)
+    s = models.structure()
+    bits, matrices = self.c.storage_bits or None, f"{s.weights}|{s.embeddings}"
+    quant.save(directory, serving, storage_bits=bits, sparse=sparse, matrices=matrices)
     row = run.evaluate_model(exp.model_in("serve"), quant.load(directory))
     return export_row("serve", row, directory, state["params"], "export_bytes", quant.disk_bytes)
 

@@ -11,8 +11,9 @@ or native int4 for <= 4 bits) and the scales go to the "quant" collection. A tie
 layer keeps its float table (the embedding lookup needs it) and quantizes it on the fly.
 
 `storage_bits` additionally stores the remaining float matrices (`matrices`, a regex from the
-model's side: embedding tables, float heads) per row at that width; `load` dequantizes them, so they serve in float with that
-rounding (the one difference from the fake-quant model, which keeps them exact).
+model's side: embedding tables, float heads) per row at that width; `load` dequantizes them,
+so they serve in float with that rounding (the one difference from the fake-quant model,
+which keeps them exact).
 
 `sparse=True` (a pruned model: Deep Compression's prune + quantize) stores each integer code
 array that is mostly zeros as a bitmask of its non-zeros plus their codes (int4 packed two
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compress.quant import quantizers as qz
+from compress.quant.dot_general import WEIGHT
 from compress.tree import (  # noqa: F401 (disk_bytes re-exported)
   disk_bytes,
   load_arrays,
@@ -63,7 +65,7 @@ def convert(apply_fn, variables: dict, *args, **kwargs) -> dict:
     if keys[-1] != "w_int":
       quant = set_new(quant, keys, value)
       continue
-    kernel_keys = keys[:-2] + ("kernel",)  # .../layer/QuantDot_0/w_int -> .../layer/kernel
+    kernel_keys = keys[:-2] + (WEIGHT,)  # .../layer/QuantDot_0/w_int -> .../layer/kernel
     try:
       kernel = _get(params, kernel_keys)
     except (KeyError, TypeError):

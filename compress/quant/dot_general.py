@@ -38,6 +38,9 @@ from compress.quant import quantizers as qz
 from compress.quant.policy import Policy, QuantConfig
 
 MODES = ("train", "calibrate", "convert", "serve")
+# The calling layer's weight: Flax's own name in nn.Dense / nn.DenseGeneral / nn.Einsum, the
+# layers whose dot_general QuantDot replaces (read for its logical names; replaced by codes).
+WEIGHT = "kernel"
 
 
 def calibrate_model(calibrate_fn, variables, batches):
@@ -203,7 +206,7 @@ class QuantDot(nn.Module):
 
     Read from the calling layer's boxed `kernel` at init (the only time names are needed).
     """
-    box = self.parent.scope.get_variable("params", "kernel") if self.parent else None
+    box = self.parent.scope.get_variable("params", WEIGHT) if self.parent else None
     names = getattr(box, "names", None)
     if names is None or len(names) + (d.tile is not None) != ndim:
       return None

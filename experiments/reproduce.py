@@ -38,6 +38,7 @@ import tqdm
 
 import parallel
 from experiments import train  # noqa: F401 (defines --workdir, which the tables' runs share)
+from experiments.configs import common
 from experiments.tables import Arm, Report, Results
 
 TABLES = ("gmp", "qat", "kd", "nm", "deep-compression", "parallel")
@@ -117,7 +118,8 @@ def _done(job: dict) -> dict | None:
     return None
   now = _flat(json.loads(json.dumps(job["config"].to_dict(), default=str)))
   then = _flat(result["config"])
-  new_off = lambda k: k not in then and not now[k]  # noqa: E731 (a field added since, left off)
+  default = common.defaults(job["config"])  # a field added since: left off, or its default
+  new_off = lambda k: k not in then and (not now[k] or now[k] == default.get(k))  # noqa: E731
   diff = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k) and not new_off(k))
   if diff:
     changes = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in diff[:5])

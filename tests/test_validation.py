@@ -236,3 +236,19 @@ def test_a_student_mesh_that_does_not_fit_fails_before_its_teacher_trains(tmp_pa
   with pytest.raises(ValueError, match="mesh.tensor"):
     train.train_and_evaluate(c, str(tmp_path))
   assert not (tmp_path / "teacher").exists()
+
+
+def test_a_workdir_written_before_a_field_existed_resumes(tmp_path):
+  """A run's config.json without fields added since (a model field, a method's key, a whole
+  method section) is the same model when the new fields hold their defaults; a changed value
+  is refused."""
+  import json
+
+  c = prune.get_config("tiny")
+  old = json.loads(c.to_json())
+  del old["model"]["sliding_window"], old["prune"]["calib_batches"], old["quant"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  checks.check_workdir(str(tmp_path), c)
+  c.model.sliding_window = 8
+  with pytest.raises(ValueError, match="sliding_window: 0 -> 8"):
+    checks.check_workdir(str(tmp_path), c)

@@ -125,6 +125,19 @@ def _schema(method_names: tuple) -> dict[str, bool]:
   return {**dict.fromkeys(RUN_SECTIONS, True), **flat_keys(c)}
 
 
+def defaults(config: ml_collections.ConfigDict) -> dict:
+  """{dotted key: value} of the config a run of this preset and task starts from: what a run
+  written before a key existed held, e.g. a field added to the model or a method since."""
+
+  def flat(node, prefix=""):
+    out = {}
+    for k, v in node.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+  return flat(base_config(config.model.preset, config.task).to_dict())
+
+
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, bool]:
   """{dotted key: whether it is a section} of every key in `config`."""
   out = {}

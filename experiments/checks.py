@@ -22,7 +22,10 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict):
     old = json.load(f)
   old_model, new_model = old.get("model", {}), config.model.to_dict()
   default = common.defaults(config)  # a field added since the old run: its default then
-  old_model = {**{k: default[f"model.{k}"] for k in new_model if f"model.{k}" in default}, **old_model}
+  old_model = {
+    **{k: default[f"model.{k}"] for k in new_model if f"model.{k}" in default},
+    **old_model,
+  }
   diff = {
     k: (old_model.get(k), new_model.get(k))
     for k in set(old_model) | set(new_model)

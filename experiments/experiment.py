@@ -171,7 +171,8 @@ class Run:
   loaded: bool = False  # the params came from a trained model (init_from, a teacher's layers)
   frozen: dict = dataclasses.field(default_factory=dict)  # {method: inputs of every step}
   frozen_shardings: dict = dataclasses.field(default_factory=dict)
-  eval_step: object = None
+  eval_step: object = None  # jit_steps makes it, and the eval batches
+  eval_batches: list = dataclasses.field(default_factory=list)
 
   def init(self, init_from: str = "") -> dict:
     """A fresh sharded state, its params read from `init_from`: "hf:<dir or Hub name>" or

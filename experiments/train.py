@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 import parallel
 from parallel import launch  # not re-exported: `python -m parallel.launch` runs it
-from experiments import configs, throughput
+from experiments import configs, lock, throughput
 from experiments.experiment import Run, build
 from experiments.metrics import MetricWriter
 
@@ -29,13 +29,21 @@ from experiments.metrics import MetricWriter
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
   """Trains and evaluates the model `config` describes; returns the last eval row.
 
-  `devices` (default: all) are the devices the mesh spans. The active compression methods
+  `devices` (default: all) are the devices the mesh spans. The run holds the workdir
+  (experiments/lock.py): a second run on it stops at once. The active compression methods
   (experiments/methods) are asked at each stage, in their fixed order.
   """
   exp = build(config, workdir, devices)  # everything wrong with the input is caught here
   # ... and every sharded dimension its mesh axes must divide, before a pretraining stage or a
   # method's setup runs for minutes first (a trace of the init: nothing compiles or allocates).
   abstract, shardings = exp.shard_shapes()
+  with lock.hold(workdir):
+    return _train(exp, abstract, shardings, workdir, devices)
+
+
+def _train(exp, abstract, shardings, workdir: str, devices) -> dict:
+  """The run itself, in the workdir it holds."""
+  config = exp.config
   init_from = config.get("init_from") or ""
   if config.get("pretrain"):  # e.g. MLM pretraining before classification: same loop, own workdir
     init_from = os.path.join(workdir, "pretrain")
@@ -48,72 +56,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   ckpt = parallel.Checkpointer(
     os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, async_save=t.async_checkpoint
   )
-  fresh = ckpt.latest_step() is None  # else the newest complete one that reads back, or an error
-  state = run.init(init_from) if fresh else ckpt.restore_latest(abstract)[0]
-  for m in exp.methods:
-    state = m.prepare(run, state, fresh)
-  start = int(state["step"])
-  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  logging.info(
-    "Model %s: %s parameters; mesh %s; starting at step %d",
-    exp.model_config.kind,
-    f"{n_params:,}",
-    dict(exp.mesh.shape),
-    start,
-  )
-  train_step, _ = run.jit_steps()
-  writer = MetricWriter(workdir, start, t.steps, enabled=jax.process_index() == 0)
-  log = throughput.TrainLog(run, writer, start, lambda n: check_nonfinite(t, n, state, ckpt))
+  with ckpt:  # closed, waiting for a save in flight, also when the run fails
+    fresh = ckpt.latest_step() is None  # else the newest complete one that reads back, or an error
+    state = run.init(init_from) if fresh else ckpt.restore_latest(abstract)[0]
+    for m in exp.methods:
+      state = m.prepare(run, state, fresh)
+    start = int(state["step"])
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    logging.info(
+      "Model %s: %s parameters; mesh %s; starting at step %d",
+      exp.model_config.kind,
+      f"{n_params:,}",
+      dict(exp.mesh.shape),
+      start,
+    )
+    train_step, _ = run.jit_steps()
+    writer = MetricWriter(workdir, start, t.steps, enabled=jax.process_index() == 0)
+    log = throughput.TrainLog(run, writer, start, lambda n: check_nonfinite(t, n, state, ckpt))
 
-  def evaluate(step, write=True):
-    row = run.evaluate(state["params"], state.get("collections", {}))
-    for m in run.exp.methods:
-      row.update(m.eval_fields(run, state))
-    if write:
-      writer.write(step, row)
-    return row
+    def evaluate(step, write=True):
+      row = run.evaluate(state["params"], state.get("collections", {}))
+      for m in run.exp.methods:
+        row.update(m.eval_fields(run, state))
+      if write:
+        writer.write(step, row)
+      return row
 
-  last_eval, preemption = {}, parallel.Preemption()  # SIGTERM: save after this step, stop
-  try:
-    for step in range(start, t.steps):
-      state, metrics = train_step(state, run.exp.batch(step), run.frozen)
-      done = step + 1
-      log.step(done, metrics)
-      if done % config.eval.every == 0 or done == t.steps:
-        log.flush()
-        last_eval = evaluate(done)
-        log.restart(done)  # eval time does not count against throughput
-      stop = t.stop_after_steps and done - start >= t.stop_after_steps
-      preempted = preemption.reached(done)
-      if done % t.checkpoint_every == 0 or done == t.steps or stop or preempted:
-        ckpt.save(done, state)
-      writer.advance()
-      if preempted:
-        log.flush()
-        ckpt.close(), writer.close()
-        logging.warning("Preempted: saved the checkpoint at step %d; rerun to resume.", done)
-        raise parallel.Preempted(done)
-      if stop:
-        logging.info(
-          "Stopping after %d steps (train.stop_after_steps); rerun to resume.", done - start
-        )
-        break
-    log.flush()
-  finally:
-    preemption.close()
-  if not last_eval:  # no training (PTQ), or resumed after the final step (row written)
-    last_eval = evaluate(start, write=t.steps == 0)
-  if t.steps == 0 and ckpt.latest_step() is None:  # e.g. an HF model used as it is
-    ckpt.save(0, state)
-  if int(state["step"]) >= t.steps:  # finished (not stopped early): the exports
-    for m in run.exp.methods:
-      row = m.export(run, state)
-      if row:
-        writer.write(max(start, t.steps), row)
-        last_eval = {**last_eval, **row}
-  ckpt.close()
-  writer.close()
-  return last_eval
+    last_eval, preemption = {}, parallel.Preemption()  # SIGTERM: save after this step, stop
+    try:
+      for step in range(start, t.steps):
+        state, metrics = train_step(state, run.exp.batch(step), run.frozen)
+        done = step + 1
+        log.step(done, metrics)
+        if done % config.eval.every == 0 or done == t.steps:
+          log.flush()
+          last_eval = evaluate(done)
+          log.restart(done)  # eval time does not count against throughput
+        stop = t.stop_after_steps and done - start >= t.stop_after_steps
+        preempted = preemption.reached(done)
+        if done % t.checkpoint_every == 0 or done == t.steps or stop or preempted:
+          ckpt.save(done, state)
+        writer.advance()
+        if preempted:
+          log.flush()
+          writer.close()
+          logging.warning("Preempted: saved the checkpoint at step %d; rerun to resume.", done)
+          raise parallel.Preempted(done)
+        if stop:
+          logging.info(
+            "Stopping after %d steps (train.stop_after_steps); rerun to resume.", done - start
+          )
+          break
+      log.flush()
+    finally:
+      preemption.close()
+    if not last_eval:  # no training (PTQ), or resumed after the final step (row written)
+      last_eval = evaluate(start, write=t.steps == 0)
+    if t.steps == 0 and ckpt.latest_step() is None:  # e.g. an HF model used as it is
+      ckpt.save(0, state)
+    if int(state["step"]) >= t.steps:  # finished (not stopped early): the exports
+      for m in run.exp.methods:
+        row = m.export(run, state)
+        if row:
+          writer.write(max(start, t.steps), row)
+          last_eval = {**last_eval, **row}
+    writer.close()
+    return last_eval
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str):
@@ -165,6 +173,8 @@ def main(argv):
   except parallel.Preempted as e:
     logging.warning("%s", e)
     sys.exit(143)  # 128 + SIGTERM: a terminated job (to be rerun), not a finished one
+  except lock.WorkdirInUse as e:  # a user's error: one line, no traceback
+    sys.exit(f"FATAL: {e}")
 
 
 if __name__ == "__main__":

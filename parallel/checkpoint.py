@@ -125,6 +125,21 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    """Closes, waiting for a save in flight, also when the caller failed: then a failure to
+    close is logged, not raised, so the caller's error arrives alone."""
+    if kind is None:
+      self.close()
+      return False
+    try:
+      self.close()
+    except Exception as e:  # e.g. the disk filled up: the save in flight is not complete
+      logging.error("The checkpoint save in flight did not complete: %s: %s", type(e).__name__, e)
+    return False
+
 
 def incomplete(directory: str) -> list[str]:
   """The checkpoints in `directory` whose save never finished: orbax's temporary directories."""

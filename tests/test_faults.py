@@ -211,3 +211,64 @@ def test_preempted_is_raised_after_the_checkpoint(monkeypatch, tmp_path):
   out = run(c, tmp_path)
   assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == list(range(1, 9))
   assert np.isfinite(out["eval_loss"])
+
+
+def test_a_second_run_on_a_workdir_stops_at_once(tmp_path):
+  """Two real processes on one workdir (a job resubmitted while the first still runs): the
+  second exits non-zero within seconds, naming the holder, before compiling; the first
+  finishes as an uninterrupted run does, bit for bit."""
+  workdir = str(tmp_path / "run")
+  first = chaos.Run(CONFIG, workdir, OVERRIDES)
+  assert first.first_step.wait(timeout=300)
+  second = chaos.Run(CONFIG, workdir, OVERRIDES)
+  assert second.wait(timeout=120) != 0
+  assert second.said("is in use by another run") and not second.said("First step")
+  assert first.wait() == 0 and not os.path.exists(os.path.join(workdir, "run.lock"))
+  chaos.run_to_end(CONFIG, str(tmp_path / "reference"), OVERRIDES)
+  assert chaos.compare(str(tmp_path / "reference"), workdir) == []
+
+
+def test_a_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path):
+  import json
+  import socket
+  import subprocess
+  import sys
+
+  from experiments import lock
+
+  gone = subprocess.Popen([sys.executable, "-c", "pass"])
+  gone.wait()  # a run killed with its lock in place
+  path = tmp_path / lock.NAME
+  host = socket.gethostname()
+  path.write_text(json.dumps({"host": host, "pid": gone.pid, "since": "then"}))
+  with lock.hold(str(tmp_path)):
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+  assert not path.exists()
+  live = {"host": host, "pid": os.getppid(), "since": "now"}  # a live process, not this one
+  path.write_text(json.dumps(live))
+  with pytest.raises(lock.WorkdirInUse, match="in use by another run .*wait for it"):
+    with lock.hold(str(tmp_path)):
+      pass
+  path.write_text(json.dumps({**live, "host": "elsewhere"}))
+  with pytest.raises(lock.WorkdirInUse, match=f"remove {path}"):
+    with lock.hold(str(tmp_path)):
+      pass
+
+
+def test_an_error_in_the_loop_keeps_the_save_in_flight(monkeypatch, tmp_path):
+  """A bad batch at step 7 while the step-5 save is still being written: the run raises that
+  error alone, and the step-5 checkpoint is complete afterwards."""
+  batch = experiment.Experiment.batch
+
+  def bad_at_7(self, step, split="train"):
+    if split == "train" and step == 6:  # the batch of step 7
+      raise ValueError("bad batch at step 7")
+    return batch(self, step, split)
+
+  monkeypatch.setattr(experiment.Experiment, "batch", bad_at_7)
+  with pytest.raises(ValueError, match="bad batch at step 7"):
+    run(tiny(10, checkpoint_every=5), tmp_path)
+  ckpt_dir = str(tmp_path / "checkpoints")
+  assert parallel.checkpoint.latest_step(ckpt_dir) == 5
+  assert parallel.checkpoint.incomplete(ckpt_dir) == []
+  assert not (tmp_path / "run.lock").exists()  # released on the way out

@@ -102,3 +102,25 @@ def read_metrics(workdir: str) -> list[dict]:
         raise ValueError(f"{workdir}/metrics.jsonl line {i + 1} is not JSON: {line[:80]!r}")
       logging.warning("Dropping the cut last line of %s/metrics.jsonl: %r", workdir, line[:80])
   return rows
+
+
+def versions() -> dict:
+  """The libraries and backend a run's numbers came from (recorded in config.json,
+  result.json and the tables): the same code can round differently under other versions."""
+  import importlib.metadata
+
+  import jax
+
+  out = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = None
+  device = jax.devices()[0]
+  return {**out, "backend": jax.default_backend(), "device_kind": device.device_kind}
+
+
+def versions_line(v: dict) -> str:
+  libs = ", ".join(f"{k} {v[k]}" for k in ("jax", "jaxlib", "flax", "optax", "numpy") if v.get(k))
+  return f"{libs}; backend {v.get('backend')} ({v.get('device_kind')})"

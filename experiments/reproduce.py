@@ -37,6 +37,7 @@ import ml_collections
 import tqdm
 
 import parallel
+from experiments import metrics
 from experiments import train  # noqa: F401 (defines --workdir, which the tables' runs share)
 from experiments.configs import common
 from experiments.tables import Arm, Report, Results
@@ -175,6 +176,7 @@ def _run_job(job: dict, quiet: bool) -> dict:
       row={k: v for k, v in row.items() if isinstance(v, (int, float, str, bool))},
       wall_s=time.perf_counter() - t0,
       config=job["config"].to_dict(),
+      versions=metrics.versions(),
     )
     tmp = os.path.join(job["path"], "result.json.tmp")
     with open(tmp, "w") as f:
@@ -362,7 +364,9 @@ def write(table, module, arms, jobs, results, workdir, scale, seeds, wall, skipp
     f"{len(jobs)} runs ({n_seeds} seed{'s' if n_seeds > 1 else ''}), {wall / 60:.1f} min wall "
     f"({run_s / 60:.1f} run-minutes)" + (f", {skipped} runs reused" if skipped else "")
   )
-  lines = [f"# {module.TITLE}", "", f"`{command}`: {timing}.", ""]
+  seen = {json.dumps(r["versions"], sort_keys=True) for r in results.values() if "versions" in r}
+  libs = " | ".join(metrics.versions_line(json.loads(v)) for v in sorted(seen)) or "not recorded"
+  lines = [f"# {module.TITLE}", "", f"`{command}`: {timing}.", "", f"Libraries: {libs}.", ""]
   lines += ["| " + " | ".join(rep.columns) + " |", "|" + "---|" * len(rep.columns)]
   lines += ["| " + " | ".join(map(str, r)) + " |" for r in rep.rows]
   if rep.checks:
@@ -380,6 +384,7 @@ def write(table, module, arms, jobs, results, workdir, scale, seeds, wall, skipp
     wall_s=wall,
     runs_total=len(jobs),
     runs_reused=skipped,
+    versions=[json.loads(v) for v in sorted(seen)],
     columns=rep.columns,
     rows=rep.rows,
     checks=[dataclasses.asdict(c) for c in rep.checks],

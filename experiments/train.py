@@ -11,6 +11,7 @@ saves after the current step and the command exits with 143. A step whose loss o
 are not finite is not applied, and is counted against `train.nonfinite` (skip | stop).
 """
 
+import json
 import os
 import sys
 
@@ -21,7 +22,7 @@ from ml_collections import config_flags
 
 import parallel
 from parallel import launch  # not re-exported: `python -m parallel.launch` runs it
-from experiments import configs, lock, throughput
+from experiments import configs, lock, metrics, throughput
 from experiments.experiment import Run, build
 from experiments.metrics import MetricWriter
 
@@ -125,12 +126,14 @@ def _train(exp, abstract, shardings, workdir: str, devices) -> dict:
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str):
-  """<workdir>/config.json, written atomically (other processes may be reading it)."""
+  """<workdir>/config.json, with the library versions, written atomically (other processes
+  may be reading it)."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
+    written = {**json.loads(config.to_json_best_effort()), "versions": metrics.versions()}
     with open(path + ".tmp", "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+      json.dump(written, f, indent=2)
     os.replace(path + ".tmp", path)
 
 

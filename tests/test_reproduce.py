@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -41,7 +42,8 @@ def test_smallest_arm_end_to_end(tmp_path, table):
   numbers = [v for v in result["row"].values() if isinstance(v, float)]
   assert numbers and all(math.isfinite(v) for v in numbers)
   assert arm in out["runs"] and (tmp_path / f"{table}.png").stat().st_size > 0
-  assert (tmp_path / f"{table}.md").read_text().startswith("# ")
+  md = (tmp_path / f"{table}.md").read_text()
+  assert md.startswith("# ") and f"Libraries: jax {jax.__version__}" in md
 
 
 def test_rerun_skips_finished_runs_and_refuses_a_changed_config(tmp_path, capsys):

@@ -45,7 +45,9 @@ def test_lm_learns(tiny_lm_run):
   for key in ("loss", "learning_rate", "tokens_per_sec"):
     assert all(np.isfinite(r[key]) for r in train_rows), key
   assert os.listdir(workdir / "tensorboard")
-  assert json.load(open(workdir / "config.json"))["model"]["d_model"] == c.model.d_model
+  written = json.load(open(workdir / "config.json"))
+  assert written["model"]["d_model"] == c.model.d_model
+  assert written["versions"]["jax"] == jax.__version__  # what the numbers came from
 
 
 @pytest.fixture(scope="module")

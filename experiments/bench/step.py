@@ -13,15 +13,12 @@ timed: one device-resident batch is reused. cuDNN attention may not support a pa
 the decoder LM passes none, so `attention_impl=cudnn` works there (with a bf16/fp16 dtype).
 """
 
-import json
 import math
-import os
 import resource
 import statistics
 import sys
 import time
 
-from absl import app, flags
 import jax
 import ml_collections
 
@@ -76,8 +73,11 @@ def _max_rss_bytes() -> int:
   return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
-def run(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 2) -> dict:
-  """Compiles the config's train step, runs `warmup` + `steps` steps; returns the numbers."""
+def run(
+  config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 2, trace_dir: str = ""
+) -> dict:
+  """Compiles the config's train step, runs `warmup` + `steps` steps; returns the numbers.
+  `trace_dir`: then 3 more steps under `jax.profiler.trace` (with a Perfetto JSON) there."""
   exp = experiment.build(config)
   state, shardings = exp.init_state()
   train_step, _ = experiment.Run(exp, "", shardings).jit_steps()
@@ -101,6 +101,11 @@ def run(config: ml_collections.ConfigDict, steps: int = 20, warmup: int = 2) -> 
     start = time.perf_counter()
     state, metrics = jax.block_until_ready(compiled(state, batch, {}))
     times.append(time.perf_counter() - start)
+
+  if trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(3):
+        state, metrics = jax.block_until_ready(compiled(state, batch, {}))
 
   step_time = statistics.median(times)
   devices = exp.mesh.devices.flatten().tolist()
@@ -191,24 +196,3 @@ def summary(r: dict) -> str:
     f"loss       {r['final_loss']:.4f} after the last step",
   ]
   return "\n".join(lines)
-
-
-# --config (with its --config.x=y overrides) is defined once, by experiments.train.
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after the warm-up).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-_OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON result.")
-
-
-def main(argv):
-  del argv
-  result = run(flags.FLAGS.config, _STEPS.value, _WARMUP.value)
-  if jax.process_index() == 0:
-    print(summary(result))
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=2)
-    print(f"wrote {os.path.abspath(_OUT.value)}")
-
-
-if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)

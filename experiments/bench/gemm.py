@@ -47,7 +47,7 @@ def raw(dtype: str, m: int, n: int, k: int, **timing) -> float:
   """TFLOP/s of an (m, k) x (k, n) dot in `dtype`: bf16 -> bf16; int8 codes -> int32; fp8
   (e4m3) -> bf16, the form XLA hands to the GPU's fp8 GEMM."""
   a, b = _operands(m, n, k)
-  out = {"bfloat16": None, "int8": jnp.int32, "float8_e4m3fn": jnp.bfloat16}[dtype]
+  out = {"int8": jnp.int32, "float8_e4m3fn": jnp.bfloat16}.get(dtype)  # else: dtype
   if dtype == "int8":  # codes on the symmetric int8 grid
     a, b = (jnp.clip(jnp.round(v * 40), -127, 127).astype(jnp.int8) for v in (a, b))
   else:

@@ -26,12 +26,12 @@ from absl import app, flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 import optax
 
 import models
 from compress import quant
 from compress.quant import Policy, QuantConfig, QuantDot
+from experiments.bench import gemm
 
 _PRESET = flags.DEFINE_string("preset", "tiny", "A decoder preset of models.config.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per batch.")
@@ -59,12 +59,7 @@ def _time(run, steps: int, repeats: int) -> float:
 
 
 def _call_s(fn, args, steps: int, repeats: int) -> float:
-  def run(n):
-    for _ in range(n):
-      out = fn(*args)  # only the last output is kept (a forward's logits can be large)
-    jax.block_until_ready(out)
-
-  return _time(run, steps, repeats)
+  return gemm.seconds(fn, args, calls=steps, repeats=repeats)
 
 
 def _qat(cfg: QuantConfig, mode: str = "train"):
@@ -105,20 +100,12 @@ def _train_step_s(model, variables, ids, steps: int, repeats: int) -> float:
 
 
 def _matmul_rows(sizes, steps: int, repeats: int) -> list[dict]:
-  rows, dims = [], (((1,), (0,)), ((), ()))
+  rows = []
   for size in sizes:
     m, n, k = size * 3 if len(size) == 1 else size
-    ka, kb = jax.random.split(jax.random.key(1))
-    a, b = jax.random.normal(ka, (m, k)), jax.random.normal(kb, (k, n))
     tflops = {}
     for dtype in ("int8", "bfloat16", "float32"):
-      if dtype == "int8":  # codes on the symmetric int8 grid, accumulated in int32
-        x, y = (jnp.clip(jnp.round(v * 40), -127, 127).astype(jnp.int8) for v in (a, b))
-      else:
-        x, y = a.astype(dtype), b.astype(dtype)
-      out = jnp.int32 if dtype == "int8" else None
-      dot = jax.jit(lambda x, y, out=out: lax.dot_general(x, y, dims, preferred_element_type=out))
-      tflops[dtype] = 2 * m * n * k / _call_s(dot, (x, y), steps, repeats) / 1e12
+      tflops[dtype] = gemm.raw(dtype, m, n, k, calls=steps, repeats=repeats)
       rows.append(_row("matmul", f"{dtype} {m}x{n}x{k}", tflops[dtype], "TFLOP/s"))
     rows[-3]["note"] = f"{tflops['int8'] / tflops['bfloat16']:.2f}x bf16"
   return rows

@@ -133,9 +133,9 @@ def _state(workdir: str) -> tuple[int, dict]:
   """(step, the whole train state as NumPy) of a run's latest checkpoint, whatever its mesh."""
   manager = checkpoint._reader(os.path.join(workdir, "checkpoints"))
   step = manager.latest_step()
-  meta = manager.item_metadata(step)
+  meta = checkpoint.metadata(manager, step)
   to_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-  state = manager.restore(step, args=ocp.args.PyTreeRestore(restore_args=to_numpy))
+  state = checkpoint.read(manager, step, ocp.args.PyTreeRestore(restore_args=to_numpy))
   manager.close()
   return step, state
 

@@ -55,7 +55,10 @@ def _train(exp, abstract, shardings, workdir: str, devices) -> dict:
   write_config(config, workdir)
   t = config.train
   ckpt = parallel.Checkpointer(
-    os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, async_save=t.async_checkpoint
+    os.path.join(workdir, "checkpoints"),
+    keep=t.keep_checkpoints,
+    async_save=t.async_checkpoint,
+    digest=t.checkpoint_digest,
   )
   with ckpt:  # closed, waiting for a save in flight, also when the run fails
     fresh = ckpt.latest_step() is None  # else the newest complete one that reads back, or an error

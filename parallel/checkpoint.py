@@ -6,7 +6,9 @@ run killed mid-save leaves the previous checkpoint as the latest complete one (t
 temporary directory is logged and removed). A complete checkpoint that does not read back
 (a disk fault, files deleted by hand) is moved to `<directory>.unreadable/` and the one
 before it is restored, loudly; when none reads back the run stops with the error, never
-restarting from step 0.
+restarting from step 0. With `digest=True` each checkpoint also holds a digest of every
+array (parallel/digest.py), compared after the restore: a bit flipped on disk that still
+decodes makes the checkpoint unreadable too, instead of a silently different state.
 """
 
 import os
@@ -18,14 +20,24 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from parallel import digest as digest_lib
+
 PyTree = Any
+
+
+def _items():
+  """A checkpoint's items: the state, and (optionally) the digest of its arrays. A checkpoint
+  written before digests existed holds "default" alone and restores unverified."""
+  return {"default": ocp.StandardCheckpointHandler(), "digest": ocp.JsonCheckpointHandler()}
 
 
 class Checkpointer:
   """A thin CheckpointManager that keeps the last `keep` checkpoints; the caller picks the steps."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(
+    self, directory: str, *, keep: int = 3, async_save: bool = True, digest: bool = True
+  ):
+    self.directory, self.digest = os.path.abspath(directory), digest
     if jax.process_index() == 0 and (partial := incomplete(self.directory)):
       logging.warning(
         "Ignoring (and removing) %d checkpoint(s) whose save was interrupted in %s: %s",
@@ -35,6 +47,7 @@ class Checkpointer:
       )
     self.manager = ocp.CheckpointManager(
       self.directory,
+      item_handlers=_items(),
       options=ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         enable_async_checkpointing=async_save,
@@ -46,7 +59,27 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: PyTree) -> bool:
-    return self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    items = {"default": ocp.args.StandardSave(state)}
+    if self.digest:
+      items["digest"] = ocp.args.JsonSave(digest_lib.digest(state))
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def _restore(self, step: int, target: PyTree) -> PyTree:
+    """The state at `step`, verified against its digest when it has one."""
+    has_digest = "digest" in (self.manager.item_metadata(step) or {})
+    items = {"default": ocp.args.StandardRestore(target)}
+    if has_digest:
+      items["digest"] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    state = restored["default"]
+    if has_digest:
+      bad = digest_lib.mismatches(restored["digest"], digest_lib.digest(state))
+      if bad:
+        raise ValueError(
+          f"step {step} does not match its digest in {len(bad)} array(s) ({', '.join(bad[:3])}"
+          f"{' ...' if len(bad) > 3 else ''}): the files changed after the save"
+        )
+    return state
 
   def restore_latest(self, target: PyTree) -> tuple[PyTree, int]:
     """(state, step) from the newest checkpoint that reads back onto `target`.
@@ -63,7 +96,7 @@ class Checkpointer:
     for step in steps:
       error = None
       try:
-        state = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        state = self._restore(step, target)
       except Exception as e:  # any failure to read: try the one before, then say so
         error = e
       if jax.process_count() > 1:  # every process goes on from this step, or none does
@@ -116,7 +149,7 @@ class Checkpointer:
     """Restores onto `target`: ShapeDtypeStructs whose shardings say where each shard goes."""
     step = self.latest_step() if step is None else step
     logging.info("Restoring checkpoint at step %d from %s", step, self.directory)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    return self._restore(step, target)
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -149,9 +182,10 @@ def incomplete(directory: str) -> list[str]:
 
 
 def _reader(directory: str):
+  """A read-only manager; `metadata` and `read` below take the state item from it."""
   return ocp.CheckpointManager(
     os.path.abspath(directory),
-    item_handlers=ocp.PyTreeCheckpointHandler(),
+    item_handlers={"default": ocp.PyTreeCheckpointHandler(), "digest": ocp.JsonCheckpointHandler()},
     options=ocp.CheckpointManagerOptions(read_only=True),
   )
 
@@ -175,12 +209,23 @@ def _open(directory: str, step: int | None, hint: str):
   return manager, step
 
 
+def metadata(manager, step: int):
+  """The saved state's tree of array metadata (shapes, dtypes) at `step`."""
+  return manager.item_metadata(step)["default"]
+
+
+def read(manager, step: int, args) -> dict:
+  """The saved state at `step`, as `args` (an ocp.args.PyTreeRestore) asks."""
+  return manager.restore(step, args=ocp.args.Composite(default=args))["default"]
+
+
 def _restore(manager, step: int, abstract: dict) -> dict:
   """The items of `abstract` ({"params": {...}, ...}: ShapeDtypeStructs with shardings),
   restored straight into their shardings; the rest of the checkpoint is not read."""
-  return manager.restore(
+  return read(
+    manager,
     step,
-    args=ocp.args.PyTreeRestore(
+    ocp.args.PyTreeRestore(
       item=abstract,
       restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
       partial_restore=True,
@@ -203,7 +248,7 @@ def load_params(directory: str, target: PyTree, step: int | None = None) -> PyTr
   learned quantization step sizes) keeps its initialization.
   """
   manager, step = _open(directory, step, "run that experiment first, or unset init_from.")
-  saved = _leaves(manager.item_metadata(step)["params"])
+  saved = _leaves(metadata(manager, step)["params"])
   wanted = _leaves(target)
   common = {
     k: v for k, v in wanted.items() if k in saved and tuple(saved[k].shape) == tuple(v.shape)
@@ -232,7 +277,7 @@ def load_variables(directory: str, target: dict, step: int | None = None) -> dic
   restored exactly: every leaf of `target` (arrays or ShapeDtypeStructs with shardings)
   must be in the checkpoint with the same shape. The optimizer state is never read."""
   manager, step = _open(directory, step, "run that experiment first.")
-  meta = manager.item_metadata(step)
+  meta = metadata(manager, step)
   saved = {k: _leaves(meta[k]) if k in meta else {} for k in target}
   wanted = {k: _leaves(v) for k, v in target.items()}
   bad = [

@@ -115,7 +115,7 @@ def test_init_from_copies_matching_params(tmp_path):
 
   def params(workdir):
     ckpt = Checkpointer(str(workdir / "checkpoints"))
-    p = ckpt.manager.restore(ckpt.latest_step())["params"]
+    p = ckpt.manager.restore(ckpt.latest_step())["default"]["params"]
     ckpt.close()
     return p
 

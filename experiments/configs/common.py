@@ -60,6 +60,7 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
       checkpoint_every=1000,
       keep_checkpoints=3,
       async_checkpoint=True,
+      checkpoint_digest=True,
       stop_after_steps=0,
       data_batches=0,
       nonfinite="skip",
@@ -68,7 +69,8 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
   )  # stop_after_steps > 0: end this invocation after that many steps (time-sliced jobs).
   # nonfinite: a step with a non-finite loss or gradient never updates the model; "skip" goes
   # on (and stops once more than max_nonfinite steps were skipped), "stop" stops at the first.
-  # The count is the `nonfinite_steps` column of metrics.jsonl.
+  # The count is the `nonfinite_steps` column of metrics.jsonl. checkpoint_digest: each
+  # checkpoint holds a digest of its arrays, checked on restore (parallel/digest.py).
   # data_batches > 0: train on that many distinct batches only (step s uses batch
   # s % data_batches): a low-data run; 0: a fresh batch every step. Eval batches are unaffected.
   c.eval = ml_collections.ConfigDict(dict(every=1000, steps=16, batch_size=256))

@@ -1,8 +1,9 @@
-"""Quantization: pure quantizers, a quantized dot_general (QAT, calibration, int8 serving),
-the optax side, and conversion to an integer checkpoint.
+"""Quantization: pure quantizers, a quantized dot_general (QAT, calibration, int8 serving;
+FP8 training: fp8.py), the optax side, and conversion to an integer checkpoint.
 
     policy = quant.Policy.of((r"lm_head", None), (r".", quant.QuantConfig(bits=8, act_bits=8)))
     model = models.build(cfg, dot_general_cls=functools.partial(quant.QuantDot, policy))
+    fp8 = quant.Policy.of((r"lm_head", None), (r".", quant.QuantConfig(format="fp8")))
 """
 
 from compress.quant.quantizers import (
@@ -25,6 +26,7 @@ from compress.quant.quantizers import (
   straight_through,
   tile,
 )
+from compress.quant import fp8
 from compress.quant.dot_general import MODES, QuantDot, calibrate_model
 from compress.quant.policy import Policy, QuantConfig, report
 from compress.quant.convert import convert, disk_bytes, load, save
@@ -39,6 +41,7 @@ from compress.quant.optim import (
 )
 
 __all__ = [
+  "fp8",
   "without_steps",
   "calibrate_model",
   "STEP_NAMES",

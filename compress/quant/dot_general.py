@@ -17,7 +17,9 @@ The modes, one function each once the operands' grids are made:
 Its variables: "params" holds LSQ step sizes (w_step, a_step, b_step); "quant" holds the
 rule each layer matched (rule), static activation ranges (a_lo, a_hi, a_n) and the weight
 scales serving reads (w_scale: made at init, overwritten by "convert"). Weight scales take
-the logical axis names of the layer's kernel, so they shard with their weights.
+the logical axis names of the layer's kernel, so they shard with their weights. Format "fp8"
+(fp8.py: e4m3 forward, e5m2 gradients, per-tensor scales) has its own path, "train" and
+"calibrate" only; "fp8" holds its amax histories (a_amax, w_amax or b_amax, g_amax).
 
 A quantizer is a grid (`quantizers.Grid`: scale, zero point and the range it covers, made by
 `_weight_grid` and `_act_grid`) and a fake quantizer with its straight-through gradient
@@ -34,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from compress.quant import fp8
 from compress.quant import quantizers as qz
 from compress.quant.policy import Policy, QuantConfig
 
@@ -149,6 +152,10 @@ class QuantDot(nn.Module):
       self.variable("quant", "rule", lambda: jnp.int32(index))
     if cfg is None or (cfg.bits is None and cfg.act_bits is None):
       return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+    if cfg.format == "fp8":
+      weight = self.operands == "act_weight"
+      args = (lhs, rhs, dimension_numbers, precision, preferred_element_type)
+      return fp8.dot_general(self, cfg, layer, weight, *args)
     d = _plan(cfg, self.operands, dimension_numbers, precision, preferred_element_type, rhs.ndim)
     rhs_t = rhs
     if d.tile is not None:
@@ -234,6 +241,7 @@ class QuantDot(nn.Module):
     """One range per tensor ("quant": {prefix}_lo, _hi), recorded by "calibrate" mode over N
     batches ({prefix}_n): absmax keeps the range over all of them, percentile and mse the mean
     of the per-batch ranges."""
+
     def batch_range():
       lo, hi = qz.calibrate(x, reduce, bits=bits, symmetric=symmetric, method=method)
       return lo.reshape(()), hi.reshape(())

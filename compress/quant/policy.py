@@ -8,23 +8,30 @@ import jax
 from compress.quant import quantizers as qz
 from compress.tree import path_name
 
+FORMATS = ("int", "fp8")
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
   """How one layer is quantized. `bits`/`act_bits` None: that operand stays float.
 
+  format: "int" (integer grids, below) or "fp8" (float8_e4m3fn weights and activations,
+  float8_e5m2 output gradients, one scale per tensor: fp8.py).
   granularity: "tensor", "channel" (one scale per output channel) or an int: sub-channel
   tiles of that many elements along the last contracting axis, per output channel (a layer
   contracting several axes, like the attention output's heads x head_dim, groups
-  tile x the other contracting axes: 4 heads x 32 for tile 32).
+  tile x the other contracting axes: 4 heads x 32 for tile 32). Default: "channel" for
+  "int", "tensor" for "fp8" (its only choice).
   act_granularity: "tensor" or "token" (one scale per row; dynamic only).
   act_static: activation ranges calibrated once (`calibrate` mode) instead of per call.
   lsq: learned step sizes (LSQ) for weights and activations, on the signed grid.
+  amax_history: fp8 only: 0 or 1 scales each tensor by its own amax in this call (current
+  scaling); L > 1 by the largest of the last L calls' amaxes (delayed scaling, fp8.py).
   """
 
   bits: int | None = 8
   act_bits: int | None = 8
-  granularity: str | int = "channel"
+  granularity: str | int | None = None  # None: "channel" for format "int", "tensor" for "fp8"
   act_granularity: str = "tensor"
   symmetric: bool = True
   act_symmetric: bool = True
@@ -32,8 +39,23 @@ class QuantConfig:
   calibrator: str = "absmax"
   act_calibrator: str = "absmax"
   lsq: bool = False
+  format: str = "int"
+  amax_history: int = 0
 
   def __post_init__(self):
+    if self.format not in FORMATS:
+      raise ValueError(f"format={self.format!r}: choose one of {FORMATS}.")
+    if self.granularity is None:
+      object.__setattr__(self, "granularity", "tensor" if self.format == "fp8" else "channel")
+    h = self.amax_history
+    if isinstance(h, bool) or not isinstance(h, int) or h < 0:
+      raise ValueError(f"amax_history={h!r}: a history length is an integer >= 0.")
+    if self.format == "fp8":
+      self._check_fp8()
+    elif h:
+      raise ValueError(
+        f"amax_history={h} is fp8's delayed scaling: set format='fp8', or amax_history=0."
+      )
     for name in ("bits", "act_bits"):
       if getattr(self, name) is not None:
         qz.check_bits(getattr(self, name), name)
@@ -54,6 +76,42 @@ class QuantConfig:
         raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {qz.CALIBRATORS}.")
     if self.lsq and not (self.symmetric and self.act_symmetric):
       raise ValueError("lsq=True learns steps on the signed grid: leave symmetric=True.")
+
+  def _check_fp8(self):
+    """What format='fp8' supports: both operands in 8 bits, one amax-derived scale per tensor."""
+    fixes = {
+      "bits": (self.bits == 8, "both operands are float8_e4m3fn: set bits=8"),
+      "act_bits": (self.act_bits == 8, "both operands are float8_e4m3fn: set act_bits=8"),
+      "granularity": (
+        self.granularity == "tensor",
+        "fp8 scales are per tensor (a per-channel or per-tile weight scale would sit inside "
+        "the backward dots' contraction, out of reach of an FP8 GEMM): set "
+        "granularity='tensor'",
+      ),
+      "act_granularity": (
+        self.act_granularity == "tensor",
+        "fp8 scales are per tensor (a per-token scale would sit inside the weight gradient's "
+        "contraction): set act_granularity='tensor'",
+      ),
+      "lsq": (not self.lsq, "fp8 scales come from amaxes, not learned steps: set lsq=False"),
+      "act_static": (
+        not self.act_static,
+        "for scales from past amaxes set amax_history (delayed scaling) and act_static=False",
+      ),
+      "symmetric": (self.symmetric, "fp8 has no zero point: set symmetric=True"),
+      "act_symmetric": (self.act_symmetric, "fp8 has no zero point: set act_symmetric=True"),
+      "calibrator": (
+        self.calibrator == "absmax",
+        "fp8 scales are amax / max: set calibrator='absmax'",
+      ),
+      "act_calibrator": (
+        self.act_calibrator == "absmax",
+        "fp8 scales are amax / max: set act_calibrator='absmax'",
+      ),
+    }
+    for name, (ok, fix) in fixes.items():
+      if not ok:
+        raise ValueError(f"format='fp8' with {name}={getattr(self, name)!r}: {fix}.")
 
 
 @dataclasses.dataclass(frozen=True)

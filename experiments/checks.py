@@ -11,6 +11,35 @@ import numpy as np
 import models
 from experiments import methods
 from experiments.configs import common
+from parallel import checkpoint
+
+# Keys that say how a run is carried out, not what it computes: any resume may change them.
+HOW = (
+  "train.log_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.async_checkpoint",
+  "train.checkpoint_digest",
+  "train.stop_after_steps",
+  "data.tfds.data_dir",
+  "init_from",  # read by a fresh run only
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+  return out
+
+
+def config_changes(old: dict, config: ml_collections.ConfigDict) -> dict:
+  """{dotted key: (value in the run's config.json, value now)} for every key that differs;
+  a key the old run predates counts as its default (experiments/configs/common.defaults)."""
+  new = _flat(json.loads(config.to_json_best_effort()))
+  old = {**common.defaults(config), **_flat({k: v for k, v in old.items() if k != "history"})}
+  old.pop("versions", None)
+  return {k: (old.get(k), new.get(k)) for k in sorted(new) if old.get(k) != new.get(k)}
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict):
@@ -42,6 +71,21 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict):
     raise ValueError(
       f"--workdir {workdir} holds a run with a different model config ({changes}). "
       "Use a new --workdir, or the same model config to resume that run."
+    )
+  # A finished run trains no more: a change that would alter training would change nothing
+  # (and config.json would claim it). More train.steps continue it, the change recorded.
+  done = checkpoint.latest_step(os.path.join(workdir, "checkpoints"))
+  changed = {
+    k: v
+    for k, v in config_changes(old, config).items()
+    if k != "train.steps" and not k.startswith(("mesh.", *HOW))
+  }
+  if done is not None and done >= config.train.steps and changed:
+    changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    raise ValueError(
+      f"--workdir {workdir} holds a run that finished at step {done}; this config changes "
+      f"{changes}, which would train nothing. Use a new --workdir for the changed run, or "
+      "raise train.steps to continue this one with the change (recorded in its config.json)."
     )
 
 

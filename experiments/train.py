@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 import parallel
 from parallel import launch  # not re-exported: `python -m parallel.launch` runs it
-from experiments import configs, lock, metrics, throughput
+from experiments import checks, configs, lock, metrics, throughput
 from experiments.experiment import Run, build
 from experiments.metrics import MetricWriter
 
@@ -130,14 +130,30 @@ def _train(exp, abstract, shardings, workdir: str, devices) -> dict:
 
 def write_config(config: ml_collections.ConfigDict, workdir: str):
   """<workdir>/config.json, with the library versions, written atomically (other processes
-  may be reading it)."""
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    written = {**json.loads(config.to_json_best_effort()), "versions": metrics.versions()}
-    with open(path + ".tmp", "w") as f:
-      json.dump(written, f, indent=2)
-    os.replace(path + ".tmp", path)
+  may be reading it). A resumed run whose config changed (the learning rate, more steps)
+  appends {"step", "changes": {key: [before, after]}} to its "history": the values at the top
+  are the ones training goes on with, and the history says what trained before."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  written = {**json.loads(config.to_json_best_effort()), "versions": metrics.versions()}
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    written["history"] = old.get("history", [])
+    changes = checks.config_changes(old, config)
+    step = parallel.checkpoint.latest_step(os.path.join(workdir, "checkpoints"))
+    if changes and step is not None:
+      written["history"].append({"step": step, "changes": changes})
+      logging.warning(
+        "Resuming at step %d with a changed config (recorded in config.json's history): %s",
+        step,
+        ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+      )
+  with open(path + ".tmp", "w") as f:
+    json.dump(written, f, indent=2)
+  os.replace(path + ".tmp", path)
 
 
 def check_nonfinite(t: ml_collections.ConfigDict, count: int, state: dict, ckpt):

@@ -40,7 +40,7 @@ def test_smoke_measures_every_section(smoke):
     assert s["step_time_s"] > 0 and s["tokens_per_step"] == s["batch_size"] * s["seq_len"]
     assert s["scan_layers"] and s["dtype"] == "bfloat16"
   assert r["step"]["8x64 remat=full"]["remat_policy"] == "full"
-  assert {"int8 QAT", "2:4 masks", "90% masks"} <= set(r["compress"])
+  assert set(r["compress"]) == {"int8 QAT", "fp8 QAT", "2:4 masks", "90% masks"}
   p = r["profile"]["step"]
   assert p["ops"] and abs(sum(p["kinds"].values()) - 1) < 1e-6
   assert [t["target"].split(" >=")[0].split(" <=")[0] for t in r["targets"]] == [

@@ -296,3 +296,20 @@ def test_fp8_has_no_convert_or_serve_mode():
     )
     with pytest.raises(ValueError, match=f"no '{mode}' mode"):
       jax.eval_shape(functools.partial(layer.apply, {"params": params}), x)
+
+
+def test_the_train_loop_runs_fp8_qat_from_config(tmp_path):
+  """`--config.quant.method=qat --config.quant.format=fp8`: the run trains (loss finite and
+  lower than at init) and exports nothing (fp8 has no integer weights)."""
+  from experiments import train
+  from experiments.configs import quant as quant_configs
+  from experiments.metrics import read_metrics
+
+  c = quant_configs.get_config("tiny")
+  c.quant.update(method="qat", format="fp8")
+  c.train.update(steps=6, checkpoint_every=6, log_every=1, batch_size=8, seq_len=32)
+  c.eval.update(every=6, steps=1, batch_size=8)
+  final = train.train_and_evaluate(c, str(tmp_path))
+  rows = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
+  assert np.isfinite(final["eval_loss"]) and rows[-1]["loss"] < rows[0]["loss"]
+  assert not any(k.startswith("serve") for k in final) and not (tmp_path / "export").exists()

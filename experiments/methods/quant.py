@@ -3,6 +3,7 @@ LSQ's step sizes in the optimizer, calibration, and the integer export at the en
 
     --config.quant.method=qat --config.quant.bits=4 --config.quant.tile=32
     --config.quant.method=ptq --config.init_from=/runs/float --config.train.steps=0
+    --config.quant.method=qat --config.quant.format=fp8
 """
 
 import functools
@@ -40,10 +41,12 @@ def policy_of(config: ml_collections.ConfigDict) -> quant.Policy | None:
     )
   if q.storage_bits:
     quant.check_bits(q.storage_bits, "quant.storage_bits")
+  fmt = q.get("format", "int")
   qc = quant.QuantConfig(
+    format=fmt,
     bits=q.bits or None,
     act_bits=q.act_bits or None,
-    granularity=q.tile if q.tile else q.granularity,
+    granularity=q.tile if q.tile else (q.granularity if fmt == "int" else "tensor"),
     act_granularity=q.act_granularity,
     symmetric=q.symmetric,
     act_symmetric=q.act_symmetric,
@@ -67,6 +70,7 @@ class Quant(Method):
     return ml_collections.ConfigDict(
       dict(
         method="none",  # "none" | "qat" (train fake-quantized) | "ptq" (calibrate, no training)
+        format="int",  # "int" | "fp8": e4m3 weights and activations, e5m2 gradients, per tensor
         bits=8,  # weights; 0 keeps them float
         act_bits=8,  # activations; 0: weight-only quantization
         granularity="channel",  # "tensor" | "channel"; tile > 0 overrides: sub-channel tiles
@@ -120,6 +124,9 @@ class Quant(Method):
     """Converts to integer weights, saves them to <workdir>/export, reloads them and
     evaluates the serving (int8 x int8 -> int32) model."""
     if not self.c.export:
+      return {}
+    if self.c.get("format", "int") == "fp8":
+      logging.info("quant.export writes integer weights: an fp8 run has none to write.")
       return {}
     if jax.process_count() > 1:
       logging.info("quant.export is single-process for now: skipped.")

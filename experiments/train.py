@@ -195,7 +195,7 @@ def main(argv):
   except parallel.Preempted as e:
     logging.warning("%s", e)
     sys.exit(143)  # 128 + SIGTERM: a terminated job (to be rerun), not a finished one
-  except lock.WorkdirInUse as e:  # a user's error: one line, no traceback
+  except (lock.WorkdirInUse, parallel.CheckpointError) as e:  # one line, no traceback
     sys.exit(f"FATAL: {e}")
 
 

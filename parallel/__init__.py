@@ -5,7 +5,7 @@
 """
 
 from parallel import flops
-from parallel.checkpoint import Checkpointer, load_params, load_variables
+from parallel.checkpoint import CheckpointError, Checkpointer, load_params, load_variables
 from parallel.preemption import Preempted, Preemption
 from parallel.mesh import MESH_AXES, RULES, get_rules, make_mesh, resolve_mesh_shape
 from parallel.sharding import (
@@ -19,6 +19,7 @@ from parallel.step import jit_with_mesh, make_train_step, trainable
 
 __all__ = [
   "flops",
+  "CheckpointError",
   "Checkpointer",
   "load_params",
   "load_variables",

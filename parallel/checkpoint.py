@@ -11,7 +11,9 @@ array (parallel/digest.py), compared after the restore: a bit flipped on disk th
 decodes makes the checkpoint unreadable too, instead of a silently different state.
 """
 
+import contextlib
 import os
+import shutil
 from typing import Any
 
 from absl import logging
@@ -23,6 +25,20 @@ import orbax.checkpoint as ocp
 from parallel import digest as digest_lib
 
 PyTree = Any
+
+
+class CheckpointError(OSError):
+  """A save that cannot complete (the disk is full): names the step, the path and the space."""
+
+
+def _free_bytes(directory: str) -> int:
+  while not os.path.exists(directory):  # the checkpoint directory is made by the first save
+    directory = os.path.dirname(directory)
+  return shutil.disk_usage(directory).free
+
+
+def _mb(n: int) -> str:
+  return f"{n / 2**20:,.1f} MB"
 
 
 def _items():
@@ -38,6 +54,7 @@ class Checkpointer:
     self, directory: str, *, keep: int = 3, async_save: bool = True, digest: bool = True
   ):
     self.directory, self.digest = os.path.abspath(directory), digest
+    self._in_flight = None  # the step of the save started last, until it is known complete
     if jax.process_index() == 0 and (partial := incomplete(self.directory)):
       logging.warning(
         "Ignoring (and removing) %d checkpoint(s) whose save was interrupted in %s: %s",
@@ -59,10 +76,41 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: PyTree) -> bool:
+    """Starts saving `state` as `step` (asynchronously), once the disk has room for it: a
+    save that cannot fit is refused before it writes anything, naming the space it needs."""
+    needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    free = _free_bytes(self.directory)
+    if free < needed * 1.05 + 2**20:  # the arrays, plus metadata and the digest
+      self.wait()  # the save in flight, if any, completes (or reports its own failure)
+      raise CheckpointError(
+        f"No room for the checkpoint of step {step} in {self.directory}: it needs about "
+        f"{_mb(needed)}, {_mb(free)} are free. The latest complete checkpoint is step "
+        f"{self.latest_step()}. Free space or point --workdir at a larger disk, then rerun."
+      )
     items = {"default": ocp.args.StandardSave(state)}
     if self.digest:
       items["digest"] = ocp.args.JsonSave(digest_lib.digest(state))
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with self._reporting():  # an earlier asynchronous save's failure surfaces here
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._in_flight = step
+    return saved
+
+  @contextlib.contextmanager
+  def _reporting(self):
+    """Turns the failure of the save in flight (orbax reports it at the next call) into one
+    CheckpointError naming that save's step, the path and the free space."""
+    try:
+      yield
+    except Exception as error:
+      if self._in_flight is None:
+        raise
+      step, self._in_flight = self._in_flight, None
+      reason = (str(error).strip().splitlines() or [""])[0][:400]
+      raise CheckpointError(
+        f"The checkpoint save of step {step} in {self.directory} failed "
+        f"({type(error).__name__}: {reason}); {_mb(_free_bytes(self.directory))} are free. "
+        f"The latest complete checkpoint is step {self.manager.latest_step()}."
+      ) from None
 
   def _restore(self, step: int, target: PyTree) -> PyTree:
     """The state at `step`, verified against its digest when it has one."""
@@ -152,11 +200,15 @@ class Checkpointer:
     return self._restore(step, target)
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._reporting():
+      self.manager.wait_until_finished()
+    self._in_flight = None
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
   def __enter__(self):
     return self
@@ -170,7 +222,8 @@ class Checkpointer:
     try:
       self.close()
     except Exception as e:  # e.g. the disk filled up: the save in flight is not complete
-      logging.error("The checkpoint save in flight did not complete: %s: %s", type(e).__name__, e)
+      if not isinstance(error, CheckpointError):  # else that save's failure was the error
+        logging.error("The checkpoint save in flight did not complete: %s", e)
     return False
 
 

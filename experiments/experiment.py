@@ -201,7 +201,9 @@ class Run:
     def step_loss(t, b, r, c, f):  # the optimizer's tree -> the model's params and the extra
       return loss(*((t["params"], t["extra"]) if "extra" in shardings else (t, {})), b, r, c, f)
 
-    step = parallel.make_train_step(step_loss, exp.tx, exp.config.train.microbatches)
+    t = exp.config.train  # the non-finite policy's limit: past it, a step changes nothing
+    limit = 0 if t.get("nonfinite", "skip") == "stop" else t.get("max_nonfinite", 10)
+    step = parallel.make_train_step(step_loss, exp.tx, t.microbatches, max_nonfinite=limit)
     train_step = parallel.jit_with_mesh(
       step,
       exp.mesh,

@@ -71,10 +71,11 @@ class TrainLog:
   """The train rows of metrics.jsonl: every `train.log_every` steps, fetched one log step
   late so the host never stalls the device; tokens/s is measured between those fetches (i.e.
   between completed steps, not dispatches), the first step's compilation left out.
-  `check(count)` sees every fetched count of non-finite steps."""
+  `nonfinite` (train.NonfinitePolicy) sees every fetched count of non-finite steps and drops
+  the rows of steps that changed nothing (after the policy's limit froze the state)."""
 
-  def __init__(self, run, writer, start: int, check):
-    self.config, self.writer, self.check = run.exp.config, writer, check
+  def __init__(self, run, writer, start: int, nonfinite):
+    self.config, self.writer, self.nonfinite = run.exp.config, writer, nonfinite
     self.pending, self.start, self.clock = None, start, [time.perf_counter(), start]
     t = self.config.train
     self.flops = step_flops(run.exp, t.batch_size, t.seq_len)
@@ -107,6 +108,8 @@ class TrainLog:
       step_time = (now - self.clock[0]) / (step - self.clock[1])
       speed = throughput_metrics(self.flops, self.tokens, step_time, self.devices, self.peak)
     row = {k: v.item() for k, v in metrics.items()}
-    self.writer.write(step, {**row, "learning_rate": lr, **speed})
+    count = int(row.get("nonfinite_steps", 0))
+    if self.nonfinite.keeps_row(step, count):
+      self.writer.write(step, {**row, "learning_rate": lr, **speed})
     self.pending, self.clock[:] = None, [now, step]
-    self.check(int(row.get("nonfinite_steps", 0)))
+    self.nonfinite.check(count)

@@ -76,7 +76,8 @@ def _train(exp, abstract, shardings, workdir: str, devices) -> dict:
     )
     train_step, _ = run.jit_steps()
     writer = MetricWriter(workdir, start, t.steps, enabled=jax.process_index() == 0)
-    log = throughput.TrainLog(run, writer, start, lambda n: check_nonfinite(t, n, state, ckpt))
+    nonfinite = NonfinitePolicy(t, lambda: state, ckpt)
+    log = throughput.TrainLog(run, writer, start, nonfinite)
 
     def evaluate(step, write=True):
       row = run.evaluate(state["params"], state.get("collections", {}))
@@ -94,11 +95,13 @@ def _train(exp, abstract, shardings, workdir: str, devices) -> dict:
         log.step(done, metrics)
         if done % config.eval.every == 0 or done == t.steps:
           log.flush()
+          nonfinite.check()  # a frozen state is neither evaluated nor saved
           last_eval = evaluate(done)
           log.restart(done)  # eval time does not count against throughput
         stop = t.stop_after_steps and done - start >= t.stop_after_steps
         preempted = preemption.reached(done)
         if done % t.checkpoint_every == 0 or done == t.steps or stop or preempted:
+          nonfinite.check()
           ckpt.save(done, state)
         writer.advance()
         if preempted:
@@ -156,28 +159,51 @@ def write_config(config: ml_collections.ConfigDict, workdir: str):
   os.replace(path + ".tmp", path)
 
 
-def check_nonfinite(t: ml_collections.ConfigDict, count: int, state: dict, ckpt):
-  """Applies `train.nonfinite` to the count of steps skipped for a non-finite loss or
-  gradient: "stop" stops at the first, "skip" after more than `train.max_nonfinite`."""
-  policy = t.get("nonfinite", "skip")
-  limit = 0 if policy == "stop" else t.get("max_nonfinite", 10)
-  if count <= limit:
-    return
-  first, last = (int(jax.device_get(state["nonfinite"][k])) for k in ("first", "last"))
-  ckpt.wait()
-  where = (
-    f"at step {first}" if count == 1 else f"at {count} steps, the first {first}, the last {last}"
-  )
-  fix = (
-    "set train.nonfinite='skip' to skip such steps"
-    if policy == "stop"
-    else f"raise train.max_nonfinite (now {limit}) to skip more"
-  )
-  raise FloatingPointError(
-    f"Non-finite loss or gradients {where} (train.nonfinite={policy!r}); those updates "
-    f"were not applied. The latest checkpoint is step {ckpt.latest_step()}. Lower optim.lr, "
-    f"check the data, or {fix}."
-  )
+class NonfinitePolicy:
+  """`train.nonfinite` on the count of steps skipped for a non-finite loss or gradient:
+  "stop" stops at the first, "skip" after more than `train.max_nonfinite`. The step freezes
+  the state once the count is over that limit (parallel.make_train_step), so whenever the
+  loop looks (a log row, an eval, a save) the state is the one right after the step that
+  crossed it, and rows of the frozen steps after it are not written."""
+
+  def __init__(self, t: ml_collections.ConfigDict, get_state, ckpt):
+    self.policy = t.get("nonfinite", "skip")
+    self.limit = 0 if self.policy == "stop" else t.get("max_nonfinite", 10)
+    self.get_state, self.ckpt = get_state, ckpt
+
+  def _fetch(self, key: str) -> int:
+    return int(jax.device_get(self.get_state()["nonfinite"][key]))
+
+  def keeps_row(self, step: int, count: int) -> bool:
+    """Whether the train row of `step` (with that count) is of a step that ran."""
+    return count <= self.limit or step <= self._fetch("last")
+
+  def check(self, count: int | None = None):
+    """Raises when over the limit (`count` None: the current state's own count)."""
+    if count is None:
+      if "nonfinite" not in self.get_state():
+        return
+      count = self._fetch("count")
+    if count <= self.limit:
+      return
+    first, last = self._fetch("first"), self._fetch("last")
+    self.ckpt.wait()
+    where = (
+      f"at step {first}" if count == 1 else f"at {count} steps, the first {first}, the last {last}"
+    )
+    fix = (
+      "set train.nonfinite='skip' to skip such steps"
+      if self.policy == "stop"
+      else f"raise train.max_nonfinite (now {self.limit}) to skip more"
+    )
+    latest = self.ckpt.latest_step()
+    saved = (
+      "No checkpoint was saved" if latest is None else f"The latest checkpoint is step {latest}"
+    )
+    raise FloatingPointError(
+      f"Non-finite loss or gradients {where} (train.nonfinite={self.policy!r}); those updates "
+      f"were not applied. {saved}. Lower optim.lr, check the data, or {fix}."
+    )
 
 
 _CONFIG = config_flags.DEFINE_config_file(

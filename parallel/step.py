@@ -8,7 +8,10 @@ trained with it (a distillation projection): the loss and the optimizer then see
 leaves params and optimizer state as they were (the step count still advances, so the next
 step reads the next batch); with a "nonfinite" entry {"count", "first", "last"} (int32) in
 the state, the step counts such steps and records the first and last, and the train loop
-applies its policy (`train.nonfinite`) to them. Inputs that are neither trained nor part of the
+applies its policy (`train.nonfinite`) to them. With `max_nonfinite`, the policy is exact to
+the step without the host looking at every step: once the count exceeds it, every later step
+changes nothing at all (not the step, not the count), so the state the loop finds when it
+next looks is the one right after the step that crossed the limit. Inputs that are neither trained nor part of the
 state (a distillation teacher's variables) follow the batch: `step(state, batch, *frozen)`
 passes them to every microbatch's loss, and they are never donated. A loss function returns
 *sums* (loss summed over tokens, the token weight, other counts), never means: sums add
@@ -41,8 +44,14 @@ def _with_trainable(state: dict, tree: PyTree) -> dict:
   return dict(state, **tree) if "extra" in state else dict(state, params=tree)
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatches: int = 1):
-  """Builds the step; gradients are accumulated over `microbatches` slices of the batch."""
+def make_train_step(
+  loss_fn: LossFn,
+  tx: optax.GradientTransformation,
+  microbatches: int = 1,
+  max_nonfinite: int | None = None,
+):
+  """Builds the step; gradients are accumulated over `microbatches` slices of the batch.
+  `max_nonfinite`: the state freezes once more steps than that were non-finite."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: dict, batch: dict, *frozen) -> tuple[dict, dict]:
@@ -68,23 +77,29 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, microbatc
     grads = jax.tree.map(lambda g: g / weight, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt = tx.update(grads, state["opt"], params)
-    # A step whose loss or gradients are not finite changes nothing but the step count.
+    # A step whose loss or gradients are not finite changes nothing but the step count; once
+    # the count is over max_nonfinite, a step changes nothing (`live` is false).
     finite = jnp.isfinite(grad_norm) & jnp.all(
       jnp.array([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(sums)])
     )
+    live = jnp.bool_(True)
+    if max_nonfinite is not None and "nonfinite" in state:
+      live = state["nonfinite"]["count"] <= max_nonfinite
+    apply = finite & live
     new_params = optax.apply_updates(params, updates)
-    new_params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
+    new_params = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new_params, params)
     new_state = _with_trainable(state, new_params)
-    new_state["step"] = state["step"] + 1
-    new_state["opt"] = jax.tree.map(lambda n, o: jnp.where(finite, n, o), opt, state["opt"])
+    new_state["step"] = state["step"] + live.astype(state["step"].dtype)
+    new_state["opt"] = jax.tree.map(lambda n, o: jnp.where(apply, n, o), opt, state["opt"])
     metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
     metrics["weight"] = sums["weight"]
     metrics["grad_norm"] = grad_norm
     if "nonfinite" in state:  # {"count", "first", "last"}: the skipped steps, for the loop's policy
       n = state["nonfinite"]
-      bad = jnp.where(finite, 0, 1).astype(n["count"].dtype)
+      counted = ~finite & live
+      bad = jnp.where(counted, 1, 0).astype(n["count"].dtype)
       done = state["step"] + 1  # numbered as metrics.jsonl numbers steps
-      at = jnp.where(finite, n["last"], done)
+      at = jnp.where(counted, done, n["last"])
       first = jnp.where((n["count"] == 0) & ~finite, done, n["first"])
       new_state["nonfinite"] = {"count": n["count"] + bad, "first": first, "last": at}
       metrics["nonfinite_steps"] = new_state["nonfinite"]["count"]

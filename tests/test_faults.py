@@ -78,14 +78,14 @@ def poison(monkeypatch, steps: set[int]):
   carries a factor, 1 or NaN, that the loss is multiplied by, so the gradients are NaN too."""
   make_step, batch = parallel.make_train_step, experiment.Experiment.batch
 
-  def poisoned_make_step(loss_fn, tx, microbatches=1):
+  def poisoned_make_step(loss_fn, tx, microbatches=1, **kwargs):
     def loss(params, b, rng, collections, *frozen):
       b = dict(b)
       factor = b.pop("factor")[0]
       total, sums = loss_fn(params, b, rng, collections, *frozen)
       return total * factor, {**sums, "loss": sums["loss"] * factor}
 
-    return make_step(loss, tx, microbatches)
+    return make_step(loss, tx, microbatches, **kwargs)
 
   def poisoned_batch(self, step, split="train"):
     out = batch(self, step, split)
@@ -121,6 +121,17 @@ def test_nonfinite_stop_policy_names_the_step(monkeypatch, tmp_path):
   assert [r["nonfinite_steps"] for r in read_metrics(tmp_path)] == [0, 0, 0, 1]
 
 
+def test_stop_is_exact_between_log_and_save_steps(monkeypatch, tmp_path):
+  """NaN at step 3 of 20, logging every 10 and saving every 5: the run stops naming step 3;
+  no row and no checkpoint holds a later step (those steps changed nothing)."""
+  poison(monkeypatch, {3})
+  with pytest.raises(FloatingPointError, match=r"at step 3 \(train.nonfinite='stop'\)"):
+    run(tiny(20, nonfinite="stop", log_every=10, checkpoint_every=5), tmp_path)
+  rows = read_metrics(tmp_path) if (tmp_path / "metrics.jsonl").exists() else []
+  assert [r for r in rows if "loss" in r] == []
+  assert not os.path.exists(tmp_path / "checkpoints") or os.listdir(tmp_path / "checkpoints") == []
+
+
 def test_a_nonfinite_step_changes_nothing_but_the_count():
   """The step on its own: with a NaN gradient the params and the optimizer state (Adam's
   moments and count) come back bit for bit; the step advances and the count records it."""
@@ -150,6 +161,32 @@ def test_a_nonfinite_step_changes_nothing_but_the_count():
   assert {k: int(v) for k, v in bad["nonfinite"].items()} == {"count": 1, "first": 2, "last": 2}
   good, _ = step(bad, {"x": jnp.ones(4)})
   assert not np.array_equal(good["params"]["w"], bad["params"]["w"])  # training goes on
+
+
+def test_past_the_limit_the_step_freezes_the_state():
+  """max_nonfinite=0 ("stop"): after the NaN step, finite steps change nothing at all, so
+  the state the loop finds later is the one right after the step that crossed the limit."""
+  import optax
+
+  tx = optax.adam(1e-2)
+  params = {"w": jnp.arange(4.0)}
+
+  def loss(p, batch, rng, collections):
+    total = jnp.sum(p["w"] * batch["x"])
+    return total, {"loss": total, "weight": jnp.float32(1.0)}
+
+  step = jax.jit(parallel.make_train_step(loss, tx, max_nonfinite=0))
+  zero = jnp.zeros((), jnp.int32)
+  state = {"step": zero, "params": params, "opt": tx.init(params), "rng": jax.random.key(0)}
+  state["nonfinite"] = {"count": zero, "first": zero, "last": zero}
+  state, _ = step(state, {"x": jnp.ones(4)})
+  bad, _ = step(state, {"x": jnp.array([1.0, np.nan, 1.0, 1.0])})
+  assert int(bad["step"]) == 2 and int(bad["nonfinite"]["count"]) == 1
+  later = bad
+  for x in (jnp.ones(4), jnp.full(4, np.nan), jnp.ones(4)):
+    later, _ = step(later, {"x": x})
+  same = lambda t: {k: v for k, v in t.items() if k != "rng"}  # noqa: E731 (rng: a key array)
+  jax.tree.map(np.testing.assert_array_equal, same(later), same(bad))
 
 
 def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path):

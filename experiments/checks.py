@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 import models
+from models import hf, hf_files
 from experiments import methods
 from experiments.configs import common
 from parallel import checkpoint
@@ -42,13 +43,35 @@ def config_changes(old: dict, config: ml_collections.ConfigDict) -> dict:
   return {k: (old.get(k), new.get(k)) for k in sorted(new) if old.get(k) != new.get(k)}
 
 
+def check_writable(workdir: str):
+  """Refuses a --workdir that is a file, or that this process could not write to."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} is a file: give a directory (new or a run's).")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):  # the nearest directory that exists: it gets created
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(
+      f"--workdir {workdir}: {existing} is not writable by this user. Pick a directory you "
+      "can write to, or change its permissions."
+    )
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict):
-  """Refuses a workdir that holds a run of a different model (its checkpoints would not fit)."""
+  """Refuses a workdir that cannot be written, or that holds a run of a different model
+  (its checkpoints would not fit)."""
+  check_writable(workdir)
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    old = json.load(f)
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(
+      f"{path} is not valid JSON ({e}): the workdir's record of its run is damaged. Restore "
+      "it, or use a new --workdir."
+    ) from None
   old_model, new_model = old.get("model", {}), config.model.to_dict()
   default = common.defaults(config)  # a field added since the old run: its default then
   old_model = {
@@ -87,6 +110,17 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict):
       f"{changes}, which would train nothing. Use a new --workdir for the changed run, or "
       "raise train.steps to continue this one with the change (recorded in its config.json)."
     )
+
+
+def check_init_from(config: ml_collections.ConfigDict):
+  """An HF checkpoint to start from (init_from="hf:<directory>") must be one the model
+  families read: refused from its config.json, before the model's init compiles. A Hub
+  name is checked when it is fetched."""
+  source = config.get("init_from") or ""
+  directory = source[3:] if source.startswith("hf:") else ""
+  if not os.path.isfile(os.path.join(directory, "config.json")):
+    return
+  hf.architecture(hf_files.read_config(directory))
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh, n_feeds: int):
@@ -134,6 +168,10 @@ RANGES = (
   ("data.tfds.shuffle_buffer", lambda v: v >= 1, ">= 1 (1: no shuffling)"),
   ("train.data_batches", lambda v: v >= 0, ">= 0 (0: a fresh batch every step)"),
   ("train.max_nonfinite", lambda v: v >= 0, ">= 0 (non-finite steps skipped before stopping)"),
+  ("prune.sparsity", lambda v: 0 <= v < 1, "in [0, 1) (0.9 prunes 90% of the weights)"),
+  ("quant.bits", lambda v: v == 0 or 2 <= v <= 8, "0 (float) or an integer from 2 to 8"),
+  ("quant.act_bits", lambda v: v == 0 or 2 <= v <= 8, "0 (float) or an integer from 2 to 8"),
+  ("quant.storage_bits", lambda v: v == 0 or 2 <= v <= 8, "0 (float32) or from 2 to 8"),
 )
 
 

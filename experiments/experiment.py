@@ -250,6 +250,7 @@ def build(
   mc = model_config(config, tokenizer)
   if workdir:
     checks.check_workdir(workdir, config)
+  checks.check_init_from(config)
 
   def build_model(run_config, record_attention=False):  # another run's model (a teacher)
     run_mc = model_config(run_config, tokenizer)

@@ -27,6 +27,10 @@ from experiments.experiment import Run, build
 from experiments.metrics import MetricWriter
 
 
+class ConfigError(ValueError):
+  """Bad input found before anything compiled: `experiments.train` prints it as one line."""
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
   """Trains and evaluates the model `config` describes; returns the last eval row.
 
@@ -34,10 +38,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   (experiments/lock.py): a second run on it stops at once. The active compression methods
   (experiments/methods) are asked at each stage, in their fixed order.
   """
-  exp = build(config, workdir, devices)  # everything wrong with the input is caught here
-  # ... and every sharded dimension its mesh axes must divide, before a pretraining stage or a
-  # method's setup runs for minutes first (a trace of the init: nothing compiles or allocates).
-  abstract, shardings = exp.shard_shapes()
+  try:
+    exp = build(config, workdir, devices)  # everything wrong with the input is caught here
+    # ... and every sharded dimension its mesh axes must divide, before a pretraining stage or
+    # a method's setup runs for minutes first (a trace of the init: nothing compiles).
+    abstract, shardings = exp.shard_shapes()
+  except ConfigError:
+    raise
+  except (ValueError, KeyError, FileNotFoundError) as e:  # the input's fault, said in one line
+    raise ConfigError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
   with lock.hold(workdir):
     return _train(exp, abstract, shardings, workdir, devices)
 
@@ -221,8 +230,8 @@ def main(argv):
   except parallel.Preempted as e:
     logging.warning("%s", e)
     sys.exit(143)  # 128 + SIGTERM: a terminated job (to be rerun), not a finished one
-  except (lock.WorkdirInUse, parallel.CheckpointError) as e:  # one line, no traceback
-    sys.exit(f"FATAL: {e}")
+  except (ConfigError, lock.WorkdirInUse, parallel.CheckpointError, FloatingPointError) as e:
+    sys.exit(f"FATAL: {e}")  # the input's or the run's trouble, said in one line: no traceback
 
 
 if __name__ == "__main__":

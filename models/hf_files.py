@@ -63,12 +63,21 @@ class _TorchBin:
     return t.float().numpy() if t.is_floating_point() else t.numpy()
 
 
+def read_config(directory: str) -> dict:
+  """An HF checkpoint directory's config.json; a damaged one is an error naming the file."""
+  path = os.path.join(directory, "config.json")
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e}): re-save or re-download it.") from None
+
+
 class Checkpoint:
   """The config and tensors of an HF checkpoint directory; tensors are read on demand."""
 
   def __init__(self, directory: str):
-    with open(os.path.join(directory, "config.json")) as f:
-      self.config = json.load(f)
+    self.config = read_config(directory)
     self.directory, self.files = directory, {}
     for single, index, reader in (
       ("model.safetensors", "model.safetensors.index.json", _Safetensors),

@@ -76,19 +76,25 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tup
       f"mesh (data, fsdp, tensor) = {tuple(shape)}: sizes must be positive "
       "(or -1 for 'the remaining devices')."
     )
+  hint = ""
+  if jax.default_backend() == "cpu":
+    hint = (
+      " On CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N (set before starting "
+      "Python) simulates N devices."
+    )
   if -1 in shape:
     known = math.prod(s for s in shape if s != -1)
     if n_devices % known:
       raise ValueError(
         f"mesh (data, fsdp, tensor) = {tuple(shape)}: {n_devices} devices do not "
-        f"divide by the fixed axes' product {known}."
+        f"divide by the fixed axes' product {known}.{hint}"
       )
     shape[shape.index(-1)] = n_devices // known
   if math.prod(shape) != n_devices:
     raise ValueError(
       f"mesh (data, fsdp, tensor) = {tuple(shape)} uses {math.prod(shape)} devices but "
       f"{n_devices} are available: make the product equal the device count, or set one axis "
-      "to -1 to take the remaining devices."
+      f"to -1 to take the remaining devices.{hint}"
     )
   return tuple(shape)
 

@@ -36,6 +36,8 @@ def logical_to_shardings(boxed_tree: PyTree, mesh: jax.sharding.Mesh, rules) -> 
   mesh_specs = jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, rules), specs, is_leaf=is_spec)
   values = nn.unbox(boxed_tree)
 
+  bad = []  # (path, the error): every leaf is checked, the parameters reported first
+
   def check(path, leaf, spec):
     spec = spec if isinstance(spec, P) else P()
     shape = getattr(leaf, "shape", ())
@@ -46,14 +48,20 @@ def logical_to_shardings(boxed_tree: PyTree, mesh: jax.sharding.Mesh, rules) -> 
         size *= mesh.shape[a] if a is not None else 1
       if dim % size:
         name = jax.tree_util.keystr(path, simple=True, separator="/")
-        raise ValueError(
-          f"{name} has shape {tuple(shape)} but its dimension {dim} is sharded over "
-          f"mesh axes {axes} of total size {size}, which does not divide it. Change the mesh "
-          f"(mesh.{'/'.join(a for a in axes if a)}) or map that logical axis to None in the rules."
+        mesh_keys = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes if a)
+        bad.append(
+          f"{name} has shape {tuple(shape)}: its dimension {dim} is sharded over {mesh_keys} "
+          f"(total {size}), which does not divide it. Change the mesh, or the model size, or "
+          "map that logical axis to None in the rules."
         )
+        return None
     return NamedSharding(mesh, spec)
 
-  return jax.tree_util.tree_map_with_path(check, values, mesh_specs, is_leaf=lambda x: x is None)
+  out = jax.tree_util.tree_map_with_path(check, values, mesh_specs, is_leaf=lambda x: x is None)
+  if bad:  # a parameter's name says more than its optimizer moment's ("opt/1/0/.mu/...")
+    params = [b for b in bad if b.startswith("params")]
+    raise ValueError((params or bad)[0])
+  return out
 
 
 def shard_shapes(init_fn: Callable[..., PyTree], mesh: jax.sharding.Mesh, rules, *args):

@@ -150,13 +150,57 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, 
   return out
 
 
+# Other codebases' names for keys here: what `closest` suggests for them.
+ALIASES = {
+  "learning_rate": "lr",
+  "lr_schedule": "schedule",
+  "wd": "weight_decay",
+  "clip": "grad_clip",
+  "clip_norm": "grad_clip",
+  "warmup": "warmup_steps",
+  "num_steps": "steps",
+  "max_steps": "steps",
+  "train_steps": "steps",
+  "batch": "batch_size",
+  "seq_length": "seq_len",
+  "max_seq_len": "seq_len",
+  "num_layers": "n_layers",
+  "n_layer": "n_layers",
+  "num_hidden_layers": "n_layers",
+  "num_heads": "n_heads",
+  "n_head": "n_heads",
+  "num_attention_heads": "n_heads",
+  "num_kv_heads": "n_kv_heads",
+  "num_key_value_heads": "n_kv_heads",
+  "hidden_size": "d_model",
+  "d_embed": "d_model",
+  "emb_dim": "d_model",
+  "intermediate_size": "d_ff",
+  "mlp_dim": "d_ff",
+  "vocab": "vocab_size",
+  "max_position_embeddings": "max_len",
+  "mode": "method",
+  "bits_w": "bits",
+  "weight_bits": "bits",
+  "activation_bits": "act_bits",
+  "a_bits": "act_bits",
+}
+
+
 def closest(key: str, keys) -> list[str]:
   """The valid keys `key` most likely meant: the same name in other sections (`dtype` for
-  `model.dtype`), else a close name in its section, else a close dotted key."""
+  `model.dtype`), a known alias (`optim.learning_rate` -> `optim.lr`), else a close name in
+  its section, else a close dotted key."""
   parent, _, name = key.rpartition(".")
   same = [k for k in keys if k.rpartition(".")[2] == name]
   if same:
     return same[:2]
+  alias = ALIASES.get(name)
+  if alias:
+    matches = [k for k in keys if k.rpartition(".")[2] == alias]
+    here = [k for k in matches if k.rpartition(".")[0] == parent]
+    if here or matches:
+      return (here or matches)[:2]
   siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
   close = difflib.get_close_matches(name, list(siblings), n=1)
   return [siblings[close[0]]] if close else difflib.get_close_matches(key, list(keys), n=1)

@@ -15,14 +15,23 @@ The modes take turns. The same command then runs again to the end, and its metri
 (every loss and eval row; timings and export file sizes aside) and final checkpoint (params,
 optimizer state with any pruning masks, QAT ranges, step, RNG) must equal the reference's bit
 for bit.
-`WORKDIR/chaos.md` and `chaos.json` get one row per kill; the exit status is 1 if any differs.
-Config overrides (`--config.train.steps=60`) go to every run.
+Then the faults of `--faults`, each in a fresh workdir, rerun to the end and compared too:
+- `second-writer`: a second run of the same command on the workdir while the first runs: it
+  must exit at once (non-zero, the lock's message); the first goes on undisturbed;
+- `error-mid-save`: an exception in the loop (a batch that fails) the step after a checkpoint
+  save started: the error alone is reported and that checkpoint completes;
+- `disk-full`: the run on a tmpfs with room for two checkpoints (root only; skipped where
+  mounting is not allowed): the third save is refused in one line, naming its step, the
+  earlier ones stay; the workdir is then copied to a roomy disk and the run finished there.
+`WORKDIR/chaos.md` and `chaos.json` get one row per kill and fault; the exit status is 1 if
+any differs. Config overrides (`--config.train.steps=60`) go to every run.
 """
 
 import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +48,22 @@ from experiments.metrics import read_metrics
 from parallel import checkpoint
 
 MODES = ("kill", "kill-in-save", "term")
+FAULTS = ("second-writer", "error-mid-save", "disk-full")
+# `python -c` for error-mid-save: the batch of step ERROR_STEP fails (its step is the one right
+# after a checkpoint save started), then experiments.train's own main runs.
+_FAIL_AT = """
+import sys
+from absl import app
+from experiments import experiment, train
+batch = experiment.Experiment.batch
+def failing(self, step, split="train"):
+  if split == "train" and step + 1 == {step}:
+    raise RuntimeError("injected fault: the batch of step {step} failed")
+  return batch(self, step, split)
+experiment.Experiment.batch = failing
+sys.argv[0] = "train"
+app.run(train.main)
+"""
 # Not compared: wall-clock columns, and the exports' file sizes (their serialized layout
 # varies by a few percent between identical runs; what they hold is compared: serve_eval_loss).
 UNCOMPARED = ("tokens_per_sec", "tflops_per_device", "mfu", "export_bytes", "sparse_bytes")
@@ -47,10 +72,11 @@ UNCOMPARED = ("tokens_per_sec", "tflops_per_device", "mfu", "export_bytes", "spa
 class Run:
   """`python -m experiments.train` in a subprocess, its log in `workdir/train.log`."""
 
-  def __init__(self, config: str, workdir: str, overrides: list[str]):
+  def __init__(self, config: str, workdir: str, overrides: list[str], fail_at: int = 0):
     os.makedirs(workdir, exist_ok=True)
     self.workdir, self.first_step = workdir, threading.Event()
-    cmd = [sys.executable, "-m", "experiments.train", f"--config={config}", f"--workdir={workdir}"]
+    entry = ["-c", _FAIL_AT.format(step=fail_at)] if fail_at else ["-m", "experiments.train"]
+    cmd = [sys.executable, *entry, f"--config={config}", f"--workdir={workdir}"]
     self.log = open(os.path.join(workdir, "train.log"), "a")
     self.proc = subprocess.Popen(
       cmd + overrides, stderr=subprocess.PIPE, stdout=self.log, text=True, env=_env(workdir)
@@ -162,7 +188,7 @@ def compare(reference: str, workdir: str) -> list[str]:
 
 @dataclasses.dataclass
 class Result:
-  kill: int
+  kill: int | str  # the kill's number, or "f<i>" for the i-th fault
   mode: str
   outcome: dict
   resumed: str
@@ -175,7 +201,120 @@ def final_eval(workdir: str) -> float | None:
   return evals[-1] if evals else None
 
 
-def chaos(config: str, workdir: str, kills: int, seed: int, overrides: list[str]) -> list[Result]:
+def _every(config: str, overrides: list[str]) -> int:
+  """The run's train.checkpoint_every (the config file's, or the override's)."""
+  for o in overrides:
+    if o.startswith("--config.train.checkpoint_every="):
+      return int(o.split("=", 1)[1])
+  from experiments import configs
+
+  return configs.load(config).train.checkpoint_every
+
+
+def second_writer(config, run_dir, overrides) -> dict:
+  first = Run(config, run_dir, overrides)
+  if not first.first_step.wait(timeout=600):
+    raise RuntimeError(f"No first step in {run_dir} after 600 s: see train.log")
+  start = time.perf_counter()
+  second = subprocess.run(
+    [sys.executable, "-m", "experiments.train", f"--config={config}", f"--workdir={run_dir}"]
+    + overrides,
+    capture_output=True,
+    text=True,
+    env=_env(run_dir),
+  )
+  took = time.perf_counter() - start
+  lines = second.stderr.strip().splitlines()
+  return {
+    "second_exit": second.returncode,
+    "second_took_s": round(took, 1),
+    "second_said": lines[-1][:160] if lines else "",
+    "exit": first.wait(timeout=1200),
+    "latest_checkpoint": checkpoint.latest_step(os.path.join(run_dir, "checkpoints")),
+    "ok": second.returncode != 0 and "FATAL" in (lines[-1] if lines else ""),
+  }
+
+
+def error_mid_save(config, run_dir, overrides) -> dict:
+  every = _every(config, overrides)
+  run = Run(config, run_dir, overrides, fail_at=every + 1)
+  code = run.wait(timeout=1200)
+  said = run.said("injected fault")
+  return {
+    "exit": code,
+    "error_lines": len(said),
+    "event_loop_closed": len(run.said("Event loop is closed")),
+    "latest_checkpoint": checkpoint.latest_step(os.path.join(run_dir, "checkpoints")),
+    "left_incomplete": checkpoint.incomplete(os.path.join(run_dir, "checkpoints")),
+    "ok": code != 0 and bool(said) and not run.said("Event loop is closed"),
+  }
+
+
+def disk_full(config, run_dir, overrides, reference: str) -> dict | None:
+  """None where no tmpfs can be mounted (not root, or not allowed)."""
+  ckpt = os.path.join(reference, "checkpoints")
+  step = checkpoint.latest_step(ckpt)
+  size = sum(
+    os.path.getsize(os.path.join(d, f))
+    for d, _, fs in os.walk(os.path.join(ckpt, str(step)))
+    for f in fs
+  )
+  mount = run_dir + "-tmpfs"
+  os.makedirs(mount, exist_ok=True)
+  cmd = ["mount", "-t", "tmpfs", "-o", f"size={int(size * 2.5) + 2**20}", "tmpfs", mount]
+  if os.geteuid() != 0 or subprocess.run(cmd, capture_output=True).returncode != 0:
+    os.rmdir(mount)
+    return None
+  try:
+    small = os.path.join(mount, "run")
+    run = Run(config, small, overrides)
+    code = run.wait(timeout=1200)
+    fatal = run.said("FATAL")
+    outcome = {
+      "exit": code,
+      "said": fatal[-1][:160] if fatal else "",
+      "latest_checkpoint": checkpoint.latest_step(os.path.join(small, "checkpoints")),
+      "tracebacks": len(run.said("Traceback")),
+      "ok": code != 0 and len(fatal) == 1 and "No room for the checkpoint" in fatal[0],
+    }
+    shutil.copytree(small, run_dir)  # the rerun finishes on a disk with room
+  finally:
+    subprocess.run(["umount", mount], capture_output=True)
+    os.rmdir(mount)
+  return outcome
+
+
+def faults(config, workdir, names, overrides, ref_dir) -> list[Result]:
+  results = []
+  for i, name in enumerate(names):
+    run_dir = os.path.join(workdir, name)
+    if os.path.exists(run_dir):
+      raise FileExistsError(f"{run_dir} exists: use a new --workdir (the reference is reused).")
+    if name == "second-writer":
+      outcome = second_writer(config, run_dir, overrides)
+    elif name == "error-mid-save":
+      outcome = error_mid_save(config, run_dir, overrides)
+    elif name == "disk-full":
+      outcome = disk_full(config, run_dir, overrides, ref_dir)
+      if outcome is None:
+        print("disk-full: skipped (no tmpfs can be mounted here: needs root)", flush=True)
+        continue
+    else:
+      raise ValueError(f"--faults: unknown fault {name!r}; choose from {FAULTS}.")
+    rerun = run_to_end(config, run_dir, overrides)
+    said = rerun.said("Restored the checkpoint") + rerun.said("newest checkpoint that reads")
+    resumed = said[0].split("] ", 1)[-1].split(" from /")[0] if said else "from step 0"
+    diffs = compare(ref_dir, run_dir)
+    if not outcome.pop("ok"):
+      diffs = [f"the fault was not handled as expected: {outcome}"] + diffs
+    results.append(Result(f"f{i}", name, outcome, resumed, final_eval(run_dir), diffs))
+    print(f"{name}: {outcome}; rerun: {resumed}: {'EQUAL' if not diffs else diffs[:3]}", flush=True)
+  return results
+
+
+def chaos(
+  config: str, workdir: str, kills: int, seed: int, overrides: list[str], fault_names=()
+) -> list[Result]:
   ref_dir = os.path.join(workdir, "reference")
   if final_eval(ref_dir) is None or not os.path.exists(os.path.join(ref_dir, "done")):
     ref = run_to_end(config, ref_dir, overrides)
@@ -203,6 +342,7 @@ def chaos(config: str, workdir: str, kills: int, seed: int, overrides: list[str]
       f"{r.final_eval_loss!r}: {'EQUAL' if not r.differences else r.differences[:3]}",
       flush=True,
     )
+  results += faults(config, workdir, fault_names, overrides, ref_dir)
   write(workdir, final_eval(ref_dir), results)
   return results
 
@@ -212,15 +352,20 @@ def write(workdir: str, reference: float, results: list[Result]):
     json.dump([dataclasses.asdict(r) for r in results], f, indent=2)
   lines = [
     f"Reference final eval_loss: {reference!r}\n",
-    "| kill | mode | at (s after step 1) | save in flight | exit | latest complete checkpoint "
-    "| rerun | final eval_loss | equal to reference |",
-    "|---:|---|---:|---|---:|---:|---|---:|---|",
+    "| run | fault | what happened | exit | latest complete checkpoint | rerun "
+    "| final eval_loss | equal to reference |",
+    "|---|---|---|---:|---:|---|---:|---|",
   ]
   for r in results:
     o = r.outcome
+    if "at_s" in o:
+      what = f"at {o['at_s']}s after step 1, save in flight: {o.get('save_in_flight')}"
+    else:
+      what = "; ".join(f"{k}: {v}" for k, v in o.items() if k not in ("exit", "latest_checkpoint"))
+    what = what.replace("|", "/")
     lines.append(
-      f"| {r.kill} | {r.mode} | {o['at_s']} | {o.get('save_in_flight')} | {o.get('exit')} | "
-      f"{o.get('latest_checkpoint')} | {r.resumed} | {r.final_eval_loss!r} | "
+      f"| {r.kill} | {r.mode} | {what} | {o.get('exit')} | {o.get('latest_checkpoint')} | "
+      f"{r.resumed} | {r.final_eval_loss!r} | "
       f"{'yes, bit for bit' if not r.differences else 'NO: ' + '; '.join(r.differences[:3])} |"
     )
   with open(os.path.join(workdir, "chaos.md"), "w") as f:
@@ -229,6 +374,7 @@ def write(workdir: str, reference: float, results: list[Result]):
 
 _KILLS = flags.DEFINE_integer("kills", 5, "How many interrupted runs.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds the kill moments.")
+_FAULTS = flags.DEFINE_list("faults", list(FAULTS), f"Faults after the kills, of {FAULTS}.")
 
 
 def main(argv):
@@ -236,7 +382,12 @@ def main(argv):
   config = flags.FLAGS["config"]  # experiments.train's flags: --config, --config.x=..., --workdir
   overrides = [f"--config.{k}={v}" for k, v in config.override_values.items()]
   results = chaos(
-    config.config_filename, train._WORKDIR.value, _KILLS.value, _SEED.value, overrides
+    config.config_filename,
+    train._WORKDIR.value,
+    _KILLS.value,
+    _SEED.value,
+    overrides,
+    _FAULTS.value,
   )
   sys.exit(1 if any(r.differences for r in results) else 0)
 

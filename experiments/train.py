@@ -110,6 +110,7 @@ def _train(exp, abstract, shardings, workdir: str, devices) -> dict:
         stop = t.stop_after_steps and done - start >= t.stop_after_steps
         preempted = preemption.reached(done)
         if done % t.checkpoint_every == 0 or done == t.steps or stop or preempted:
+          log.flush()  # a checkpoint's rows are written before it exists (a crash loses none)
           nonfinite.check()
           ckpt.save(done, state)
         writer.advance()

@@ -66,6 +66,19 @@ def test_kills_and_sigterm_then_rerun_equal_the_uninterrupted_run(tmp_path):
   assert chaos.final_eval(workdir) == chaos.final_eval(str(tmp_path / "reference"))
 
 
+def test_chaos_faults_error_mid_save_and_disk_full(tmp_path):
+  """experiments.chaos's faults: an exception the step after a save started (the error alone,
+  that checkpoint complete) and, where a tmpfs can be mounted, a full disk; each rerun ends
+  equal to the uninterrupted run."""
+  reference = str(tmp_path / "reference")
+  chaos.run_to_end(CONFIG, reference, OVERRIDES)
+  results = chaos.faults(
+    CONFIG, str(tmp_path), ["error-mid-save", "disk-full"], OVERRIDES, reference
+  )
+  assert results[0].mode == "error-mid-save" and results[0].outcome["latest_checkpoint"] == 5
+  assert all(r.differences == [] for r in results), [r.differences for r in results]
+
+
 def tiny(steps, **train):
   c = lm.get_config("tiny")
   c.train.update({"steps": steps, "checkpoint_every": steps, "log_every": 1, **train})

@@ -112,21 +112,43 @@ class Checkpointer:
         f"The latest complete checkpoint is step {self.manager.latest_step()}."
       ) from None
 
-  def _restore(self, step: int, target: PyTree) -> PyTree:
-    """The state at `step`, verified against its digest when it has one."""
+  def _read(self, step: int, target: PyTree) -> tuple[PyTree, dict | None]:
+    """(the state at `step`, its saved digest or None): this process's reads only."""
     has_digest = "digest" in (self.manager.item_metadata(step) or {})
     items = {"default": ocp.args.StandardRestore(target)}
     if has_digest:
       items["digest"] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    state = restored["default"]
-    if has_digest:
-      bad = digest_lib.mismatches(restored["digest"], digest_lib.digest(state))
-      if bad:
-        raise ValueError(
-          f"step {step} does not match its digest in {len(bad)} array(s) ({', '.join(bad[:3])}"
-          f"{' ...' if len(bad) > 3 else ''}): the files changed after the save"
-        )
+    return restored["default"], restored["digest"] if has_digest else None
+
+  @staticmethod
+  def _verify(step: int, state: PyTree, saved: dict | None):
+    """Raises when `state` differs from its saved digest (computing it is a collective: every
+    process calls this, or none does)."""
+    if saved is None:
+      return
+    bad = digest_lib.mismatches(saved, digest_lib.digest(state))
+    if bad:
+      raise ValueError(
+        f"step {step} does not match its digest in {len(bad)} array(s) ({', '.join(bad[:3])}"
+        f"{' ...' if len(bad) > 3 else ''}): the files changed after the save"
+      )
+
+  def _restore(self, step: int, target: PyTree) -> PyTree:
+    """The state at `step`, verified against its digest when it has one; with several
+    processes, an error on any one is an error on all (they go on from the same step)."""
+    try:
+      state, saved = self._read(step, target)
+    except Exception as e:
+      _agree(False, step, "read")
+      raise e
+    _agree(True, step, "read")
+    try:
+      self._verify(step, state, saved)
+    except Exception as e:
+      _agree(False, step, "verify")
+      raise e
+    _agree(True, step, "verify")
     return state
 
   def restore_latest(self, target: PyTree) -> tuple[PyTree, int]:
@@ -147,10 +169,6 @@ class Checkpointer:
         state = self._restore(step, target)
       except Exception as e:  # any failure to read: try the one before, then say so
         error = e
-      if jax.process_count() > 1:  # every process goes on from this step, or none does
-        read = multihost_utils.process_allgather(np.array(error is None))
-        if error is None and not read.all():
-          error = RuntimeError(f"another process could not read step {step}")
       if error is not None:
         logging.error(
           "Checkpoint %d in %s does not read back: %s: %s",
@@ -225,6 +243,13 @@ class Checkpointer:
       if not isinstance(error, CheckpointError):  # else that save's failure was the error
         logging.error("The checkpoint save in flight did not complete: %s", e)
     return False
+
+
+def _agree(ok: bool, step: int, what: str):
+  """With several processes: raises on every process unless `ok` on all of them, so they go
+  on from the same step (and the collectives that follow match)."""
+  if jax.process_count() > 1 and not multihost_utils.process_allgather(np.array(ok)).all() and ok:
+    raise RuntimeError(f"another process could not {what} step {step}")
 
 
 def incomplete(directory: str) -> list[str]:

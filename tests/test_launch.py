@@ -277,3 +277,53 @@ def test_child_env_replaces_the_device_count(monkeypatch):
   assert env["JAX_PLATFORMS"] == "cpu"
   assert (env["TRIMFORMER_COORDINATOR"], env["TRIMFORMER_PROCESS_ID"]) == ("127.0.0.1:1234", "1")
   assert "JAX_PLATFORMS" not in launch.child_env(0, 2, 1234, devices_per_process=None)
+
+
+def test_a_checkpoint_one_process_cannot_read_is_set_aside_by_all(tmp_path):
+  """Two processes restore a checkpoint sharded across them; process 1 cannot read the newest
+  (step 2) while process 0 can. Both go on from step 1, the one every process read, and step
+  2 is moved aside once: no process resumes from a step another did not. (orbax's restore is
+  itself a collective: the failure is injected after it, where a process-local check fails.)"""
+  child = f"""
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from parallel import checkpoint, launch
+launch.initialize_from_env()
+sharding = NamedSharding(Mesh(np.array(jax.devices()), ("d",)), P("d"))
+def state(v):
+  return {{"w": jax.make_array_from_callback((16,), sharding, lambda i: np.arange(16.0)[i] * v)}}
+d = {str(tmp_path / "ckpt")!r}
+with checkpoint.Checkpointer(d) as c:
+  c.save(1, state(1.0))
+  c.wait()
+  c.save(2, state(2.0))
+if jax.process_index() == 1:
+  read = checkpoint.Checkpointer._read
+  def fails_at_2(self, step, target):
+    out = read(self, step, target)  # orbax's restore is itself collective: fail after it
+    if step == 2:
+      raise OSError("process 1 cannot read step 2")
+    return out
+  checkpoint.Checkpointer._read = fails_at_2
+abstract = {{"w": jax.ShapeDtypeStruct((16,), np.float32, sharding=sharding)}}
+with checkpoint.Checkpointer(d) as c:
+  restored, step = c.restore_latest(abstract)
+ok = all(np.array_equal(s.data, np.arange(16.0)[s.index]) for s in restored["w"].addressable_shards)
+print(f"RESULT process={{jax.process_index()}} step={{step}} values_of_step_1={{ok}}", flush=True)
+"""
+  p = subprocess.run(
+    [*LAUNCH, "--devices-per-process", "4", "--timeout", "300", "--", sys.executable, "-c", child],
+    cwd=REPO,
+    env=clean_env(),
+    capture_output=True,
+    text=True,
+    timeout=400,
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  results = sorted(line.split("RESULT ")[1] for line in p.stdout.splitlines() if "RESULT" in line)
+  assert results == [
+    "process=0 step=1 values_of_step_1=True",
+    "process=1 step=1 values_of_step_1=True",
+  ], p.stdout[-2000:]
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["1"]
+  assert os.listdir(tmp_path / "ckpt.unreadable") == ["2"]

@@ -59,8 +59,9 @@ def _train(exp, abstract, shardings, workdir: str, devices) -> dict:
     init_from = os.path.join(workdir, "pretrain")
     train_and_evaluate(config.pretrain, init_from, devices)
   run = Run(exp, workdir, shardings, devices)
-  for m in exp.methods:
-    m.setup(run)
+  with parallel.preemption.stop_at_once("the methods' setup", None):
+    for m in exp.methods:  # a teacher's own run saves and stops as any run does
+      m.setup(run)
   write_config(config, workdir)
   t = config.train
   ckpt = parallel.Checkpointer(
@@ -72,8 +73,9 @@ def _train(exp, abstract, shardings, workdir: str, devices) -> dict:
   with ckpt:  # closed, waiting for a save in flight, also when the run fails
     fresh = ckpt.latest_step() is None  # else the newest complete one that reads back, or an error
     state = run.init(init_from) if fresh else ckpt.restore_latest(abstract)[0]
-    for m in exp.methods:
-      state = m.prepare(run, state, fresh)
+    with parallel.preemption.stop_at_once("the methods' preparation", ckpt.latest_step()):
+      for m in exp.methods:  # e.g. a teacher's top-k cache, written to a temporary directory
+        state = m.prepare(run, state, fresh)
     start = int(state["step"])
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     logging.info(
@@ -132,11 +134,13 @@ def _train(exp, abstract, shardings, workdir: str, devices) -> dict:
     if t.steps == 0 and ckpt.latest_step() is None:  # e.g. an HF model used as it is
       ckpt.save(0, state)
     if int(state["step"]) >= t.steps:  # finished (not stopped early): the exports
-      for m in run.exp.methods:
-        row = m.export(run, state)
-        if row:
-          writer.write(max(start, t.steps), row)
-          last_eval = {**last_eval, **row}
+      ckpt.wait()  # the final checkpoint is complete before any export starts
+      with parallel.preemption.stop_at_once("the exports", ckpt.latest_step()):
+        for m in run.exp.methods:
+          row = m.export(run, state)
+          if row:
+            writer.write(max(start, t.steps), row)
+            last_eval = {**last_eval, **row}
     writer.close()
     return last_eval
 

@@ -16,6 +16,7 @@ SIGTERM on every process): once any process is told, all agree on a step and eve
 process's `reached(step)` is True at that step.
 """
 
+import contextlib
 import signal
 import threading
 
@@ -25,18 +26,46 @@ from jax.experimental import multihost_utils
 
 
 class Preempted(Exception):
-  """The run saved a checkpoint at `step` and stopped because it was asked to (SIGTERM).
+  """The run saved a checkpoint at `step` and stopped because it was asked to (SIGTERM);
+  or, `during` work outside the train loop (a teacher's cache, the exports), it stopped that
+  work at once, keeping none of it, with `step` its latest checkpoint (None: none yet).
 
   Rerunning the same command resumes there. `python -m experiments.train` exits with
   status 143 (128 + SIGTERM) so a scheduler sees a terminated job, not a finished one.
   """
 
-  def __init__(self, step: int):
-    super().__init__(f"Preempted (SIGTERM): saved the checkpoint at step {step}; rerun to resume.")
-    self.step = step
+  def __init__(self, step: int | None, during: str = ""):
+    if during:
+      where = "no checkpoint yet" if step is None else f"the latest checkpoint is step {step}"
+      message = f"Preempted (SIGTERM) during {during}, which the rerun redoes; {where}."
+    else:
+      message = f"Preempted (SIGTERM): saved the checkpoint at step {step}; rerun to resume."
+    super().__init__(message)
+    self.step, self.during = step, during
 
   def __reduce__(self):  # crosses process boundaries intact (a worker pool's result)
-    return Preempted, (self.step,)
+    return Preempted, (self.step, self.during)
+
+
+@contextlib.contextmanager
+def stop_at_once(during: str, step: int | None):
+  """Outside the train loop, where nothing is saved mid-way (building a teacher's cache, the
+  exports), SIGTERM raises Preempted(step, during) at once: the work is redone by the rerun,
+  and writes it half did are never taken as complete (they go to temporary paths). One
+  process in the main thread only: with several, JAX's sync service owns SIGTERM."""
+  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def stop(signum, frame):
+    del signum, frame
+    raise Preempted(step, during)
+
+  previous = signal.signal(signal.SIGTERM, stop)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 class Preemption:

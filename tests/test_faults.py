@@ -79,6 +79,34 @@ def test_chaos_faults_error_mid_save_and_disk_full(tmp_path):
   assert all(r.differences == [] for r in results), [r.differences for r in results]
 
 
+def test_sigterm_during_the_exports_stops_at_once_and_the_rerun_exports(monkeypatch, tmp_path):
+  """SIGTERM while exporting (after the final checkpoint): Preempted at once, naming the
+  phase, no export row; the rerun does the exports."""
+  import signal
+  import time
+
+  from experiments.configs import quant as quant_configs
+  from experiments.methods import quant as quant_method
+
+  c = quant_configs.get_config("tiny")
+  c.train.update(steps=4, checkpoint_every=4, log_every=2, batch_size=8, seq_len=16)
+  c.eval.update(every=4, steps=1, batch_size=8)
+  export = quant_method.Quant.export
+
+  def interrupted(self, run, state):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)  # the handler raises here
+    raise AssertionError("SIGTERM did not stop the export")
+
+  monkeypatch.setattr(quant_method.Quant, "export", interrupted)
+  with pytest.raises(parallel.Preempted, match="during the exports.*latest checkpoint is step 4"):
+    run(c, tmp_path)
+  assert not any("serve_eval_loss" in r for r in read_metrics(tmp_path))
+  monkeypatch.setattr(quant_method.Quant, "export", export)
+  final = run(c, tmp_path)
+  assert "serve_eval_loss" in final and (tmp_path / "export").exists()
+
+
 def tiny(steps, **train):
   c = lm.get_config("tiny")
   c.train.update({"steps": steps, "checkpoint_every": steps, "log_every": 1, **train})

@@ -30,15 +30,16 @@ from experiments.data.tokenizer import get_tokenizer
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer) -> models.ModelConfig:
-  """The ModelConfig the config describes, checked against the tokenizer and data."""
+  """The ModelConfig the config describes, checked against the data (its tokenizer's ids, or
+  the synthetic language's symbols: tasks.vocab_needed)."""
   fields = dict(config.model)
   preset = fields.pop("preset")
   mc = models.get_preset(preset, **fields, dtype=config.dtype)
-  if mc.vocab_size < tokenizer.vocab_size:
+  need, what = tasks.vocab_needed(config, tokenizer)
+  if mc.vocab_size < need:
     raise ValueError(
-      f"model.vocab_size={mc.vocab_size} is smaller than the tokenizer's vocabulary "
-      f"({tokenizer.vocab_size} ids): set --config.model.vocab_size to at least "
-      f"{tokenizer.vocab_size}."
+      f"model.vocab_size={mc.vocab_size} is smaller than {what}: set "
+      f"--config.model.vocab_size to at least {need}."
     )
   if mc.positions == "learned" and config.train.seq_len > mc.max_len:
     raise ValueError(

@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from experiments.data import markov as data_lib
@@ -86,6 +87,28 @@ def _ratios(sums: dict) -> dict:
   return {"eval_loss": float(sums["loss"]) / w, "eval_accuracy": float(sums["accuracy"]) / w}
 
 
+def markov_source(config: ml_collections.ConfigDict) -> data_lib.MarkovSource:
+  """The synthetic language `config.data.markov` describes. Its ids are the byte tokenizer's,
+  or, for an LM whose vocabulary cannot hold those (`model.vocab_size` <= 126 with the 64
+  symbols), the symbols' indices 0..n_symbols-1: the same language relabelled, with the same
+  optimum. MLM and classification keep the bytes: their [MASK], [CLS] and [SEP] are the
+  tokenizer's."""
+  source = data_lib.MarkovSource(**config.data.markov)
+  if config.task == "lm" and config.model.vocab_size <= source.symbol_ids.max():
+    source.relabel(np.arange(source.n_symbols))
+  return source
+
+
+def vocab_needed(config: ml_collections.ConfigDict, tokenizer) -> tuple[int, str]:
+  """(size, what holds the ids): the smallest vocabulary of a model that reads the data
+  `config` describes. An LM on the synthetic language reads its symbols (no tokenizer makes
+  them: `markov_source`); everything else reads the tokenizer's ids."""
+  if config.data.get("source", "markov") == "markov" and config.task == "lm":
+    n = config.data.markov.get("n_symbols", 64)
+    return n, f"the synthetic language's {n} symbols (data.markov.n_symbols)"
+  return tokenizer.vocab_size, f"the tokenizer's vocabulary ({tokenizer.vocab_size} ids)"
+
+
 def make_task(
   config: ml_collections.ConfigDict, tokenizer, process_index: int = 0, process_count: int = 1
 ) -> Task:
@@ -106,7 +129,7 @@ def make_task(
     )
   if not config.eval.steps:
     raise ValueError("eval.steps=0 (the whole eval split) needs data.source='tfds'.")
-  source = data_lib.MarkovSource(**d.markov)
+  source = markov_source(config)
   slicing = dict(process_index=process_index, process_count=process_count)
   # data.stream: which independent sample of the language the train steps read (eval is fixed)
   offset = int(d.get("stream", 0)) << 40

@@ -131,7 +131,7 @@ def test_init_from_copies_matching_params(tmp_path):
   "override, message",
   [
     (dict(model=dict(d_model=130)), "divisible"),
-    (dict(model=dict(vocab_size=200)), "vocab"),
+    (dict(model=dict(vocab_size=32)), "vocab"),  # the synthetic language has 64 symbols
     (dict(model=dict(preset="nope")), "preset"),
     (dict(mesh=dict(data=16)), "devices"),
     (dict(train=dict(batch_size=30, microbatches=4)), "microbatch"),

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import checks, experiment, reproduce
+from experiments import checks, experiment, reproduce, tasks, train
 from experiments.data import tfds as tfds_data
 from experiments.configs import classify, common, distill, glue, lm, lm_tfds, prune, quant
 
@@ -152,6 +152,41 @@ def test_sequences_longer_than_the_learned_positions(no_compile, tiny_exp):
   b = {k: np.resize(v, (v.shape[0], width)) for k, v in b.items()}
   with pytest.raises(ValueError, match=f"sequences of {width} tokens.*model.max_len=256"):
     with_batch(tiny_exp, b).batch(0)
+
+
+def test_a_vocabulary_smaller_than_the_bytes_on_the_synthetic_language(tmp_path):
+  """An LM on the synthetic language reads its symbols, which no tokenizer makes: with 64 ids
+  (fewer than the bytes' 127) it reads the same sequences relabelled 0..63, with the same
+  exact log-probabilities, and trains; 200 ids keep the byte ids."""
+  small, bytes_ = tiny_lm(steps=3), tiny_lm()
+  small.model.vocab_size, bytes_.model.vocab_size = 64, 200
+  small.eval.update(every=3, steps=1)
+  ref = build(tiny_lm()).task
+  ids = {
+    n: build(c).task.batch(5, "train")["inputs"] for n, c in (("small", small), ("bytes", bytes_))
+  }
+  byte_ids = ref.batch(5, "train")["inputs"]
+  np.testing.assert_array_equal(ids["bytes"], byte_ids)
+  source = tasks.markov_source(tiny_lm())
+  np.testing.assert_array_equal(ids["small"], source.id_to_symbol[byte_ids])
+  assert ids["small"].max() == 63
+  relabelled = tasks.markov_source(small)
+  np.testing.assert_array_equal(relabelled.logprob(ids["small"]), source.logprob(byte_ids))
+  final = train.train_and_evaluate(small, str(tmp_path), devices=jax.devices()[:1])
+  assert np.isfinite(final["eval_loss"]) and final["eval_loss"] < np.log(64) + 1
+
+
+def test_a_vocabulary_smaller_than_the_data_fails_before_compiling(no_compile):
+  """Below the synthetic language's symbols, or below the tokenizer's ids where the tokenizer
+  makes the data (MLM's [MASK], classification's [CLS] and [SEP]), the error names the fix."""
+  c = tiny_lm()
+  c.model.vocab_size = 32
+  with pytest.raises(ValueError, match=r"64 symbols \(data.markov.n_symbols\).*at least 64"):
+    build(c)
+  c = classify.get_config("tiny")
+  c.model.vocab_size = 200
+  with pytest.raises(ValueError, match=r"tokenizer's vocabulary \(260 ids\).*at least 260"):
+    build(c)
 
 
 # ---- TFDS --------------------------------------------------------------------------------------

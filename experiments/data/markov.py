@@ -10,7 +10,6 @@ uniforms from its own slice of a counter-based Philox stream, so a resumed run s
 batches and the process slices concatenate to the same global batch for any process count.
 """
 
-
 import numpy as np
 
 from experiments.data.tokenizer import ByteTokenizer
@@ -95,9 +94,17 @@ class MarkovSource:
     self.stationary_cdf = np.cumsum(self.stationary)
     self.stationary_cdf[-1] = 1.0
     self.entropy_rate = float(self.stationary @ _entropy(self.probs, axis=1))
-    self.symbol_ids = np.array([TOKENIZER.byte_id(ch) for ch in ALPHABET[:n]])
-    self.id_to_symbol = np.full(TOKENIZER.vocab_size, -1)
-    self.id_to_symbol[self.symbol_ids] = np.arange(n)
+    self.relabel(np.array([TOKENIZER.byte_id(ch) for ch in ALPHABET[:n]]))
+
+  def relabel(self, symbol_ids) -> "MarkovSource":
+    """Token ids `symbol_ids[i]` for symbol i, in batches and in `logprob`: the byte
+    tokenizer's ids by default (readable samples), or `np.arange(n_symbols)` for a model
+    whose vocabulary cannot hold the bytes' (experiments/tasks.py `markov_source`)."""
+    self.symbol_ids = np.asarray(symbol_ids)
+    assert self.symbol_ids.shape == (self.n_symbols,) and self.symbol_ids.min() >= 0
+    self.id_to_symbol = np.full(max(TOKENIZER.vocab_size, self.symbol_ids.max() + 1), -1)
+    self.id_to_symbol[self.symbol_ids] = np.arange(self.n_symbols)
+    return self
 
   def _next_context_mass(self, pi):
     """One step of the chain on contexts: (a, rest) -> (rest, x) with prob P[(a, rest), x]."""

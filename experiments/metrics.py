@@ -1,11 +1,13 @@
-"""Where a run's numbers go: metrics.jsonl, TensorBoard events, a progress bar and log lines."""
+"""Where a run's numbers go: metrics.jsonl, TensorBoard events, and a progress bar or lines
+(experiments/progress.py)."""
 
 import json
 import os
 import sys
 
 from absl import logging
-import tqdm
+
+from experiments import progress
 
 
 def _summary_writer(logdir: str):
@@ -29,17 +31,21 @@ class MetricWriter:
   its last checkpoint) are dropped, and a row at `start_step` written again with the same
   columns (the exports after the last step, when a run that had finished training is run
   again) replaces the old one, so the file reads as one uninterrupted run.
+
+  People see the run's progress (experiments/progress.py): `advance` every step, a train row
+  (`write(..., train=True)`) as the bar's loss and tokens/s (or a periodic line), every other
+  row (eval, export) as a line of its own.
   """
 
   def __init__(self, workdir: str, start_step: int, total_steps: int, enabled: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self.bar = tqdm.tqdm(
-      total=total_steps,
-      initial=start_step,
-      disable=not enabled or None,
-      dynamic_ncols=True,
-      desc=os.path.basename(os.path.normpath(workdir)),
+    self.progress = progress.Progress(
+      total_steps,
+      start_step,
+      os.path.basename(os.path.normpath(workdir)),
+      enabled=enabled,
+      leave=None,  # a run's bar inside experiments.reproduce's goes when the run ends
     )
     self.start_step, self._rows_at_start = start_step, set()
     if not enabled:
@@ -50,7 +56,7 @@ class MetricWriter:
       self._rows_at_start = {frozenset(r) for r in rows if r["step"] == start_step}
     self.tb = _summary_writer(os.path.join(workdir, "tensorboard"))
 
-  def write(self, step: int, metrics: dict):
+  def write(self, step: int, metrics: dict, train: bool = False):
     if not self.enabled:
       return
     row = {"step": int(step), **{k: _py(v) for k, v in metrics.items()}}
@@ -65,10 +71,11 @@ class MetricWriter:
       if k != "step" and isinstance(v, (int, float)):
         self.tb.add_scalar(k, v, step)
     self.tb.flush()
-    shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items() if k != "step"}
-    logging.info("step %d: %s", step, ", ".join(f"{k}={v}" for k, v in shown.items()))
-    keys = ("loss", "eval_loss", "excess_loss", "accuracy", "tokens_per_sec")
-    self.bar.set_postfix({k: shown[k] for k in keys if k in shown}, refresh=False)
+    if train:
+      self.progress.status(step, train_summary(row))
+    else:
+      shown = ", ".join(f"{k} {progress.number(v)}" for k, v in row.items() if k != "step")
+      self.progress.line(f"step {step}: {shown}")
 
   def _rewrite(self, rows: list[dict]):
     with open(self.path + ".tmp", "w") as f:  # atomic: a kill leaves the old file or the new
@@ -76,12 +83,22 @@ class MetricWriter:
     os.replace(self.path + ".tmp", self.path)
 
   def advance(self, n: int = 1):
-    self.bar.update(n)
+    self.progress.update(n)
 
   def close(self):
-    self.bar.close()
+    self.progress.close()
     if self.enabled:
       self.tb.close()
+
+
+def train_summary(row: dict) -> str:
+  """A train row for people: `loss 4.195, 16.2k tok/s` (and the non-finite steps, if any)."""
+  parts = [f"loss {progress.number(row['loss'])}"] if "loss" in row else []
+  if row.get("tokens_per_sec") is not None:
+    parts.append(f"{progress.number(row['tokens_per_sec'])} tok/s")
+  if row.get("nonfinite_steps"):
+    parts.append(f"{row['nonfinite_steps']} non-finite steps skipped")
+  return ", ".join(parts)
 
 
 def _py(v):

@@ -34,10 +34,9 @@ from concurrent import futures
 
 from absl import app, flags, logging
 import ml_collections
-import tqdm
 
 import parallel
-from experiments import metrics
+from experiments import metrics, progress
 from experiments import train  # noqa: F401 (defines --workdir, which the tables' runs share)
 from experiments.configs import common
 from experiments.tables import Arm, Report, Results
@@ -135,7 +134,7 @@ _CORE = None
 
 
 def _init_worker(cores, counter, cache_dir):
-  """A worker process: pinned to one core, quiet, sharing the compilation cache."""
+  """A worker process: pinned to one core, sharing the compilation cache."""
   global _CORE
   with counter.get_lock():
     _CORE = cores[counter.value % len(cores)]
@@ -153,8 +152,9 @@ def _setup_jax(cache_dir):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _run_job(job: dict, quiet: bool) -> dict:
-  """Trains one (arm, seed) and writes its result.json; the run's log goes to its run.log."""
+def _run_job(job: dict, quiet: bool, verbose: bool = False) -> dict:
+  """Trains one (arm, seed) and writes its result.json. `quiet` (a worker): the run's log and
+  progress lines go to its run.log, the libraries' INFO logs only if `verbose`."""
   os.makedirs(job["path"], exist_ok=True)
   saved = None
   if quiet:  # a worker: its logs and progress bars to the run's own file
@@ -163,6 +163,7 @@ def _run_job(job: dict, quiet: bool) -> dict:
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     logging.set_verbosity(logging.INFO)
+    progress.quiet_libraries(verbose)
   try:
     t0 = time.perf_counter()
     if job["run"]:
@@ -195,7 +196,7 @@ def _run_job(job: dict, quiet: bool) -> dict:
 def _summary(result: dict) -> str:
   row = result["row"]
   keys = [k for k in row if "excess_loss" in k or k in ("accuracy", "tokens_per_sec")][:3]
-  return ", ".join(f"{k}={row[k]:.4g}" for k in keys)
+  return ", ".join(f"{k}={progress.number(row[k])}" for k in keys)
 
 
 def run(
@@ -205,11 +206,12 @@ def run(
   seeds: int | None = None,
   workers: int | None = None,
   only: list[str] | None = None,
+  verbose: bool = False,
 ) -> dict:
   """Runs (or skips, when finished) every arm of `table` and writes DIR/TABLE.{md,json,png}.
 
   `only`: these arms (and the arms they wait for); the table is then written from them.
-  Returns the table's JSON.
+  `verbose`: the workers' run.log also gets the libraries' INFO logs. Returns the table's JSON.
   """
   if scale not in SCALES:
     raise ValueError(f"--scale={scale!r}: choose one of {', '.join(SCALES)}.")
@@ -250,23 +252,23 @@ def run(
     flush=True,
   )
   t0 = time.perf_counter()
-  bar = tqdm.tqdm(
-    total=len(jobs), initial=skipped, unit="run", dynamic_ncols=True, file=sys.stdout, disable=None
-  )
+  bar = progress.Progress(len(jobs), skipped, unit="run", file=sys.stdout, warmup=False)
 
   def finished(job, result):
     results[job["path"]] = result
     bar.update(1)
-    elapsed = time.perf_counter() - t0
-    bar.write(
+    elapsed, eta = time.perf_counter() - t0, bar.eta()
+    left = f", ETA {progress.duration(eta)}" if eta is not None else ""
+    bar.line(
       f"[{sum(r is not None for r in results.values())}/{len(jobs)}] {job['arm']} seed "
-      f"{job['seed']}: {_summary(result)} ({result['wall_s']:.0f}s; {elapsed / 60:.1f} min in)"
+      f"{job['seed']}: {_summary(result)} ({result['wall_s']:.0f}s; "
+      f"{progress.duration(elapsed)} in{left})"
     )
 
   if workers == 1:
     _setup_jax(cache_dir)
     for job in todo:
-      bar.set_postfix_str(f"{job['arm']} seed {job['seed']}")
+      bar.show(f"{job['arm']} seed {job['seed']}")
       finished(job, _run_job(job, quiet=False))
   else:
     ctx = multiprocessing.get_context("spawn")
@@ -289,10 +291,10 @@ def run(
             break
           if all(results.get(w) is not None for w in job["waits"]):
             pending.remove(job)
-            running[pool.submit(_run_job, job, True)] = job
+            running[pool.submit(_run_job, job, True, verbose)] = job
         if not running:
           raise RuntimeError(f"Runs wait for runs that cannot start: {pending}")
-        bar.set_postfix_str(", ".join(f"{j['arm']}/{j['seed']}" for j in running.values()))
+        bar.show(", ".join(f"{j['arm']}/{j['seed']}" for j in running.values()))
         done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
         for fut in done:
           job = running.pop(fut)
@@ -417,9 +419,13 @@ def main(argv):
   names = TABLES if argv[1] == "all" else [argv[1]]
   for name in names:
     table_module(name)  # an unknown name fails before anything runs
+  verbose = flags.FLAGS.verbose  # experiments.train's flag
+  progress.quiet_libraries(verbose)
   try:
     for name in names:
-      run(name, flags.FLAGS.workdir, _SCALE.value, _SEEDS.value, _WORKERS.value, _ONLY.value)
+      run(
+        name, flags.FLAGS.workdir, _SCALE.value, _SEEDS.value, _WORKERS.value, _ONLY.value, verbose
+      )
   except parallel.Preempted as e:  # the runs saved where they were: rerun the command to go on
     print(f"{e} Finished runs are kept; the same command resumes the rest.", flush=True)
     sys.exit(143)

@@ -72,7 +72,8 @@ class TrainLog:
   late so the host never stalls the device; tokens/s is measured between those fetches (i.e.
   between completed steps, not dispatches), the first step's compilation left out.
   `nonfinite` (train.NonfinitePolicy) sees every fetched count of non-finite steps and drops
-  the rows of steps that changed nothing (after the policy's limit froze the state)."""
+  the rows of steps that changed nothing (after the policy's limit froze the state). Each row
+  is also the progress bar's loss and tokens/s (or a periodic line): MetricWriter.write."""
 
   def __init__(self, run, writer, start: int, nonfinite):
     self.config, self.writer, self.nonfinite = run.exp.config, writer, nonfinite
@@ -110,6 +111,6 @@ class TrainLog:
     row = {k: v.item() for k, v in metrics.items()}
     count = int(row.get("nonfinite_steps", 0))
     if self.nonfinite.keeps_row(step, count):
-      self.writer.write(step, {**row, "learning_rate": lr, **speed})
+      self.writer.write(step, {**row, "learning_rate": lr, **speed}, train=True)
     self.pending, self.clock[:] = None, [now, step]
     self.nonfinite.check(count)

@@ -22,7 +22,8 @@ from ml_collections import config_flags
 
 import parallel
 from parallel import launch  # not re-exported: `python -m parallel.launch` runs it
-from experiments import checks, configs, lock, metrics, throughput
+from experiments import checks, configs, lock, metrics, progress, throughput
+from experiments.configs import describe
 from experiments.experiment import Run, build
 from experiments.metrics import MetricWriter
 
@@ -221,15 +222,31 @@ class NonfinitePolicy:
 
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Config file, e.g. experiments/configs/lm.py:tiny", lock_config=True
+  "config",
+  None,
+  "Config file, e.g. experiments/configs/lm.py:tiny; --config.<key>=<value> sets a key, "
+  "--config_help lists them all.",
+  lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_CONFIG_HELP = flags.DEFINE_bool(
+  "config_help", False, "List every key of --config with its value and meaning, then exit."
+)
+_VERBOSE = flags.DEFINE_bool(
+  "verbose", False, "Also show the libraries' INFO logs (orbax, jax); off: trimformer's own."
+)
 
 
 def main(argv):
   del argv
+  if _CONFIG_HELP.value:  # nothing runs: no --workdir needed
+    print(describe.describe(_CONFIG.value, flags.FLAGS["config"].serialize().split("=", 1)[1]))
+    return
+  if not _WORKDIR.value:
+    sys.exit("FATAL: --workdir is required: the directory for the run's checkpoints and metrics.")
   launch.initialize_from_env()  # multi-process runs join before anything touches devices
   logging.set_verbosity(logging.INFO)
+  progress.quiet_libraries(_VERBOSE.value)
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except parallel.Preempted as e:
@@ -244,5 +261,5 @@ if __name__ == "__main__":
     configs.check_overrides(sys.argv)
   except ValueError as e:
     sys.exit(f"FATAL: {e}")
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["config"])  # --workdir too, unless --config_help (main)
   app.run(main)

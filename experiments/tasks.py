@@ -1,8 +1,8 @@
 """Tasks: the batches a run trains on, its loss, and what its eval reports.
 
-Losses return *sums* ("loss", "weight", "accuracy" summed over tokens or examples) so
-that the train step can divide once, exactly, whatever the padding, microbatching or
-sharding (see parallel/step.py).
+Losses return *sums* ("loss", "weight", and in eval "accuracy", summed over tokens or
+examples) so that the train step can divide once, exactly, whatever the padding,
+microbatching or sharding (see parallel/step.py).
 """
 
 from collections.abc import Callable
@@ -19,16 +19,30 @@ from experiments.data import markov as data_lib
 from experiments.data import encoder as encoder_data, tfds as tfds_data
 
 
-def token_sums(logits_BxLxV, targets_BxL, weights_BxL) -> dict:
-  """Summed cross-entropy, weight and correct predictions over the weighted tokens."""
+def argmax_is(logits_BxLxV, targets_BxL):
+  """BxL bool: `jnp.argmax(logits, -1) == targets` (ties go to the first index) for finite
+  logits; a row holding NaN counts as wrong. The first index holding the maximum, one
+  min-reduction beside the max the cross-entropy takes too: XLA's CPU argmax, a reduction over
+  (value, index) pairs, cost as much as the cross-entropy with its gradient (vocabulary 32k)."""
+  max_BxLx1 = jnp.max(logits_BxLxV, -1, keepdims=True)
+  index_BxLxV = jax.lax.broadcasted_iota(jnp.int32, logits_BxLxV.shape, logits_BxLxV.ndim - 1)
+  vocab = logits_BxLxV.shape[-1]
+  first_BxL = jnp.min(jnp.where(logits_BxLxV == max_BxLx1, index_BxLxV, vocab), -1)
+  return first_BxL == targets_BxL
+
+
+def token_sums(logits_BxLxV, targets_BxL, weights_BxL, accuracy: bool = True) -> dict:
+  """Summed cross-entropy and weight over the weighted tokens, and with `accuracy` the correct
+  predictions. Train steps leave the accuracy out (an eval metric): exact, it reads all BxLxV
+  logits once more, about 10% of the tiny decoder's CPU step at vocabulary 32k
+  (experiments/bench/nanodo.py)."""
   logits_BxLxV = logits_BxLxV.astype(jnp.float32)
   ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
-  correct_BxL = (jnp.argmax(logits_BxLxV, -1) == targets_BxL).astype(jnp.float32)
-  return {
-    "loss": jnp.sum(ce_BxL * weights_BxL),
-    "weight": jnp.sum(weights_BxL),
-    "accuracy": jnp.sum(correct_BxL * weights_BxL),
-  }
+  sums = {"loss": jnp.sum(ce_BxL * weights_BxL), "weight": jnp.sum(weights_BxL)}
+  if accuracy:
+    correct_BxL = argmax_is(logits_BxLxV, targets_BxL).astype(jnp.float32)
+    sums["accuracy"] = jnp.sum(correct_BxL * weights_BxL)
+  return sums
 
 
 def _lm_targets(batch):
@@ -67,12 +81,13 @@ class Task:
     logits = logits[:, None] if logits.ndim == 2 else logits
     return logits, state.get("intermediates", {})
 
-  def sums(self, logits_BxLxV, batch) -> dict:
-    return token_sums(logits_BxLxV, *self.targets(batch))
+  def sums(self, logits_BxLxV, batch, accuracy: bool = True) -> dict:
+    return token_sums(logits_BxLxV, *self.targets(batch), accuracy=accuracy)
 
   def loss(self, model, variables, batch, rng, train):
-    """(summed loss, sums): what parallel.make_train_step differentiates and divides once."""
-    sums = self.sums(self.forward(model, variables, batch, rng, train)[0], batch)
+    """(summed loss, sums): what parallel.make_train_step differentiates and divides once;
+    the accuracy in eval only (token_sums)."""
+    sums = self.sums(self.forward(model, variables, batch, rng, train)[0], batch, not train)
     return sums["loss"], sums
 
   def token_mask(self, batch):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import train
+from experiments import tasks, train
 from experiments.configs import classify, lm
 from experiments.metrics import read_metrics
 
@@ -44,10 +44,26 @@ def test_lm_learns(tiny_lm_run):
   assert [r["step"] for r in train_rows] == list(range(25, 151, 25))
   for key in ("loss", "learning_rate", "tokens_per_sec"):
     assert all(np.isfinite(r[key]) for r in train_rows), key
+  # accuracy is an eval metric: a train step does not pay for an argmax over the vocabulary
+  assert not any("accuracy" in r for r in train_rows)
+  assert all(0 < r["eval_accuracy"] < 1 for r in rows)
   assert os.listdir(workdir / "tensorboard")
   written = json.load(open(workdir / "config.json"))
   assert written["model"]["d_model"] == c.model.d_model
   assert written["versions"]["jax"] == jax.__version__  # what the numbers came from
+
+
+def test_accuracy_is_argmax_also_with_ties():
+  """tasks.argmax_is (the eval's accuracy) is jnp.argmax's first index of the maximum, on
+  logits where ties are the rule; a row holding NaN counts as wrong."""
+  rng = np.random.default_rng(0)
+  for vocab in (2, 3, 264):
+    logits = rng.integers(0, 3, (50, 7, vocab)).astype(np.float32)
+    targets = rng.integers(0, vocab, (50, 7))
+    expected = np.asarray(jax.numpy.argmax(logits, -1)) == targets
+    np.testing.assert_array_equal(tasks.argmax_is(logits, targets), expected)
+    assert 0 < expected.mean() < 1 or vocab == 264
+  assert not tasks.argmax_is(np.array([[[1.0, np.nan, 3.0]]]), np.array([[2]]))[0, 0]
 
 
 @pytest.fixture(scope="module")

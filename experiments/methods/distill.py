@@ -305,7 +305,7 @@ def make_loss(task, student: nn.Module, student_mc, teacher: Teacher):
   def loss(params, extra, batch, rng, collections, frozen):
     variables = {"params": params, **collections}
     s_logits, s_inter = task.forward(student, variables, batch, rng, True, capture)
-    sums = task.sums(s_logits, batch)
+    sums = task.sums(s_logits, batch, accuracy=False)  # a train step's
     out = {**sums, "task_loss": sums["loss"]}
     total = d.task_weight * sums["loss"]
     if teacher.live:

@@ -69,7 +69,9 @@ class ModelConfig:
   scan_layers: bool = False
   remat_policy: str = "none"  # a key of REMAT_POLICIES
   sliding_window: int = 0  # decoder: a token sees itself and the previous sliding_window - 1
-  attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=)
+  # None: our explicit einsums (models.layers.explicit_attention); "xla" | "cudnn":
+  # jax.nn.dot_product_attention(implementation=), "cudnn" for flash attention on GPU.
+  attention_impl: str | None = None
   record_attention: bool = False  # sow attention probs (uses the explicit path)
 
   def __post_init__(self):

@@ -219,24 +219,31 @@ def test_dropout_is_applied_only_when_not_deterministic():
   assert not np.allclose(dropped, plain)
 
 
-@pytest.mark.parametrize("preset", ["llama-1b", "tiny-encoder"])
-def test_explicit_attention_matches_fused(preset):
+@pytest.mark.parametrize(
+  "preset, overrides",
+  [("llama-1b", {}), ("llama-1b", dict(sliding_window=3)), ("tiny-encoder", {})],
+)
+def test_explicit_attention_matches_jax(preset, overrides):
+  """The default path (attention_impl=None: our einsums), the recording and the injected ones
+  compute jax.nn.dot_product_attention's (attention_impl="xla"): GQA, padding, windows."""
   ids, mask = random_ids(), jnp.ones((B, L), jnp.int32).at[0, :2].set(0).at[1, -3:].set(0)
-  fused_model, variables = init(small(preset))
-  fused = fused_model.apply(variables, ids, attention_mask=mask)
-  recorded, state = models.build(small(preset, record_attention=True)).apply(
+  jax_model, variables = init(small(preset, attention_impl="xla", **overrides))
+  theirs = jax_model.apply(variables, ids, attention_mask=mask)
+  ours = models.build(small(preset, **overrides)).apply(variables, ids, attention_mask=mask)
+  recorded, state = models.build(small(preset, record_attention=True, **overrides)).apply(
     variables, ids, attention_mask=mask, mutable=["intermediates"]
   )
-  injected = models.build(small(preset), attn_dot_general_cls=lambda: lax.dot_general).apply(
-    variables, ids, attention_mask=mask
-  )
-  np.testing.assert_allclose(recorded, fused, atol=1e-5)
-  np.testing.assert_allclose(injected, fused, atol=1e-5)
+  injected = models.build(
+    small(preset, **overrides), attn_dot_general_cls=lambda: lax.dot_general
+  ).apply(variables, ids, attention_mask=mask)
+  for logits in (ours, recorded, injected):
+    np.testing.assert_allclose(logits, theirs, atol=1e-5)
 
   probs = state["intermediates"]["layers_0"]["attn"]["attention_probs"][0]
   assert probs.shape == (B, SMALL["n_heads"], L, L)
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
-  np.testing.assert_array_equal(probs[1, :, :, L - 3 :], 0.0)  # Padded keys get no weight.
+  if not overrides:  # (a window over padding only is uniform: example 1's last rows at 3)
+    np.testing.assert_array_equal(probs[1, :, :, L - 3 :], 0.0)  # Padded keys get no weight.
   if preset == "llama-1b":
     # Causal, except rows whose keys are all masked (example 0's left padding): those are
     # uniform, as in jax.nn.dot_product_attention, and no real position reads them.

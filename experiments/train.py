@@ -39,15 +39,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   (experiments/lock.py): a second run on it stops at once. The active compression methods
   (experiments/methods) are asked at each stage, in their fixed order.
   """
-  try:
-    exp = build(config, workdir, devices)  # everything wrong with the input is caught here
-    # ... and every sharded dimension its mesh axes must divide, before a pretraining stage or
-    # a method's setup runs for minutes first (a trace of the init: nothing compiles).
-    abstract, shardings = exp.shard_shapes()
-  except ConfigError:
-    raise
-  except (ValueError, KeyError, FileNotFoundError) as e:  # the input's fault, said in one line
-    raise ConfigError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
+  exp, abstract, shardings = _checked_build(config, workdir, devices)
   with lock.hold(workdir):
     return _train(exp, abstract, shardings, workdir, devices)
 
@@ -61,7 +53,7 @@ def _train(exp, abstract, shardings, workdir: str, devices) -> dict:
     train_and_evaluate(config.pretrain, init_from, devices)
   run = Run(exp, workdir, shardings, devices)
   with parallel.preemption.stop_at_once("the methods' setup", None):
-    for m in exp.methods:  # a teacher's own run saves and stops as any run does
+    for m in exp.methods:  # a method's own sub-run saves and stops as any run does
       m.setup(run)
   write_config(config, workdir)
   t = config.train
@@ -75,17 +67,10 @@ def _train(exp, abstract, shardings, workdir: str, devices) -> dict:
     fresh = ckpt.latest_step() is None  # else the newest complete one that reads back, or an error
     state = run.init(init_from) if fresh else ckpt.restore_latest(abstract)[0]
     with parallel.preemption.stop_at_once("the methods' preparation", ckpt.latest_step()):
-      for m in exp.methods:  # e.g. a teacher's top-k cache, written to a temporary directory
+      for m in exp.methods:  # e.g. a cache a method writes to a temporary directory
         state = m.prepare(run, state, fresh)
     start = int(state["step"])
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    logging.info(
-      "Model %s: %s parameters; mesh %s; starting at step %d",
-      exp.model_config.kind,
-      f"{n_params:,}",
-      dict(exp.mesh.shape),
-      start,
-    )
+    _log_start(exp, state, start)
     train_step, _ = run.jit_steps()
     writer = MetricWriter(workdir, start, t.steps, enabled=jax.process_index() == 0)
     nonfinite = NonfinitePolicy(t, lambda: state, ckpt)
@@ -144,6 +129,31 @@ def _train(exp, abstract, shardings, workdir: str, devices) -> dict:
             last_eval = {**last_eval, **row}
     writer.close()
     return last_eval
+
+
+def _checked_build(config, workdir, devices):
+  """`build` and the sharded shapes; the input's faults raised as one-line `ConfigError`s."""
+  try:
+    exp = build(config, workdir, devices)  # everything wrong with the input is caught here
+    # ... and every sharded dimension its mesh axes must divide, before a pretraining stage or
+    # a method's setup runs for minutes first (a trace of the init: nothing compiles).
+    abstract, shardings = exp.shard_shapes()
+  except ConfigError:
+    raise
+  except (ValueError, KeyError, FileNotFoundError) as e:  # the input's fault, said in one line
+    raise ConfigError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
+  return exp, abstract, shardings
+
+
+def _log_start(exp, state, start):
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  logging.info(
+    "Model %s: %s parameters; mesh %s; starting at step %d",
+    exp.model_config.kind,
+    f"{n_params:,}",
+    dict(exp.mesh.shape),
+    start,
+  )
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str):

@@ -2,12 +2,14 @@
 
 from models import hf
 from models.config import PRESETS, ModelConfig, get_preset
+from models.decode import generate
 from models.layers import Dense, DotGeneralFactory
 from models.structure import Structure, structure
 from models.transformer import Decoder, Encoder, build, count_params, scan_params, unscan_params
 
 __all__ = [
   "hf",
+  "generate",
   "PRESETS",
   "ModelConfig",
   "get_preset",

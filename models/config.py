@@ -18,6 +18,7 @@ ACTIVATIONS = {
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 ROPE_TYPES = ("default", "llama3")
+KV_CACHES = ("float", "int8")
 HEADS = {"decoder": ("lm",), "encoder": ("mlm", "classify", "none")}
 
 # Names the attention block tags with `checkpoint_name`, for "save_qkv_out".
@@ -73,6 +74,9 @@ class ModelConfig:
   # jax.nn.dot_product_attention(implementation=), "cudnn" for flash attention on GPU.
   attention_impl: str | None = None
   record_attention: bool = False  # sow attention probs (uses the explicit path)
+  # Decoding's KV cache (models.generate): "float" in the compute dtype, or "int8" codes with
+  # one float32 scale per token and KV head (absmax over head_dim), as vLLM's per-token int8.
+  kv_cache: str = "float"
 
   def __post_init__(self):
     def check_choice(field, valid):
@@ -88,6 +92,7 @@ class ModelConfig:
     check_choice("remat_policy", REMAT_POLICIES)
     check_choice("attention_impl", ATTENTION_IMPLS)
     check_choice("rope_type", ROPE_TYPES)
+    check_choice("kv_cache", KV_CACHES)
     if self.head not in HEADS[self.kind]:
       raise ValueError(
         f"head={self.head!r} is not valid for kind={self.kind!r}: "

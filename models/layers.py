@@ -204,7 +204,10 @@ class Attention(nn.Module):
   attn_dot_general_cls: DotGeneralFactory | None = None
 
   @nn.compact
-  def __call__(self, x_BxLxE, attention_mask_BxL=None, positions_BxL=None):
+  def __call__(self, x_BxLxE, attention_mask_BxL=None, positions_BxL=None, cache_index=None):
+    """Self-attention over x, or with `cache_index` (decoding, models.generate) over the KV
+    cache: x's keys and values are written at slots cache_index.., and `attention_mask_BxL`
+    covers all the cache's slots (BxS)."""
     cfg = self.config
     h, k, d = cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
     dense = functools.partial(
@@ -226,6 +229,11 @@ class Attention(nn.Module):
     q_BxLxHxD = checkpoint_name(q_BxLxHxD, "query")
     k_BxLxKxD = checkpoint_name(k_BxLxKxD, "key")
     v_BxLxKxD = checkpoint_name(v_BxLxKxD, "value")
+
+    if cache_index is not None:  # decoding: this call's keys and values join the cache
+      k_BxSxKxD, v_BxSxKxD = kv_cache(self, k_BxLxKxD, v_BxLxKxD, cache_index)
+      if k_BxSxKxD is not None:
+        return self._cached(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, attention_mask_BxL, cache_index)
 
     # Padding masks keys only: a padded query still attends to real keys, so no row is empty
     # (unless a sliding window holds only padding: that row is uniform in every path).
@@ -265,8 +273,79 @@ class Attention(nn.Module):
         local_window_size=window,
         implementation=cfg.attention_impl,
       )
+    return self._out(out_BxLxHxD)
+
+  def _out(self, out_BxLxHxD):
+    cfg = self.config
     out_BxLxHxD = checkpoint_name(out_BxLxHxD, "attn_out")
-    return dense(cfg.d_model, ("heads", "head_dim", "embed"), name="out")(out_BxLxHxD)
+    out = Dense(
+      cfg.d_model,
+      ("heads", "head_dim", "embed"),
+      use_bias=cfg.use_bias,
+      dtype=cfg.compute_dtype,
+      dot_general_cls=self.dot_general_cls,
+      name="out",
+    )
+    return out(out_BxLxHxD)
+
+  def _cached(self, q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, key_mask_BxS, cache_index):
+    """Queries at cache slots cache_index.. attend to the slots up to their own (and within
+    the sliding window) whose `key_mask_BxS` is set: a prompt's padding is masked there."""
+    cfg = self.config
+    query_Lx1 = cache_index + jnp.arange(q_BxLxHxD.shape[1])[:, None]
+    key_1xS = jnp.arange(k_BxSxKxD.shape[1])[None, :]
+    mask_LxS = key_1xS <= query_Lx1
+    if cfg.sliding_window:
+      mask_LxS &= key_1xS > query_Lx1 - cfg.sliding_window
+    mask = mask_LxS[None, None]
+    if key_mask_BxS is not None:
+      mask = mask & key_mask_BxS[:, None, None, :].astype(bool)
+    dot_general = make_dot_general(self.attn_dot_general_cls)
+    out_BxLxHxD, _ = explicit_attention(
+      q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask, dot_general, dot_general
+    )
+    return self._out(out_BxLxHxD)
+
+
+CACHE_AXES = ("batch", "length", "act_kv_heads", "head_dim")
+
+
+def quantize_kv(x_BxLxKxD):
+  """int8 codes and a float32 scale per token and head (absmax over head_dim): x ~ codes * scale."""
+  amax_BxLxKx1 = jnp.max(jnp.abs(x_BxLxKxD.astype(jnp.float32)), axis=-1, keepdims=True)
+  scale_BxLxKx1 = jnp.where(amax_BxLxKx1 > 0, amax_BxLxKx1 / 127.0, 1.0)
+  codes = jnp.clip(jnp.round(x_BxLxKxD.astype(jnp.float32) / scale_BxLxKx1), -127, 127)
+  return codes.astype(jnp.int8), scale_BxLxKx1
+
+
+def kv_cache(module: nn.Module, k_BxLxKxD, v_BxLxKxD, cache_index):
+  """Writes k and v into the module's "cache" collection at slots cache_index.. and returns the
+  whole cache BxSxKxD (dequantized when int8), or (None, None) on the call that creates it:
+  the cache takes that call's shapes, so it is made by a call with L = the cache's length S."""
+  out = []
+  for name, x_BxLxKxD in (("cached_key", k_BxLxKxD), ("cached_value", v_BxLxKxD)):
+    fresh = not module.has_variable("cache", name)
+    if module.config.kv_cache == "int8":
+      codes_BxLxKxD, scale_BxLxKx1 = quantize_kv(x_BxLxKxD)
+      parts = {name: codes_BxLxKxD, name + "_scale": scale_BxLxKx1}
+    else:
+      parts = {name: x_BxLxKxD}
+    full = {}
+    for part, new in parts.items():
+      var = module.variable("cache", part, jnp.zeros, new.shape, new.dtype)
+      if not fresh:
+        start = (0, cache_index) + (0,) * (new.ndim - 2)
+        value = lax.dynamic_update_slice(var.value, new.astype(var.value.dtype), start)
+        var.value = nn.with_logical_constraint(value, CACHE_AXES)
+      full[part] = var.value
+    if fresh:
+      continue
+    if module.config.kv_cache == "int8":
+      x_BxSxKxD = (full[name] * full[name + "_scale"]).astype(x_BxLxKxD.dtype)
+    else:
+      x_BxSxKxD = full[name]
+    out.append(x_BxSxKxD)
+  return tuple(out) if out else (None, None)
 
 
 class Mlp(nn.Module):

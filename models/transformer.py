@@ -32,7 +32,7 @@ class Block(nn.Module):
   attn_dot_general_cls: DotGeneralFactory | None = None
 
   @nn.compact
-  def __call__(self, x_BxLxE, attention_mask_BxL, positions_BxL, deterministic: bool):
+  def __call__(self, x_BxLxE, attention_mask_BxL, positions_BxL, deterministic: bool, cache_index):
     cfg = self.config
     attn = Attention(
       cfg,
@@ -49,7 +49,8 @@ class Block(nn.Module):
       return nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
 
     if cfg.kind == "decoder":
-      x_BxLxE = x_BxLxE + drop(attn(attn_norm(x_BxLxE), attention_mask_BxL, positions_BxL))
+      y_BxLxE = attn(attn_norm(x_BxLxE), attention_mask_BxL, positions_BxL, cache_index)
+      x_BxLxE = x_BxLxE + drop(y_BxLxE)
       x_BxLxE = x_BxLxE + drop(mlp(mlp_norm(x_BxLxE)))
     else:
       x_BxLxE = attn_norm(x_BxLxE + drop(attn(x_BxLxE, attention_mask_BxL, positions_BxL)))
@@ -67,6 +68,7 @@ def apply_layers(
   deterministic,
   dot_general_cls,
   attn_dot_general_cls,
+  cache_index=None,
 ):
   """Runs the n_layers blocks, scanned and/or rematerialized as the config asks.
 
@@ -82,7 +84,7 @@ def apply_layers(
       static_argnums=(4,),
       prevent_cse=not cfg.scan_layers,
     )
-  args = (attention_mask_BxL, positions_BxL, deterministic)  # The same for every layer.
+  args = (attention_mask_BxL, positions_BxL, deterministic, cache_index)  # Same for each layer.
   if cfg.scan_layers:
     # One compiled layer, weights stacked on a leading "layers" axis. Every collection is
     # per layer (params, sown intermediates, a quantizer's own state).
@@ -135,8 +137,21 @@ class Decoder(nn.Module):
   attn_dot_general_cls: DotGeneralFactory | None = None
 
   @nn.compact
-  def __call__(self, input_ids_BxL, *, attention_mask=None, positions=None, deterministic=True):
-    """Logits BxLxV (float32). `attention_mask` (BxL, 1 = token, 0 = pad) masks padded keys."""
+  def __call__(
+    self,
+    input_ids_BxL,
+    *,
+    attention_mask=None,
+    positions=None,
+    deterministic=True,
+    cache_index=None,
+  ):
+    """Logits BxLxV (float32). `attention_mask` (BxL, 1 = token, 0 = pad) masks padded keys.
+
+    With `cache_index` (decoding: models.generate) the tokens are written to the "cache"
+    collection's slots cache_index.. and attend to the slots before them; `attention_mask`
+    then covers the cache's S slots and `positions` must be given.
+    """
     cfg = self.config
     _check_length(cfg, input_ids_BxL.shape[1])
     if positions is None:
@@ -157,6 +172,7 @@ class Decoder(nn.Module):
       deterministic,
       self.dot_general_cls,
       self.attn_dot_general_cls,
+      cache_index,
     )
     x_BxLxE = Norm(cfg.norm, cfg.norm_eps, name="final_norm")(x_BxLxE)
     logits_BxLxV = to_vocab(cfg, x_BxLxE, tok_embed.embedding, self.dot_general_cls, "lm_head")

@@ -1,0 +1,20 @@
+"""The decoding benchmark runs and counts its bytes (its figures are printed, not tested)."""
+
+import jax
+import jax.numpy as jnp
+
+import models
+from experiments import bench_generate
+
+
+def test_one_row_per_cache_format():
+  cfg = models.ModelConfig(vocab_size=64, d_model=32, d_ff=64, max_len=32)
+  variables = models.build(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  rows = {
+    kv: bench_generate.measure(cfg, variables, 2, 8, 4, kv, repeats=1) for kv in ("float", "int8")
+  }
+  # float32 keys and values: 2 layers x (K, V) x batch 2 x 12 slots x 4 heads x 8 dims x 4 bytes
+  assert rows["float"]["kv_cache_bytes"] == 2 * 2 * 2 * 12 * 4 * 8 * 4
+  # int8: a byte per value and a float32 scale per token and head
+  assert rows["int8"]["kv_cache_bytes"] == 2 * 2 * 2 * 12 * 4 * (8 + 4)
+  assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in rows.values())

@@ -3,14 +3,16 @@
     python -m experiments.generate --workdir RUN --prompt "the" --prompt "a b" --max_new_tokens 32
     python -m experiments.generate --workdir RUN --prompt_ids "1 2 3" --temperature 0.8 \
         --top_k 40 --top_p 0.95 --seed 0 --kv_cache int8 --json
+    python -m experiments.generate --workdir RUN --export RUN/export --prompt "ab"
     python -m experiments.generate --init_from hf:DIR --prompt "Hello" --stop_at_eos
 
 `--workdir RUN`: a run of `python -m experiments.train`. Its config is read from
 RUN/config.json, the model built as the run built it (`experiment.build`), and the params of
 its newest checkpoint that reads back restored (parallel.Checkpointer, as a resumed run does):
-the float model (with its methods' training-time hooks, e.g. fake quantization). Generation
-runs on one device. Not done: the run's integer export (experiments/methods/quant.py, served
-through `exp.model_in("serve")`) is not read; there is no `--export` flag yet.
+the float model (with its methods' training-time hooks, e.g. fake quantization). With
+`--export RUN/export`, a quantized run's integer export (experiments/methods/quant.py:
+`quant.load`) on its serving model (`exp.model_in("serve")`, int8 x int8 -> int32) instead.
+Generation runs on one device (no sharding flags yet).
 
 `--init_from hf:DIR`: `models.hf.from_pretrained(DIR)`, with the tokenizer DIR holds (if any).
 
@@ -57,8 +59,9 @@ class SymbolTokenizer:
     return "".join(self.by_id.get(int(i), "") for i in ids)
 
 
-def load_run(workdir: str):
-  """(model, variables, tokenizer) of the run in `workdir`: its newest readable checkpoint."""
+def load_run(workdir: str, export: str | None = None):
+  """(model, variables, tokenizer) of the run in `workdir`: its newest readable checkpoint, or
+  with `export`, the integer weights its quantization wrote there, on the serving model."""
   import jax
   import ml_collections
 
@@ -83,17 +86,30 @@ def load_run(workdir: str):
     abstract, _ = exp.shard_shapes()
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise ConfigError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
+  if config.data.get("source", "markov") == "markov" and config.task == "lm":
+    tokenizer = SymbolTokenizer(tasks.markov_source(config))
+  else:
+    tokenizer = get_tokenizer(config.data.tokenizer)
+  if export:
+    return (*load_export(exp, export), tokenizer)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if parallel.checkpoint.latest_step(ckpt_dir) is None:
     raise ConfigError(f"--workdir {workdir}: no checkpoint in {ckpt_dir}")
   with parallel.Checkpointer(ckpt_dir) as ckpt:
     state, step = ckpt.restore_latest(abstract)
   variables = {"params": state["params"], **state.get("collections", {})}
-  if config.data.get("source", "markov") == "markov" and config.task == "lm":
-    tokenizer = SymbolTokenizer(tasks.markov_source(config))
-  else:
-    tokenizer = get_tokenizer(config.data.tokenizer)
   return exp.model, variables, tokenizer
+
+
+def load_export(exp, directory: str):
+  """(serving model, variables) of a quantized run's integer export (quant.save's format)."""
+  from compress import quant
+
+  if exp.method("quant") is None:
+    raise ConfigError(f"--export {directory}: the run has no quantization (quant.method='none')")
+  if not os.path.isfile(os.path.join(directory, "format.json")):
+    raise ConfigError(f"--export {directory}: no integer export there (no format.json)")
+  return exp.model_in("serve"), quant.load(directory)
 
 
 def load_hf(spec: str):
@@ -159,10 +175,12 @@ def generate(args) -> list[dict]:
     raise ConfigError("give exactly one of --workdir RUN and --init_from hf:DIR")
   if args.init_from and not args.init_from.startswith("hf:"):
     raise ConfigError(f"--init_from {args.init_from}: expected hf:<directory or Hub name>")
+  if args.export and not args.workdir:
+    raise ConfigError("--export DIR needs --workdir RUN: the run whose export it is")
   if args.kv_cache not in (None, "float", "int8"):
     raise ConfigError(f"--kv_cache {args.kv_cache}: choose float or int8")
   if args.workdir:
-    model, variables, tokenizer = load_run(args.workdir)
+    model, variables, tokenizer = load_run(args.workdir, args.export)
   else:
     model, variables, tokenizer = load_hf(args.init_from)
   prompts = prompts_of(args, tokenizer)
@@ -211,6 +229,7 @@ def parser() -> argparse.ArgumentParser:
     prog="python -m experiments.generate", description=__doc__.split("\n")[0]
   )
   p.add_argument("--workdir", help="a run of experiments.train: its newest checkpoint")
+  p.add_argument("--export", help="with --workdir: the run's integer export (RUN/export)")
   p.add_argument("--init_from", help="hf:<directory or Hub name>: a Hugging Face checkpoint")
   p.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
   p.add_argument("--prompts_file", help="a file of text prompts, one a line")

@@ -11,7 +11,7 @@ import pytest
 
 import models
 import parallel
-from experiments import generate as cli
+from experiments import generate as cli, tasks
 from experiments.experiment import build
 
 
@@ -90,3 +90,33 @@ def test_hf_text_prompt(hf_gpt2, capsys):
   cli.main(["--init_from", f"hf:{hf_gpt2}", "--prompt", "w1", "--max_new_tokens", "3",
             "--temperature", "0.8", "--top_k", "5", "--top_p", "0.9"])  # fmt: skip
   assert capsys.readouterr().out.startswith("w1 => ")
+
+
+def test_quantized_export_with_text_prompt(tiny_lm_run, tmp_path, capsys):
+  """A PTQ run of the tiny LM (as tests/test_quant_train.py makes one): its integer export
+  served through --export, the prompt as text of the synthetic language's alphabet."""
+  from compress import quant
+  from experiments import train
+  from experiments.configs import quant as quant_configs
+
+  float_dir, _, _ = tiny_lm_run
+  c = quant_configs.get_config("ptq")
+  del c.pretrain
+  c.init_from = str(float_dir)
+  c.eval.update(steps=1)
+  c.quant.calib_batches = 1
+  train.train_and_evaluate(c, str(tmp_path), jax.devices()[:1])
+  export = str(tmp_path / "export")
+  argv = ["--workdir", str(tmp_path), "--export", export, "--prompt", "abc", "--max_new_tokens"]
+  (row,) = cli.main(argv + ["5", "--json"])
+  assert _json_rows(capsys) == [row] and len(row["tokens"]) == 5 and isinstance(row["text"], str)
+
+  exp = build(c, None, jax.devices()[:1])
+  tok = cli.SymbolTokenizer(tasks.markov_source(c))
+  ids = np.array([tok.encode("abc")], np.int32)
+  want, _ = models.generate(exp.model_in("serve"), quant.load(export), ids, max_new_tokens=5)
+  assert row["tokens"] == np.asarray(want)[0].tolist()
+  with pytest.raises(SystemExit, match="FATAL: .*alphabet"):
+    cli.main(argv + ["5", "--prompt", "a!"])
+  with pytest.raises(SystemExit, match="FATAL: .*no quantization"):
+    cli.main(["--workdir", str(float_dir), "--export", export, "--prompt", "a"])

@@ -270,3 +270,13 @@ def generate(
     raise ValueError("mesh= needs rules= too: e.g. parallel.get_rules('fsdp_tp')")
   with mesh, nn.logical_axis_rules(rules):
     return run()
+
+
+def greedy_agreement(model_a, variables_a, model_b, variables_b, prompt_ids, max_new_tokens):
+  """The fraction of greedy new tokens on which model b's continuation of `prompt_ids` (BxL,
+  no padding) equals model a's, position by position: e.g. a compressed model (b) against the
+  float one (a). Once the two part ways the rest usually differs too: it measures how long
+  they agree as much as how often."""
+  a, _ = generate(model_a, variables_a, prompt_ids, max_new_tokens=max_new_tokens)
+  b, _ = generate(model_b, variables_b, prompt_ids, max_new_tokens=max_new_tokens)
+  return float(np.mean(np.asarray(a) == np.asarray(b)))

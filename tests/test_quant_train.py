@@ -61,6 +61,8 @@ def test_qat_int8_matches_float_and_exports(tiny_lm_run, tmp_path):
   assert qat["export_bytes"] <= 0.30 * qat["float32_bytes"]
   # Only the 8-bit storage of the (float-computed) embedding table differs.
   assert qat["serve_eval_loss"] == pytest.approx(qat["eval_loss"], rel=1e-3)
+  # int8 serving continues as the float model of the same weights does, nearly token for token
+  assert 0.5 <= qat["serve_greedy_agreement"] <= 1.0, qat
   rows = [r for r in read_metrics(tmp_path / "qat") if "serve_eval_loss" in r]
   assert len(rows) == 1 and rows[0]["step"] == steps
 

@@ -12,10 +12,12 @@ import os
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 from compress import quant
 import models
+from models import decode
 import parallel
 from experiments.methods import Method, register, export_row
 
@@ -142,8 +144,20 @@ class Quant(Method):
     s = models.structure()
     bits, matrices = self.c.storage_bits or None, f"{s.weights}|{s.embeddings}"
     quant.save(directory, serving, storage_bits=bits, sparse=sparse, matrices=matrices)
-    row = run.evaluate_model(exp.model_in("serve"), quant.load(directory))
+    serve_model, served = exp.model_in("serve"), quant.load(directory)
+    row = run.evaluate_model(serve_model, served)
+    if exp.model_config.kind == "decoder":  # do its continuations still follow the float model's?
+      row["greedy_agreement"] = greedy_agreement(run, serve_model, served, state["params"])
     return export_row("serve", row, directory, state["params"], "export_bytes", quant.disk_bytes)
+
+
+def greedy_agreement(run, serve_model, served, params, rows=8, prompt=16, new=16) -> float:
+  """models.decode.greedy_agreement of the serving model with the float model of the same
+  weights, on the first `prompt` tokens of `rows` eval sequences, `new` new tokens."""
+  ids = np.asarray(run.exp.task.batch(0, "eval")["inputs"])[:rows, :prompt]
+  new = min(new, run.exp.model_config.max_len - ids.shape[1])
+  float_model = models.build(run.exp.model_config)
+  return decode.greedy_agreement(float_model, {"params": params}, serve_model, served, ids, new)
 
 
 def needs_ranges(config) -> bool:

@@ -20,12 +20,16 @@ measured) and `<out>/device.md` (the tables and the targets, met or not):
   profile   3 more steps of the first shape under jax.profiler: the top device ops and the
             time share by kind (matmul, attention, collective, copy, other); the trace stays
             in `<out>/trace` for TensorBoard or Perfetto.
+  decode    models.generate (experiments/bench_generate.py) at `--decode_batches`, float vs
+            int8 KV cache: prefill and decode tokens/s, KV-cache bytes, and the decode rate
+            the HBM bandwidth allows (bytes one step reads: the weights and the cache).
 
 `--budget_s` bounds the run: a measurement not started within it is listed as skipped. A
 measurement that fails (out of memory, an unsupported kernel) is recorded with its error and
 the suite goes on; cuDNN attention that fails is retried with XLA's.
 """
 
+import dataclasses
 import datetime
 import json
 import os
@@ -35,10 +39,12 @@ import traceback
 
 from absl import app, flags
 import jax
+import jax.numpy as jnp
 
 from compress import quant
+import models
 from experiments import metrics
-from experiments.bench import gemm, profile, step
+from experiments.bench import gemm, generate, profile, step
 from experiments.configs import lm
 
 _OUT = flags.DEFINE_string("out", None, "Directory for device.json, device.md and the trace.")
@@ -52,8 +58,19 @@ _GEMM = flags.DEFINE_list("gemm_sizes", ["4096", "8192"], "Square matmul sizes."
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per step measurement.")
 _BUDGET = flags.DEFINE_float("budget_s", 450, "Start no measurement after this many seconds.")
 _TRACE = flags.DEFINE_bool("trace", True, "Profile 3 steps of the first shape.")
+_DECODE = flags.DEFINE_list("decode_batches", ["1", "8", "64"], "Batch sizes of the decode rows.")
+_DECODE_LEN = flags.DEFINE_list("decode_len", ["512", "128"], "Prompt and new tokens per row.")
 
-SMOKE = dict(preset="tiny", shapes=["8x32", "8x64:full"], gemm_sizes=["128"], steps=2)
+SMOKE = dict(
+  preset="tiny",
+  shapes=["8x32", "8x64:full"],
+  gemm_sizes=["128"],
+  steps=2,
+  decode_batches=["2"],
+  decode_len=["8", "4"],
+)
+# HBM bandwidth (bytes/s) by device kind, for the decode bound: the datasheets' figures.
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 # One config override per compression variant of the step (experiments/methods/*).
 COMPRESS = {
   "int8 QAT": {"quant.method": "qat"},
@@ -136,7 +153,18 @@ def _step(config, steps, trace_dir=""):
   return r
 
 
-def run_suite(out, preset, dtype, shapes, gemm_sizes, steps, budget_s, trace) -> dict:
+def run_suite(
+  out,
+  preset,
+  dtype,
+  shapes,
+  gemm_sizes,
+  steps,
+  budget_s,
+  trace,
+  decode_batches=("1", "8", "64"),
+  decode_len=("512", "128"),
+) -> dict:
   suite = Suite(out, budget_s)
   r = suite.result
   r["settings"] = dict(preset=preset, dtype=dtype, shapes=shapes, gemm_sizes=gemm_sizes)
@@ -169,10 +197,34 @@ def run_suite(out, preset, dtype, shapes, gemm_sizes, steps, budget_s, trace) ->
       r["skipped"].append(f"compress: {name} ({e})")
       continue
     suite.measure("compress", name, lambda: _step(config, steps))
+  decode_rows(suite, preset, dtype, [int(b) for b in decode_batches], *map(int, decode_len))
   r["targets"] = targets(r)
   suite.save()
   write_markdown(r, os.path.join(out, "device.md"))
   return r
+
+
+def decode_rows(suite, preset, dtype, batches, prompt_len, new):
+  """bench_generate.measure's rows, each with the decode rate HBM bandwidth allows."""
+  cfg = models.get_preset(preset, dtype=dtype, scan_layers=True)
+  cfg = dataclasses.replace(cfg, max_len=max(cfg.max_len, prompt_len + new))
+  variables = None
+  bandwidth = next(
+    (b for k, b in HBM_BYTES_PER_S.items() if k in jax.devices()[0].device_kind), None
+  )
+
+  def row(batch, kv):
+    nonlocal variables
+    if variables is None:
+      init = jax.jit(models.build(cfg).init)
+      variables = init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    x = generate.measure(cfg, variables, batch, prompt_len, new, kv, repeats=3)
+    x["hbm_bound_tok_s"] = bandwidth and batch * bandwidth / x["bytes_per_step"]
+    return x
+
+  for batch in batches:
+    for kv in ("float", "int8"):
+      suite.measure("decode", f"{batch} {kv}", lambda: row(batch, kv))
 
 
 def targets(r: dict) -> list[dict]:
@@ -264,6 +316,26 @@ def write_markdown(r: dict, path: str):
     for op in p["ops"]:
       name = op["name"].replace("|", "/")[:80]
       lines.append(f"| `{name}` | {op['kind']} | {op['seconds'] * 1e3:.2f} | {op['share']:.1%} |")
+  if r.get("decode"):
+    lines += ["", f"## Decoding ({s['preset']}, {s['dtype']}; bench_generate)", ""]
+    lines += [
+      "| batch | KV cache | prefill tok/s | decode tok/s | HBM bound tok/s | of bound "
+      "| KV GiB | bytes/step GiB |",
+      "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for x in r["decode"].values():
+      bound = x.get("hbm_bound_tok_s")
+      cells = [
+        str(x["batch"]),
+        x["kv_cache"],
+        _fmt(x["prefill_tok_s"], "{:,.0f}"),
+        _fmt(x["decode_tok_s"], "{:,.0f}"),
+        _fmt(bound, "{:,.0f}"),
+        _fmt(bound and x["decode_tok_s"] / bound, "{:.1%}"),
+        _fmt(x["kv_cache_bytes"] / 2**30, "{:.3f}"),
+        _fmt(x["bytes_per_step"] / 2**30, "{:.3f}"),
+      ]
+      lines.append("| " + " | ".join(cells) + " |")
   lines += ["", "## Targets", ""]
   if s["preset"] != "llama-1b" or v["backend"] != "gpu":
     lines += [
@@ -286,6 +358,7 @@ def main(argv):
   if not _OUT.value:
     raise app.UsageError("--out: give the directory for device.json and device.md.")
   kw = dict(preset=_PRESET.value, shapes=_SHAPES.value, gemm_sizes=_GEMM.value, steps=_STEPS.value)
+  kw.update(decode_batches=_DECODE.value, decode_len=_DECODE_LEN.value)
   if _SMOKE.value:
     kw.update(SMOKE)
   r = run_suite(_OUT.value, dtype=_DTYPE.value, budget_s=_BUDGET.value, trace=_TRACE.value, **kw)

@@ -13,16 +13,13 @@ given.
 """
 
 import json
-import statistics
-import time
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import models
-from models import decode
+from experiments.bench import generate
 
 _PRESET = flags.DEFINE_string("preset", "tiny", "A decoder preset (models.PRESETS).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype.")
@@ -32,47 +29,6 @@ _NEW = flags.DEFINE_integer("max_new_tokens", 64, "New tokens per row.")
 _KV = flags.DEFINE_list("kv_cache", ["float", "int8"], "KV cache formats.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per figure (median).")
 _OUT = flags.DEFINE_string("out", None, "Write the rows as json here.")
-
-
-def _median_s(fn, repeats):
-  jax.block_until_ready(fn())  # compiles
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def _nbytes(tree) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def measure(cfg, variables, batch, prompt_len, new, kv_cache, repeats=3) -> dict:
-  """One row: prefill and decode tokens/s, KV-cache bytes, bytes one decode step reads."""
-  model = decode.decoding_model(models.build(cfg), kv_cache)
-  ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len))
-  mask = np.ones_like(ids)
-  cache_len = prompt_len + new
-  cache = decode.init_cache(model, variables, batch, cache_len)
-  ids_a, mask_a, pos_a = decode.left_align(jnp.asarray(ids), jnp.asarray(mask))
-  mask_s = jnp.concatenate([mask_a, jnp.ones((batch, new), jnp.int32)], -1)
-  prefill = jax.jit(lambda v, c: decode.prefill(model, v, c, ids_a, mask_s, pos_a))
-  prefill_s = _median_s(lambda: prefill(variables, cache), repeats)
-  whole_s = _median_s(
-    lambda: models.generate(model, variables, ids, mask, max_new_tokens=new), repeats
-  )
-  params_bytes = _nbytes(variables["params"])
-  kv_bytes = _nbytes(cache)
-  return {
-    "batch": batch,
-    "kv_cache": kv_cache,
-    "prefill_tok_s": batch * prompt_len / prefill_s,
-    "decode_tok_s": batch * (new - 1) / max(whole_s - prefill_s, 1e-9),
-    "decode_ms_per_step": 1e3 * (whole_s - prefill_s) / (new - 1),
-    "kv_cache_bytes": kv_bytes,
-    "bytes_per_step": params_bytes + kv_bytes,
-  }
 
 
 def main(argv):
@@ -89,7 +45,7 @@ def main(argv):
   rows = []
   for batch in (int(b) for b in _BATCHES.value):
     for kv in _KV.value:
-      r = measure(cfg, variables, batch, _PROMPT.value, _NEW.value, kv, _REPEATS.value)
+      r = generate.measure(cfg, variables, batch, _PROMPT.value, _NEW.value, kv, _REPEATS.value)
       rows.append(r)
       print(
         f"| {batch} | {kv} | {r['prefill_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} | "

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 import models
-from experiments import bench_generate
+from experiments.bench import generate as bench_generate
 
 
 def test_one_row_per_cache_format():

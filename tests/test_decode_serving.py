@@ -150,3 +150,19 @@ def test_int8_tables_predict_like_the_fake_quant_model(int8_serving):
   agree = float(np.mean(np.asarray(got) == np.asarray(want)))
   print(f"int8 tables (storage_bits=8) vs fake-quant next tokens, teacher-forced: {agree:.3f}")
   assert agree >= 0.9, agree
+
+
+def test_a_sparse_export_loads_and_decodes(tmp_path):
+  """Pruning's sparse export (bitmask + values) reads back as the pruned params, exactly: its
+  continuations are the pruned model's, token for token and log-prob for log-prob."""
+  from compress import prune
+
+  model, variables = _float_model()
+  pruned = prune.one_shot_prune(nn.unbox(variables["params"]), 0.5)
+  prune.save(str(tmp_path), pruned)
+  assert prune.disk_bytes(str(tmp_path)) < 0.75 * sum(x.nbytes for x in jax.tree.leaves(pruned))
+  ids, mask = _prompts()
+  want = models.generate(model, {"params": pruned}, ids, mask, max_new_tokens=8)
+  got = models.generate(model, {"params": prune.load(str(tmp_path))}, ids, mask, max_new_tokens=8)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])

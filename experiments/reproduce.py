@@ -13,9 +13,11 @@ The table lands in `DIR/TABLE.md`, `DIR/TABLE.json` and `DIR/TABLE.png`, with ea
 checked: does the ordering hold, and is it beyond the seed-to-seed noise (a paired t-test
 over seeds, one-sided, 95%)?
 
-Scales: `tiny` (the synthetic source, CPU; seeds vary the initialization), `full` (real data:
-TFDS and HF checkpoints, for TPU/GPU; see each table's docstring for what it expects) and
-`test` (seconds: the tests' smoke version; its numbers mean nothing).
+Scales: `tiny` (the synthetic source, CPU, minutes; seeds vary the initialization), `small`
+(qat, kd and deep-compression: the synthetic source with models trained to where their
+claims can show, about 20 minutes per table on 2 CPU cores, 5 seeds), `full` (real data: TFDS
+and HF checkpoints, for TPU/GPU; see each table's docstring for what it expects) and `test`
+(seconds: the tests' smoke version; its numbers mean nothing).
 
 On CPU the arms run in parallel worker processes, one per core, each pinned to its core (a
 tiny model's step does not use two cores well); on accelerators they run one after another in
@@ -42,7 +44,8 @@ from experiments.configs import common
 from experiments.tables import Arm, Report, Results
 
 TABLES = ("gmp", "qat", "kd", "nm", "deep-compression", "parallel")
-SCALES = ("tiny", "full", "test")
+SCALES = ("tiny", "small", "full", "test")
+SEEDS = {"tiny": 3, "small": 5}  # the default seeds per arm; other scales: 1
 
 
 def table_module(name: str):
@@ -61,7 +64,7 @@ def _jobs(table: str, arms: list[Arm], workdir: str, seeds: int) -> list[dict]:
   seed_data = getattr(table_module(table), "SEED_DATA", False)
   jobs, seen = [], set()
   for arm in arms:
-    for dep in (arm.init_from, arm.teacher):
+    for dep in (arm.init_from, arm.teacher, arm.reference):
       if dep and dep not in by_name:
         raise ValueError(f"Arm {arm.name!r} depends on {dep!r}, which the table lacks.")
     for seed in range(1 if arm.shared else seeds):
@@ -85,6 +88,9 @@ def _jobs(table: str, arms: list[Arm], workdir: str, seeds: int) -> list[dict]:
         if seed_data and not teacher.shared and config.teacher.data.source == "markov":
           config.teacher.data.stream = seed
         config.distill.teacher_workdir = waits[-1]
+      if arm.reference:
+        waits.append(run_dir(workdir, table, by_name[arm.reference], seed))
+        config.eval.agreement_with = waits[-1]
       jobs.append(dict(arm=arm.name, seed=seed, path=path, config=config, waits=waits, run=arm.run))
   return jobs
 
@@ -216,6 +222,11 @@ def run(
   if scale not in SCALES:
     raise ValueError(f"--scale={scale!r}: choose one of {', '.join(SCALES)}.")
   module = table_module(table)
+  if scale not in module.STEPS:
+    raise ValueError(
+      f"--scale={scale}: table {table} has no {scale} scale; choose one of "
+      f"{', '.join(k for k in SCALES if k in module.STEPS)}."
+    )
   arms = module.arms(scale)
   if only:
     by_name, keep, todo = {a.name: a for a in arms}, set(), list(only)
@@ -225,12 +236,12 @@ def run(
     while todo:
       a = by_name[todo.pop()]
       keep.add(a.name)
-      todo += [d for d in (a.init_from, a.teacher) if d]
+      todo += [d for d in (a.init_from, a.teacher, a.reference) if d]
     complete = len(keep) == len(arms)
     arms = [a for a in arms if a.name in keep]
   else:
     complete = True
-  seeds = seeds or (3 if scale == "tiny" else 1)
+  seeds = seeds or SEEDS.get(scale, 1)
   if workers is None:
     workers = (
       len(os.sched_getaffinity(0)) if scale != "full" and hasattr(os, "sched_getaffinity") else 1
@@ -407,8 +418,13 @@ def write(table, module, arms, jobs, results, workdir, scale, seeds, wall, skipp
   return out
 
 
-_SCALE = flags.DEFINE_enum("scale", "tiny", SCALES, "tiny: synthetic, CPU; full: real data.")
-_SEEDS = flags.DEFINE_integer("seeds", None, "Seeds per arm (default: 3 at tiny scale, else 1).")
+_SCALE = flags.DEFINE_enum(
+  "scale",
+  "tiny",
+  SCALES,
+  "tiny / small: synthetic, CPU (small: qat, kd, deep-compression); full: real data.",
+)
+_SEEDS = flags.DEFINE_integer("seeds", None, "Seeds per arm (default: tiny 3, small 5, else 1).")
 _WORKERS = flags.DEFINE_integer("workers", None, "Parallel runs (default: CPU cores; full: 1).")
 _ONLY = flags.DEFINE_list("only", None, "Run only these arms (and what they need).")
 

@@ -25,7 +25,7 @@ SMALLEST = {
 # Every key a table's report reads, with made-up values.
 ROW_KEYS = (
   "eval_loss excess_loss eval_accuracy sparse_eval_loss sparse_excess_loss serve_eval_loss "
-  "serve_excess_loss sparsity sparsity_all accuracy"
+  "serve_excess_loss sparsity sparsity_all accuracy serve_greedy_agreement sparse_greedy_agreement"
 ).split()
 SIZE_KEYS = ("export_bytes", "float32_bytes", "sparse_bytes")
 
@@ -44,6 +44,31 @@ def test_smallest_arm_end_to_end(tmp_path, table):
   assert arm in out["runs"] and (tmp_path / f"{table}.png").stat().st_size > 0
   md = (tmp_path / f"{table}.md").read_text()
   assert md.startswith("# ") and f"Libraries: jax {jax.__version__}" in md
+  if table == "nm":  # the 2:4 export's greedy agreement with the dense run it names
+    _check_agreement(tmp_path / table, result)
+
+
+def _check_agreement(table_dir, result):
+  """The run's `sparse_greedy_agreement`, recomputed from the dense run's checkpoint and the
+  sparse export with models.generate."""
+  from compress import prune
+  import ml_collections
+  import models
+  from experiments import experiment
+  from experiments.tables import model_config
+  import parallel
+
+  dense_dir = str(table_dir / "dense" / "seed0")
+  assert result["config"]["eval"]["agreement_with"] == dense_dir
+  exp = experiment.build(ml_collections.ConfigDict(result["config"]))
+  model = models.build(model_config(result["config"]))
+  sparse = prune.load(str(table_dir / "2:4-oneshot" / "seed0" / "sparse"))
+  dense = parallel.load_params(os.path.join(dense_dir, "checkpoints"), sparse)
+  ids = np.asarray(exp.task.batch(0, "eval")["inputs"])[:8, :16]
+  a, _ = models.generate(model, {"params": dense}, ids, max_new_tokens=16)
+  b, _ = models.generate(model, {"params": sparse}, ids, max_new_tokens=16)
+  want = float(np.mean(np.asarray(a) == np.asarray(b)))
+  assert result["row"]["sparse_greedy_agreement"] == pytest.approx(want)
 
 
 def test_rerun_skips_finished_runs_and_refuses_a_changed_config(tmp_path, capsys):

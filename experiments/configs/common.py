@@ -73,7 +73,10 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
   # checkpoint holds a digest of its arrays, checked on restore (parallel/digest.py).
   # data_batches > 0: train on that many distinct batches only (step s uses batch
   # s % data_batches): a low-data run; 0: a fresh batch every step. Eval batches are unaffected.
-  c.eval = ml_collections.ConfigDict(dict(every=1000, steps=16, batch_size=256))
+  # agreement_with: a run directory (its newest checkpoint) whose greedy continuations a
+  # decoder's exports are compared with (`*_greedy_agreement`); "": the export's own float
+  # weights (quant), none (prune).
+  c.eval = ml_collections.ConfigDict(dict(every=1000, steps=16, batch_size=256, agreement_with=""))
   c.optim = ml_collections.ConfigDict(
     dict(
       name="adamw",

@@ -26,6 +26,7 @@ method".
 """
 
 import importlib
+import os
 import pkgutil
 
 from absl import logging
@@ -119,6 +120,31 @@ def model_hooks(methods, mode: str = "train") -> dict:
   for m in methods:
     out.update(m.model_hooks(mode))
   return out
+
+
+def greedy_agreement(run, model, variables, params, own=False, rows=8, prompt=16, new=16) -> dict:
+  """{"greedy_agreement": f}: `models.decode.greedy_agreement` of `model` on `variables` (an
+  export as served) with a reference decoder, on the first `prompt` tokens of `rows` eval
+  sequences, `new` new tokens. The reference: the run `eval.agreement_with` names (its newest
+  checkpoint, read into `params`' structure), else (`own`) the float model of `params`; {} with
+  neither, or for an encoder."""
+  import numpy as np
+
+  import models
+  from models import decode
+  import parallel
+
+  exp = run.exp
+  reference = exp.config.eval.get("agreement_with", "")
+  if exp.model_config.kind != "decoder" or not (reference or own):
+    return {}
+  if reference:
+    params = parallel.load_params(os.path.join(reference, "checkpoints"), params)
+  ids = np.asarray(exp.task.batch(0, "eval")["inputs"])[:rows, :prompt]
+  new = min(new, exp.model_config.max_len - ids.shape[1])
+  float_model = models.build(exp.model_config)
+  f = decode.greedy_agreement(float_model, {"params": params}, model, variables, ids, new)
+  return {"greedy_agreement": f}
 
 
 def export_row(prefix, evaluated, directory, params, size_key, disk_bytes, **extra) -> dict:

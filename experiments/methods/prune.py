@@ -19,7 +19,7 @@ import optax
 from compress import prune
 import models
 import parallel
-from experiments.methods import Method, register, export_row
+from experiments.methods import Method, register, export_row, greedy_agreement
 
 METHODS = ("none", "gradual", "oneshot", "periodic")
 
@@ -182,7 +182,9 @@ class Prune(Method):
     directory = os.path.join(run.workdir, "sparse")
     g = self.granularity
     prune.save(directory, params, nm=g if isinstance(g, prune.NM) else None)
-    row = run.evaluate(prune.load(directory), state.get("collections", {}))
+    loaded, collections = prune.load(directory), state.get("collections", {})
+    row = run.evaluate(loaded, collections)
+    row.update(greedy_agreement(run, run.exp.model, {"params": loaded, **collections}, params))
     sparsity = dict(sparsity=rep["selected"]["sparsity"], sparsity_all=rep["all"]["sparsity"])
     return export_row(
       "sparse", row, directory, params, "sparse_bytes", prune.disk_bytes, **sparsity

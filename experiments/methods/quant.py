@@ -12,14 +12,12 @@ import os
 from absl import logging
 import jax
 import ml_collections
-import numpy as np
 import optax
 
 from compress import quant
 import models
-from models import decode
 import parallel
-from experiments.methods import Method, register, export_row
+from experiments.methods import Method, register, export_row, greedy_agreement
 
 
 def policy_of(config: ml_collections.ConfigDict) -> quant.Policy | None:
@@ -146,18 +144,8 @@ class Quant(Method):
     quant.save(directory, serving, storage_bits=bits, sparse=sparse, matrices=matrices)
     serve_model, served = exp.model_in("serve"), quant.load(directory)
     row = run.evaluate_model(serve_model, served)
-    if exp.model_config.kind == "decoder":  # do its continuations still follow the float model's?
-      row["greedy_agreement"] = greedy_agreement(run, serve_model, served, state["params"])
+    row.update(greedy_agreement(run, serve_model, served, state["params"], own=True))
     return export_row("serve", row, directory, state["params"], "export_bytes", quant.disk_bytes)
-
-
-def greedy_agreement(run, serve_model, served, params, rows=8, prompt=16, new=16) -> float:
-  """models.decode.greedy_agreement of the serving model with the float model of the same
-  weights, on the first `prompt` tokens of `rows` eval sequences, `new` new tokens."""
-  ids = np.asarray(run.exp.task.batch(0, "eval")["inputs"])[:rows, :prompt]
-  new = min(new, run.exp.model_config.max_len - ids.shape[1])
-  float_model = models.build(run.exp.model_config)
-  return decode.greedy_agreement(float_model, {"params": params}, serve_model, served, ids, new)
 
 
 def needs_ranges(config) -> bool:

@@ -19,15 +19,18 @@ from experiments.configs import lm as lm_config
 class Arm:
   """One row's run: `config` trained once per seed (once in all when `shared`).
 
-  `init_from` / `teacher` name arms of the same table whose run (same seed; seed 0 when that
-  arm is shared) initializes this one or is its distillation teacher. `run` replaces the train
-  loop for measurements that are not a training run (the parallel table's benchmarks).
+  `init_from` / `teacher` / `reference` name arms of the same table whose run (same seed;
+  seed 0 when that arm is shared) initializes this one, is its distillation teacher, or is the
+  model its export's greedy continuations are compared with (`eval.agreement_with`). `run`
+  replaces the train loop for measurements that are not a training run (the parallel table's
+  benchmarks).
   """
 
   name: str
   config: ml_collections.ConfigDict
   init_from: str = ""
   teacher: str = ""
+  reference: str = ""
   shared: bool = False
   run: str = ""  # "module:function"(config, workdir) -> row; "" -> train.train_and_evaluate
 
@@ -103,8 +106,8 @@ class Report:
 def lm(scale: str, steps: int) -> ml_collections.ConfigDict:
   """The decoder LM run of `scale`, `steps` long, evaluated and checkpointed at its end only.
 
-  tiny / test: the tiny LM on the synthetic source (experiments/configs/lm.py:tiny); test
-  also evaluates on a single batch. full: GPT-2 small on lm1b (lm_tfds.py:lm1b).
+  tiny / small / test: the tiny LM on the synthetic source (experiments/configs/lm.py:tiny);
+  test also evaluates on a single batch. full: GPT-2 small on lm1b (lm_tfds.py:lm1b).
   """
   if scale == "full":
     c = lm_tfds.get_config("lm1b")
@@ -154,12 +157,23 @@ def model_config(config):
   return dataclasses.replace(base, **{k: v for k, v in m.items() if k in fields})
 
 
+def agreement(res, arm: str) -> str:
+  """The mean ± std of an arm's greedy agreement with its reference (the export's
+  `*_greedy_agreement`; the integer one where a run has both), "" when its runs have none."""
+  row = res.rows[arm][0]["row"]
+  key = next((k for k in ("serve_greedy_agreement", "sparse_greedy_agreement") if k in row), None)
+  if key is None or not all(key in r["row"] for r in res.rows[arm]):
+    return ""
+  return res.fmt(arm, key, 2)
+
+
 def loss_key(res, arm: str) -> str:
   """ "excess_loss" where the data's optimum is known (the synthetic source), else "eval_loss"."""
   return "excess_loss" if "excess_loss" in res.rows[arm][0]["row"] else "eval_loss"
 
 
 __all__ = [
+  "agreement",
   "Arm",
   "Check",
   "paired_less",

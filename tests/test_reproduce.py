@@ -149,3 +149,20 @@ def test_kd_smallest_arm(tmp_path):
   )
   assert math.isfinite(result["row"]["excess_loss"])
   assert "low data" in (tmp_path / "kd.md").read_text()
+
+
+@pytest.mark.parametrize("table", reproduce.TABLES)
+def test_small_scale_builds_or_is_refused(tmp_path, table):
+  """--scale small: valid run configs on the synthetic source for the tables that have it,
+  a clear error before any run for the others."""
+  module = reproduce.table_module(table)
+  if "small" not in module.STEPS:
+    with pytest.raises(ValueError, match=f"table {table} has no small scale; choose one of tiny"):
+      reproduce.run(table, str(tmp_path), scale="small", seeds=1, workers=1)
+    assert not (tmp_path / table).exists()
+    return
+  jobs = reproduce._jobs(table, module.arms("small"), str(tmp_path), seeds=2)
+  for job in jobs:
+    reproduce._validate(job)
+    assert job["config"].data.source == "markov" and job["config"].model.preset.startswith("tiny")
+  assert reproduce.SEEDS["small"] == 5

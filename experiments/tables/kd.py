@@ -18,6 +18,19 @@ layers, and the student alone (scratch). Metric: the student's masked-LM eval lo
   low data: 5 batches (5% of the students' full-data batches), scratch and T=1. Encoder:
   tiny-encoder masked-LM (lr 1e-3, as distill.py:encoder), a 4-layer teacher 300 steps,
   2-layer students 80 steps. 14 arms, 38 runs with 3 seeds: about 12 minutes on 2 CPU cores.
+- small: the same models trained longer: decoder teacher 1,200 steps, students 300, low data
+  15 batches (5%); encoder teacher 1,200 steps, students 300, its masked LM on a 16-symbol
+  source (`data.markov.n_symbols=16`). 68 runs with 5 seeds: about 15 minutes on 2 CPU cores.
+
+Why two DistilBERT claims failed at tiny scale ("removing L_ce hurts" and the ablation's
+order): the teacher was weak. After 300 steps the 4-layer masked-LM teacher was at 3.93
+nats/token, 0.2 below the unigram model (4.13), and 1,200 steps only bring it to 3.83 on the
+64-symbol source: its soft targets held little that the hard labels and its own layers (the
+student's init) did not, so removing L_ce changed nothing beyond noise (-0.006). On a
+16-symbol source a 4-layer encoder learns the language (2.44 after 1,200 steps against a
+unigram loss of 2.72), its soft targets carry what the student needs, and L_ce matters more
+than L_mlm and L_cos, as in the paper. The decoder's claims held at tiny scale; with the
+longer runs the full-data gain is beyond noise as well (it was within noise at 100 steps).
 - full: decoder on lm1b (experiments/configs/lm_tfds.py): the teacher is GPT-2 small from
   `hf:gpt2` fine-tuned 2,000 steps on lm1b; the students are 6-layer GPT-2s (DistilGPT2's
   shape) trained from scratch 5,000 steps of 512 x 128 tokens, low data 150 batches (3%).
@@ -69,10 +82,13 @@ SEED_DATA = True
 
 STEPS = {
   "tiny": dict(dec_teacher=300, dec_student=100, low=5, enc_teacher=300, enc_student=80),
+  "small": dict(dec_teacher=1200, dec_student=300, low=15, enc_teacher=1200, enc_student=300),
   "test": dict(dec_teacher=6, dec_student=4, low=2, enc_teacher=6, enc_student=4),
   # full: the encoder runs glue.py:sst2's 3 epochs (teacher and students)
   "full": dict(dec_teacher=2000, dec_student=5000, low=150, enc_teacher=None, enc_student=None),
 }
+# small: the encoder's masked LM on a 16-symbol source, which a 4-layer teacher learns well
+ENCODER_SOURCE = {"small": dict(n_symbols=16)}
 TEMPERATURES = (1, 2, 4)  # full data; low data: T=1
 LOW_TEMPERATURES = (1,)
 SEQ_LEN = 32  # tiny / test: rows of 32 tokens (the source is order 2), a step ~2/3 of 64's
@@ -111,6 +127,7 @@ def _decoder(scale: str, steps: int, n_layers: int):
 
 def _encoder(scale: str, steps: int, n_layers: int):
   c = common.shrink_for_cpu(common.base_config("tiny-encoder", task="mlm"), steps=steps)
+  c.data.markov.update(ENCODER_SOURCE.get(scale, {}))
   c.optim.lr = 1e-3  # post-LN BERT at the decoder's 3e-3 stays at the unigram loss
   if scale == "test":
     c.eval.update(steps=1, batch_size=16)
@@ -225,11 +242,18 @@ def report(res) -> Report:
     hurt = {a: m(a, ekey) - m("distilbert", ekey) for a in ABLATIONS if a != "distilbert"}
     most = min(hurt["no-ce"], hurt["random-init"])
     least = max(hurt["no-cos"], hurt["no-mlm"])
+    # each of the two that should hurt most against each of the two that should hurt least
+    pairs = [
+      res.less(b, a, ekey, "") for a in ("no-ce", "random-init") for b in ("no-cos", "no-mlm")
+    ]
     checks.append(
       Check(
         "ablation order: removing the teacher init or L_ce hurts more than removing L_cos or L_mlm",
         bool(most > least),
-        ", ".join(f"{ABLATIONS[a][0]} {d:+.4f}" for a, d in hurt.items()),
+        ", ".join(f"{ABLATIONS[a][0]} {d:+.4f}" for a, d in hurt.items())
+        + "; paired t of the four pairs: "
+        + ", ".join(p.detail.rsplit("t=", 1)[-1] for p in pairs),
+        all(p.beyond_noise for p in pairs),
       )
     )
 
@@ -281,11 +305,12 @@ def report(res) -> Report:
   cols = ["model", "metric", "full data", f"low data ({k_low} batches)", "change vs reference"]
   notes = (
     "Change vs reference: decoder rows, KD minus scratch (full data / low data); encoder rows, "
-    "the ablation minus the full recipe. Lower losses are better. At the tiny scale the runs are "
-    "short (students 80-100 steps, to fit 12 minutes on 2 cores): the students from scratch "
-    "are still near the unigram plateau, and at T=2 and T=4 the flattened soft targets keep "
-    "the KD students there (as README's single runs found for T=2 at 300 steps); on masked-LM "
-    "every model is weak and the encoder differences are small, so its ordering checks can "
-    "fail on noise."
+    "the ablation minus the full recipe. Lower losses are better. At T=2 and T=4 the KD "
+    "students learn the teacher's flattened distribution more slowly than its sharp one and "
+    "end behind the scratch student at these lengths (Hinton's T=20 had far longer training). "
+    "At `--scale tiny` the runs are short (students 80-100 steps) and the masked-LM teacher is "
+    "weak (0.2 nats below the unigram model), so the encoder's ablation differences are within "
+    "the noise there; `--scale small` trains the teachers 1,200 steps and the encoder on a "
+    "16-symbol source (see the module docstring)."
   )
   return Report(cols, rows, checks, plot, notes=notes)

@@ -20,8 +20,10 @@ measured) and `<out>/device.md` (the tables and the targets, met or not):
   profile   3 more steps of the first shape under jax.profiler: the top device ops and the
             time share by kind (matmul, attention, collective, copy, other); the trace stays
             in `<out>/trace` for TensorBoard or Perfetto.
-  decode    models.generate (experiments/bench_generate.py) at `--decode_batches`, float vs
-            int8 KV cache: prefill and decode tokens/s, KV-cache bytes, and the decode rate
+  decode    models.generate (experiments/bench_generate.py) at `--decode_batches`, float
+            weights with a float and an int8 KV cache, and int8 weights (the integer
+            export's serving model) with an int8 cache: prefill and decode tokens/s, KV-cache
+            bytes, and the decode rate
             the HBM bandwidth allows (bytes one step reads: the weights and the cache).
 
 `--budget_s` bounds the run: a measurement not started within it is listed as skipped. A
@@ -213,18 +215,18 @@ def decode_rows(suite, preset, dtype, batches, prompt_len, new):
     (b for k, b in HBM_BYTES_PER_S.items() if k in jax.devices()[0].device_kind), None
   )
 
-  def row(batch, kv):
+  def row(batch, weights, kv):
     nonlocal variables
     if variables is None:
       init = jax.jit(models.build(cfg).init)
       variables = init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-    x = generate.measure(cfg, variables, batch, prompt_len, new, kv, repeats=3)
+    x = generate.measure(cfg, variables, batch, prompt_len, new, kv, 3, weights=weights)
     x["hbm_bound_tok_s"] = bandwidth and batch * bandwidth / x["bytes_per_step"]
     return x
 
-  for batch in batches:
-    for kv in ("float", "int8"):
-      suite.measure("decode", f"{batch} {kv}", lambda: row(batch, kv))
+  for batch in batches:  # weights / KV cache: float / float, float / int8, int8 / int8
+    for w, kv in (("float", "float"), ("float", "int8"), ("int8", "int8")):
+      suite.measure("decode", f"{batch} {w} {kv}", lambda: row(batch, w, kv))
 
 
 def targets(r: dict) -> list[dict]:
@@ -319,14 +321,15 @@ def write_markdown(r: dict, path: str):
   if r.get("decode"):
     lines += ["", f"## Decoding ({s['preset']}, {s['dtype']}; bench_generate)", ""]
     lines += [
-      "| batch | KV cache | prefill tok/s | decode tok/s | HBM bound tok/s | of bound "
+      "| batch | weights | KV cache | prefill tok/s | decode tok/s | HBM bound tok/s | of bound "
       "| KV GiB | bytes/step GiB |",
-      "|---:|---|---:|---:|---:|---:|---:|---:|",
+      "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for x in r["decode"].values():
       bound = x.get("hbm_bound_tok_s")
       cells = [
         str(x["batch"]),
+        x.get("weights", "float"),
         x["kv_cache"],
         _fmt(x["prefill_tok_s"], "{:,.0f}"),
         _fmt(x["decode_tok_s"], "{:,.0f}"),

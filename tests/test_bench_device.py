@@ -46,7 +46,7 @@ def test_smoke_measures_every_section(smoke):
   assert [t["target"].split(" >=")[0].split(" <=")[0] for t in r["targets"]] == [
     t[0] for t in bench_device.TARGETS
   ]
-  assert set(r["decode"]) == {"2 float", "2 int8"}
+  assert set(r["decode"]) == {"2 float float", "2 float int8", "2 int8 int8"}
   assert all(x["decode_tok_s"] > 0 and x["hbm_bound_tok_s"] is None for x in r["decode"].values())
   sections = (
     "## Matmul",

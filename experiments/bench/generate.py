@@ -1,15 +1,19 @@
-"""Decoding speed of models.generate: one row per batch size and KV cache format.
+"""Decoding speed of models.generate: one row per batch size, weight format and KV cache
+format.
 
 The CLI is experiments/bench_generate.py; experiments/bench_device.py runs it on an accelerator.
 """
 
+import functools
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compress import quant
 import models
 from models import decode
 
@@ -28,9 +32,30 @@ def _nbytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def measure(cfg, variables, batch, prompt_len, new, kv_cache, repeats=3) -> dict:
-  """One row: prefill and decode tokens/s, KV-cache bytes, bytes one decode step reads."""
-  model = decode.decoding_model(models.build(cfg), kv_cache)
+def int8_serving(cfg, variables):
+  """The int8 serving model of a float decoder and its variables, as a quantized run's
+  export serves: int8 weight codes (a scale per output channel) and int8 activations with a
+  scale per token, int8 x int8 -> int32 dots; the embedding table stays float."""
+  policy = quant.Policy.of((".*", quant.QuantConfig(bits=8, act_bits=8, act_granularity="token")))
+  build = lambda mode: models.build(  # noqa: E731
+    cfg, dot_general_cls=functools.partial(quant.QuantDot, policy, mode)
+  )
+  ids = jnp.zeros((1, 1), jnp.int32)
+  convert = lambda v: quant.convert(build("convert").apply, nn.unbox(v), ids)  # noqa: E731
+  served = jax.jit(convert)(variables)
+  return build("serve"), served
+
+
+def measure(cfg, variables, batch, prompt_len, new, kv_cache, repeats=3, weights="float") -> dict:
+  """One row: prefill and decode tokens/s, KV-cache bytes, bytes one decode step reads.
+  `weights`: "float" (cfg's dtype) or "int8" (`int8_serving` of `variables`)."""
+  if weights == "int8":
+    model, variables = int8_serving(cfg, variables)
+  elif weights == "float":
+    model = models.build(cfg)
+  else:
+    raise ValueError(f"weights={weights!r}: choose 'float' or 'int8'.")
+  model = decode.decoding_model(model, kv_cache)
   ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len))
   mask = np.ones_like(ids)
   cache_len = prompt_len + new
@@ -46,6 +71,7 @@ def measure(cfg, variables, batch, prompt_len, new, kv_cache, repeats=3) -> dict
   kv_bytes = _nbytes(cache)
   return {
     "batch": batch,
+    "weights": weights,
     "kv_cache": kv_cache,
     "prefill_tok_s": batch * prompt_len / prefill_s,
     "decode_tok_s": batch * (new - 1) / max(whole_s - prefill_s, 1e-9),

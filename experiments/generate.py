@@ -5,6 +5,7 @@
         --top_k 40 --top_p 0.95 --seed 0 --kv_cache int8 --json
     python -m experiments.generate --workdir RUN --export RUN/export --prompt "ab"
     python -m experiments.generate --init_from hf:DIR --prompt "Hello" --stop_at_eos
+    python -m experiments.generate --workdir RUN --prompt "ab" --mesh 2,4   # data 2 x tensor 4
 
 `--workdir RUN`: a run of `python -m experiments.train`. Its config is read from
 RUN/config.json, the model built as the run built it (`experiment.build`), and the params of
@@ -12,7 +13,9 @@ its newest checkpoint that reads back restored (parallel.Checkpointer, as a resu
 the float model (with its methods' training-time hooks, e.g. fake quantization). With
 `--export RUN/export`, a quantized run's integer export (experiments/methods/quant.py:
 `quant.load`) on its serving model (`exp.model_in("serve")`, int8 x int8 -> int32) instead.
-Generation runs on one device (no sharding flags yet).
+Generation runs on one device, or with `--mesh DATA,TENSOR` sharded over that many devices:
+the prompts over "data", the heads, the KV cache and the parameters over "tensor" (the fsdp_tp
+rules; a parameter without logical axes, e.g. an export's scale, is replicated).
 
 `--init_from hf:DIR`: `models.hf.from_pretrained(DIR)`, with the tokenizer DIR holds (if any).
 
@@ -165,6 +168,54 @@ def prompts_of(args, tokenizer) -> list[tuple[str | list[int], list[int]]]:
   return out
 
 
+def mesh_of(spec: str | None, batch: int):
+  """(mesh, rules) of `--mesh DATA,TENSOR`, (None, None) without it."""
+  if not spec:
+    return None, None
+  import jax
+
+  import parallel
+
+  try:
+    data, tensor = (int(x) for x in spec.split(","))
+  except ValueError:
+    raise ConfigError(f"--mesh {spec}: expected DATA,TENSOR, e.g. --mesh 2,4") from None
+  n = len(jax.devices())
+  if data < 1 or tensor < 1 or data * tensor > n:
+    raise ConfigError(
+      f"--mesh {spec}: needs {data * tensor} devices, {n} here (on CPU, set "
+      f"XLA_FLAGS=--xla_force_host_platform_device_count={max(data * tensor, 1)})"
+    )
+  if batch % data:
+    raise ConfigError(f"--mesh {spec}: {batch} prompts do not split over data={data}")
+  mesh = parallel.make_mesh(data, 1, tensor, devices=jax.devices()[: data * tensor])
+  return mesh, parallel.get_rules("fsdp_tp")
+
+
+def place(model, variables, mesh, rules):
+  """`variables` on `mesh`: each leaf with the sharding of its logical axes in the model's
+  init (when it has them, at the same shape), else replicated."""
+  import flax.linen as nn
+  from flax import traverse_util
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  import parallel
+
+  with nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    shardings = parallel.sharding.logical_to_shardings(boxed, mesh, rules)
+  known = traverse_util.flatten_dict(nn.unbox(shardings), sep="/")
+  shapes = traverse_util.flatten_dict(nn.unbox(boxed), sep="/")
+  flat = traverse_util.flatten_dict(variables, sep="/")
+  placed = {}
+  for k, v in flat.items():
+    fits = k in known and tuple(shapes[k].shape) == tuple(v.shape)
+    placed[k] = jax.device_put(v, known[k] if fits else NamedSharding(mesh, P()))
+  return traverse_util.unflatten_dict(placed, sep="/")
+
+
 def generate(args) -> list[dict]:
   """One {"prompt", "tokens", "text", "logprobs"} per prompt (text None without a tokenizer)."""
   import jax
@@ -196,6 +247,9 @@ def generate(args) -> list[dict]:
   eos_id = getattr(tokenizer, "eos_id", None) if args.stop_at_eos else None
   if args.stop_at_eos and eos_id is None:
     raise ConfigError("--stop_at_eos: this model's tokenizer has no EOS token")
+  mesh, rules = mesh_of(args.mesh, len(prompts))
+  if mesh is not None:
+    variables = place(model, variables, mesh, rules)
   try:
     tokens_BxN, logprobs_BxN = models.generate(
       model,
@@ -209,6 +263,8 @@ def generate(args) -> list[dict]:
       rng=jax.random.key(args.seed),
       eos_id=eos_id,
       kv_cache=args.kv_cache,
+      mesh=mesh,
+      rules=rules,
     )
   except ValueError as e:
     raise ConfigError(str(e)) from e
@@ -242,6 +298,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--kv_cache", default=None, help="float | int8 (default: the model config's)")
   p.add_argument("--stop_at_eos", action="store_true", help="stop a row at the tokenizer's EOS")
   p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+  p.add_argument("--mesh", help="DATA,TENSOR: decode sharded over that many devices")
   return p
 
 

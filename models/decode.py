@@ -268,7 +268,7 @@ def generate(
     return run()
   if rules is None:
     raise ValueError("mesh= needs rules= too: e.g. parallel.get_rules('fsdp_tp')")
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     return run()
 
 

@@ -169,7 +169,7 @@ def test_sharded_decoding_equals_one_device():
   want = models.generate(model, variables, ids, mask, max_new_tokens=6)
   mesh = parallel.make_mesh(2, 1, 4, devices=jax.devices()[:8])
   rules = parallel.get_rules("fsdp_tp")
-  with mesh, nn.logical_axis_rules(rules):
+  with nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     shardings = parallel.sharding.logical_to_shardings(boxed, mesh, rules)
   placed = jax.device_put(variables, shardings)

@@ -40,6 +40,31 @@ def test_run_prompt_ids_json_equals_models_generate(tiny_lm_run, capsys):
   np.testing.assert_array_equal(np.array([r["tokens"] for r in rows]), np.asarray(want))
 
 
+def test_sharded_mesh_equals_one_device(tiny_lm_run, capsys):
+  """--mesh 2,4 (data 2 x tensor 4 on 8 CPU devices): the same tokens as one device, the
+  parameters sharded over tensor."""
+  workdir, _, _ = tiny_lm_run
+  argv = ["--workdir", str(workdir), "--max_new_tokens", "8", "--json"]
+  argv += ["--prompt_ids", "1 2 3", "--prompt_ids", "4 5"]
+  cli.main(argv)
+  one = _json_rows(capsys)
+  cli.main(argv + ["--mesh", "2,4"])
+  sharded = _json_rows(capsys)
+  assert [r["tokens"] for r in sharded] == [r["tokens"] for r in one]
+  np.testing.assert_allclose(
+    [r["logprobs"] for r in sharded], [r["logprobs"] for r in one], atol=1e-5
+  )
+  model, variables, _ = cli.load_run(str(workdir))
+  mesh, rules = cli.mesh_of("2,4", 2)
+  placed = cli.place(model, variables, mesh, rules)
+  specs = {str(x.sharding.spec) for x in jax.tree.leaves(placed)}
+  assert any("tensor" in s for s in specs), specs
+  with pytest.raises(SystemExit, match="FATAL: --mesh 2,4: 3 prompts do not split over data=2"):
+    cli.main(argv + ["--prompt_ids", "6", "--mesh", "2,4"])
+  with pytest.raises(SystemExit, match="FATAL: --mesh 4,4: needs 16 devices, 8 here"):
+    cli.main(argv + ["--mesh", "4,4"])
+
+
 def test_bad_input_is_one_line(tiny_lm_run, tmp_path):
   workdir, _, _ = tiny_lm_run
   with pytest.raises(SystemExit, match="FATAL: .*--prompt_ids"):

@@ -15,20 +15,12 @@ from compress.quant import Policy, QuantConfig, QuantDot
 from models import decode, export
 
 from quant_helpers import draw, param_shapes
+from test_generate import _prompts  # three prompts: full, right- and left-padded
 
 _S = models.structure()
 MATRICES = f"{_S.weights}|{_S.embeddings}"  # the float matrices storage_bits rounds
-V, N = 96, 12
+V, N = 96, 12  # V: test_generate's vocabulary, which its prompts draw from
 CFG = dict(vocab_size=V, d_model=32, d_ff=64, max_len=48)
-
-
-def _prompts(width=7):
-  """Three prompts: full, right-padded, left-padded (the full one sets the width)."""
-  ids = np.random.default_rng(1).integers(1, V, (3, width))
-  mask = np.ones((3, width), np.int32)
-  mask[1, 4:] = 0
-  mask[2, :2] = 0
-  return ids, mask
 
 
 def _float_model(**kw):

@@ -1,5 +1,6 @@
 """Quantization: pure quantizers, a quantized dot_general (QAT, calibration, int8 serving;
-FP8 training: fp8.py), the optax side, and conversion to an integer checkpoint.
+FP8 training: fp8.py), the optax side, and conversion to an integer checkpoint. QLoRA's NF4
+weight format (blockwise, double-quantized scales, 4-bit packing): nf4.py.
 
     policy = quant.Policy.of((r"lm_head", None), (r".", quant.QuantConfig(bits=8, act_bits=8)))
     model = models.build(cfg, dot_general_cls=functools.partial(quant.QuantDot, policy))
@@ -27,6 +28,8 @@ from compress.quant.quantizers import (
   tile,
 )
 from compress.quant import fp8
+from compress.quant import nf4
+from compress.quant.nf4 import NF4_CODE, nf4_roundtrip
 from compress.quant.dot_general import MODES, QuantDot, calibrate_model
 from compress.quant.policy import Policy, QuantConfig, report
 from compress.quant.convert import convert, disk_bytes, load, save
@@ -42,6 +45,9 @@ from compress.quant.optim import (
 
 __all__ = [
   "fp8",
+  "nf4",
+  "NF4_CODE",
+  "nf4_roundtrip",
   "without_steps",
   "calibrate_model",
   "STEP_NAMES",

@@ -72,6 +72,11 @@ class Experiment:
     """The active method that owns config.<name> (None when it is off)."""
     return next((m for m in self.methods if m.name == name), None)
 
+  @property
+  def trains(self):
+    """A predicate on param paths (only those train) when a method freezes the rest, or None."""
+    return methods_lib.trains(self.methods)
+
   def inputs(self, batch: dict) -> dict:
     """The model's keyword inputs in a batch (beyond the token ids)."""
     return {k: batch[k] for k in self.task.input_keys}
@@ -122,7 +127,7 @@ class Experiment:
     extra = {k: v for k, v in extra.items() if v}
     if extra:
       state["extra"] = extra
-    state["opt"] = self.tx.init(parallel.trainable(state))
+    state["opt"] = self.tx.init(parallel.trainable(state, self.trains))
     state["rng"] = train_rng
     zero = jnp.zeros((), jnp.int32)  # steps skipped for a non-finite loss or gradient
     state["nonfinite"] = {"count": zero, "first": zero, "last": zero}
@@ -204,7 +209,9 @@ class Run:
 
     t = exp.config.train  # the non-finite policy's limit: past it, a step changes nothing
     limit = 0 if t.get("nonfinite", "skip") == "stop" else t.get("max_nonfinite", 10)
-    step = parallel.make_train_step(step_loss, exp.tx, t.microbatches, max_nonfinite=limit)
+    step = parallel.make_train_step(
+      step_loss, exp.tx, t.microbatches, max_nonfinite=limit, trains=exp.trains
+    )
     train_step = parallel.jit_with_mesh(
       step,
       exp.mesh,

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import optax
@@ -33,11 +34,23 @@ PyTree = Any
 LossFn = Callable[[PyTree, dict, jax.Array, PyTree], tuple[jax.Array, dict]]
 
 
-def trainable(state: dict) -> PyTree:
-  """What the optimizer updates: the params, with the state's "extra" when it has one."""
+def trainable(state: dict, trains: Callable[[str], bool] | None = None) -> PyTree:
+  """What the optimizer updates: the params (those whose "/"-joined path `trains` accepts,
+  e.g. LoRA's adapters), with the state's "extra" when it has one."""
+  params = state["params"]
+  if trains is not None:
+    flat = traverse_util.flatten_dict(params, sep="/")
+    params = traverse_util.unflatten_dict({k: v for k, v in flat.items() if trains(k)}, sep="/")
   if "extra" in state:
-    return {"params": state["params"], "extra": state["extra"]}
-  return state["params"]
+    return {"params": params, "extra": state["extra"]}
+  return params
+
+
+def _fill(full: PyTree, part: PyTree) -> PyTree:
+  """`full` with the leaves `part` holds (a sub-tree of the same nesting) replaced."""
+  flat = traverse_util.flatten_dict(full)
+  flat.update(traverse_util.flatten_dict(part))
+  return traverse_util.unflatten_dict(flat)
 
 
 def _with_trainable(state: dict, tree: PyTree) -> dict:
@@ -49,13 +62,19 @@ def make_train_step(
   tx: optax.GradientTransformation,
   microbatches: int = 1,
   max_nonfinite: int | None = None,
+  trains: Callable[[str], bool] | None = None,
 ):
   """Builds the step; gradients are accumulated over `microbatches` slices of the batch.
-  `max_nonfinite`: the state freezes once more steps than that were non-finite."""
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  `max_nonfinite`: the state freezes once more steps than that were non-finite. `trains`: a
+  predicate on "/"-joined param paths; the others are frozen: no gradient is computed for
+  them, the optimizer (its state made from `trainable(state, trains)`) never sees them, and
+  they leave the step bitwise as they came."""
 
   def step(state: dict, batch: dict, *frozen) -> tuple[dict, dict]:
-    params, collections = trainable(state), state.get("collections", {})
+    full = trainable(state)
+    params, collections = trainable(state, trains), state.get("collections", {})
+    of_part = (lambda p, *a: loss_fn(_fill(full, p), *a)) if trains is not None else loss_fn
+    grad_fn = jax.value_and_grad(of_part, has_aux=True)
     rng = jax.random.fold_in(state["rng"], state["step"])
     if microbatches == 1:
       (_, sums), grads = grad_fn(params, batch, rng, collections, *frozen)
@@ -88,7 +107,9 @@ def make_train_step(
     apply = finite & live
     new_params = optax.apply_updates(params, updates)
     new_params = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new_params, params)
-    new_state = _with_trainable(state, new_params)
+    new_state = _with_trainable(
+      state, _fill(full, new_params) if trains is not None else new_params
+    )
     new_state["step"] = state["step"] + live.astype(state["step"].dtype)
     new_state["opt"] = jax.tree.map(lambda n, o: jnp.where(apply, n, o), opt, state["opt"])
     metrics = {k: v / weight for k, v in sums.items() if k != "weight"}

@@ -8,9 +8,14 @@ method, in their order, and names none of them:
               bind(mc, workdir, build_model) -> mc    checks against the model; the student's
                                           model config (e.g. recording attention)
               model_hooks(mode)           kwargs of models.build (dot_general factories)
+              wrap_hooks(hooks, mode)     around the others' hooks (LoRA's adapters on
+                                          quantization's dot)
               update_rule(rule, schedule) the per-parameter update (LSQ: steps get their Adam)
               wrap_optimizer(tx)          around the whole optimizer (pruning's masks)
               init_extra(rng)             trainable params of its own (state["extra"][name])
+              trains()                    a predicate on param paths: only those train (LoRA:
+                                          the adapters); the others get no gradient, no
+                                          optimizer state, and stay bitwise as loaded
     start     setup(run)                  before the state exists (train and load a teacher)
               prepare(run, state, fresh)  after init or load (fresh) or a restore: calibrate,
                                           prune now, copy teacher layers, cache logits
@@ -20,7 +25,8 @@ method, in their order, and names none of them:
     speed     flops(batch, seq_len)       FLOPs it adds to a train step (a teacher's forward)
 
 Order (`Method.order`): distill (a teacher to initialize from and learn from), prune (changes
-the weights), quant (calibrates and exports the weights the others left). A new method is a
+the weights), quant (calibrates and exports the weights the others left), lora (adapters
+around the dots the others made; it freezes the rest). A new method is a
 module in this package with a `@register`ed `Method` subclass; see the README's "Adding a
 method".
 """
@@ -59,6 +65,9 @@ class Method:
   def model_hooks(self, mode: str = "train") -> dict:
     return {}
 
+  def wrap_hooks(self, hooks: dict, mode: str = "train") -> dict:
+    return hooks
+
   def update_rule(self, rule, schedule):
     return rule
 
@@ -66,6 +75,9 @@ class Method:
     return tx
 
   def init_extra(self, rng) -> dict | None:
+    return None
+
+  def trains(self):
     return None
 
   def setup(self, run) -> None:
@@ -119,7 +131,17 @@ def model_hooks(methods, mode: str = "train") -> dict:
   out = {}
   for m in methods:
     out.update(m.model_hooks(mode))
+  for m in methods:  # then around what the others made (LoRA around quantization's dots)
+    out = m.wrap_hooks(out, mode)
   return out
+
+
+def trains(methods):
+  """The params that train: those every method's `trains()` predicate accepts (None: all)."""
+  preds = [p for p in (m.trains() for m in methods) if p is not None]
+  if not preds:
+    return None
+  return lambda path: all(p(path) for p in preds)
 
 
 def greedy_agreement(run, model, variables, params, own=False, rows=8, prompt=16, new=16) -> dict:

@@ -31,6 +31,8 @@ class Structure:
   # (regex, input axis), first match wins: the axis along which N:M groups run. Embed for
   # query/key/value; head_dim for out [H, D, E]; the input of every [in, out] matrix.
   contracting: tuple = ((r"attn/(query|key|value)/kernel$", -3), (r".", -2))
+  # (regex, n), first match wins: a kernel's n leading axes are its inputs (out [H, D, E]: 2).
+  inputs: tuple = ((r"attn/out/kernel$", 2), (r".", 1))
 
 
 def structure(mc=None) -> Structure:

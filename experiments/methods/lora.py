@@ -12,6 +12,7 @@ loaded (for `base=nf4|int4`: loaded, then rounded once, as QLoRA stores it).
 """
 
 import os
+import re
 
 from absl import logging
 import flax.linen as nn
@@ -27,8 +28,8 @@ BASES = ("float", "nf4", "int4")
 
 
 def n_in(path: str, ndim: int) -> int:
-  """A kernel's number of input axes: two for attention's output [H, D, E], else one."""
-  return 2 if path.endswith("attn/out/kernel") else 1
+  """A kernel's number of input axes (models.structure: attention's out [H, D, E] has two)."""
+  return next(n for pattern, n in models.structure().inputs if re.search(pattern, path))
 
 
 @register

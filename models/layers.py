@@ -38,6 +38,9 @@ class Dense(nn.Module):
 
   `names` are the kernel's logical axes, inputs then outputs: ("embed", "heads", "head_dim")
   maps x_BxLxE to y_BxLxHxD, ("heads", "head_dim", "embed") maps x_BxLxHxD back to y_BxLxE.
+  A factory with a `ranks` attribute ({layer path: rank}, e.g. compress.lowrank's plan) makes
+  the listed layers factorized: `kernel_u` [*in, r] and `kernel_v` [r, *out] in place of the
+  kernel.
   """
 
   features: int | tuple[int, ...]
@@ -50,19 +53,13 @@ class Dense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     n_in = len(self.names) - len(features)
-    kernel = self.param(
-      "kernel",
-      nn.with_logical_partitioning(default_init, self.names),
-      x.shape[x.ndim - n_in :] + features,
-      jnp.float32,
-    )
-    dot_general = make_dot_general(self.dot_general_cls)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    if jnp.issubdtype(kernel.dtype, jnp.floating):
-      kernel = kernel.astype(self.dtype)
-    # else: integer codes of a converted (quantized) checkpoint, for a dot_general that
-    # knows their scales.
-    y = dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
+    ranks = getattr(self.dot_general_cls, "ranks", None)  # a factorized model's {layer: rank}
+    rank = ranks.get("/".join(self.scope.path), 0) if ranks else 0
+    if rank:
+      y = self._factorized(x, features, n_in, contract, rank)
+    else:
+      y = self._dense(x, features, n_in, contract)
     if self.use_bias:
       bias = self.param(
         "bias",
@@ -72,6 +69,34 @@ class Dense(nn.Module):
       )
       y = y + bias.astype(self.dtype)
     return y
+
+  def _factorized(self, x, features, n_in, contract, rank):
+    """x . kernel_u [*in, r] . kernel_v [r, *out]: the kernel as two rank-r factors, each
+    through its own dot_general from the factory (two quantized dots under QAT)."""
+    box = lambda names: nn.with_logical_partitioning(default_init, names)  # noqa: E731
+    in_shape = x.shape[x.ndim - n_in :]
+    u = self.param("kernel_u", box(self.names[:n_in] + (None,)), in_shape + (rank,), jnp.float32)
+    v = self.param("kernel_v", box((None,) + self.names[n_in:]), (rank,) + features, jnp.float32)
+    h = make_dot_general(self.dot_general_cls)(
+      x.astype(self.dtype), u.astype(self.dtype), (contract, ((), ()))
+    )
+    return make_dot_general(self.dot_general_cls)(
+      h, v.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ()))
+    )
+
+  def _dense(self, x, features, n_in, contract):
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(default_init, self.names),
+      x.shape[x.ndim - n_in :] + features,
+      jnp.float32,
+    )
+    dot_general = make_dot_general(self.dot_general_cls)
+    if jnp.issubdtype(kernel.dtype, jnp.floating):
+      kernel = kernel.astype(self.dtype)
+    # else: integer codes of a converted (quantized) checkpoint, for a dot_general that
+    # knows their scales.
+    return dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
 
 
 class Unembed(nn.Module):

@@ -6,6 +6,7 @@ params = lowrank.merge_tree(params_f)                                # back to k
 lowrank.count_params(choices), lowrank.flops_per_token(choices)      # (before, after) each
 """
 
+from compress.lowrank.dot import FactorizedDot, layer_ranks
 from compress.lowrank.svd import (
   Choice,
   count_params,
@@ -22,6 +23,8 @@ from compress.lowrank.svd import (
 )
 
 __all__ = [
+  "FactorizedDot",
+  "layer_ranks",
   "Choice",
   "count_params",
   "factorize",

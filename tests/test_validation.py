@@ -12,6 +12,7 @@ import pytest
 from experiments import checks, experiment, reproduce, tasks, train
 from experiments.data import tfds as tfds_data
 from experiments.configs import classify, common, distill, glue, lm, lm_tfds, prune, quant
+from experiments.configs import lora as lora_configs
 
 
 def tiny_lm(steps=2):
@@ -45,6 +46,7 @@ def config_files():
   yield from (distill.get_config(a) for a in distill.ARGS)
   yield from (prune.get_config(a) for a in ("tiny", "nm", "oneshot"))
   yield from (quant.get_config(a) for a in ("tiny", "ptq", "lsq"))
+  yield from (lora_configs.get_config(a) for a in lora_configs.ARGS)
 
 
 def test_every_config_file_and_table_passes_the_checks():

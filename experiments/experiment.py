@@ -175,8 +175,10 @@ class Run:
   shardings: dict  # the train state's
   devices: object = None
   loaded: bool = False  # the params came from a trained model (init_from, a teacher's layers)
+  init_from: str = ""  # what `init` read them from ("hf:..." or a workdir)
   frozen: dict = dataclasses.field(default_factory=dict)  # {method: inputs of every step}
   frozen_shardings: dict = dataclasses.field(default_factory=dict)
+  cache: dict = dataclasses.field(default_factory=dict)  # what methods compute once per run
   eval_step: object = None  # jit_steps makes it, and the eval batches
   eval_batches: list = dataclasses.field(default_factory=list)
 
@@ -191,7 +193,7 @@ class Run:
       state["params"] = parallel.load_params(
         os.path.join(init_from, "checkpoints"), state["params"]
       )
-    self.loaded = bool(init_from)
+    self.loaded, self.init_from = bool(init_from), init_from
     return state
 
   def jit_steps(self):

@@ -19,6 +19,7 @@ import os
 from typing import Callable
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,21 +29,11 @@ from models import decode
 
 def _flat(tree) -> dict:
   """{"a/b/c": leaf} of a nested dict of arrays."""
-  out = {}
-  for path, x in jax.tree_util.tree_leaves_with_path(tree):
-    out["/".join(str(getattr(k, "key", k)) for k in path)] = x
-  return out
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _nest(flat: dict) -> dict:
-  out = {}
-  for name, x in flat.items():
-    *parents, leaf = name.split("/")
-    node = out
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[leaf] = x
-  return out
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _spec(x):

@@ -17,6 +17,7 @@ import shutil
 from typing import Any
 
 from absl import logging
+from flax import traverse_util
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -385,11 +386,4 @@ def _leaves(tree) -> dict:
 
 
 def _nest(flat: dict) -> dict:
-  out = {}
-  for key, leaf in flat.items():
-    *parents, last = key.split("/")
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = leaf
-  return out
+  return traverse_util.unflatten_dict(flat, sep="/")

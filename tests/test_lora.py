@@ -193,3 +193,42 @@ def test_kill_and_resume_with_lora_and_qat_is_bit_exact(tmp_path, monkeypatch):
 def test_bad_lora_config_fails_before_compiling(no_compile, update, message):
   with pytest.raises(ValueError, match=message):
     experiment.build(_lora_config(**update))
+
+
+def test_lora_from_an_hf_checkpoint_exports_what_peft_loads(tmp_path):
+  """LoRA from `hf:` (a random GPT-2 with the tiny preset's shapes, saved here): the base
+  stays the HF weights bit for bit, and PEFT's model with the exported adapter gives our
+  adapted model's logits (1e-4, float32)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  torch.manual_seed(0)
+  hf_config = transformers.GPT2Config(
+    vocab_size=264, n_embd=128, n_layer=2, n_head=4, n_positions=256
+  )
+  hf_dir = str(tmp_path / "gpt2")
+  transformers.GPT2LMHeadModel(hf_config).save_pretrained(hf_dir)
+  c = _lora_config()
+  c.init_from = "hf:" + hf_dir
+  c.train.update(steps=4, checkpoint_every=4, log_every=2, batch_size=8, seq_len=32)
+  c.eval.update(every=4, steps=1, batch_size=8)
+  c.optim.lr = 1e-2  # B moves away from zero in 4 steps
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(c, str(workdir), devices=jax.devices()[:1])
+  _, state = chaos._state(str(workdir))
+  hf_params = models.hf.from_pretrained(hf_dir)[1]
+  mc = experiment.model_config(c, get_tokenizer(c.data.tokenizer))
+  trained = traverse_util.flatten_dict(state["params"], sep="/")
+  for k, v in traverse_util.flatten_dict(hf_params, sep="/").items():
+    np.testing.assert_array_equal(trained[k], v, err_msg=k)
+  ids = np.arange(24).reshape(2, 12) % 264
+  model = models.build(mc, dot_general_cls=lora.lora_dot(SELECT, 4, c.lora.alpha))
+  ours = model.apply({"params": state["params"]}, ids)
+  base = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+  with torch.no_grad():
+    theirs = peft.PeftModel.from_pretrained(base, str(workdir / "adapter"))(
+      torch.tensor(ids)
+    ).logits.numpy()
+  without = models.build(mc).apply({"params": lora.merge(state["params"], 0.0)}, ids)
+  assert np.abs(np.asarray(ours) - np.asarray(without)).max() > 1e-3  # the adapters matter
+  np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)

@@ -160,13 +160,16 @@ def greedy_agreement(run, model, variables, params, own=False, rows=8, prompt=16
   reference = exp.config.eval.get("agreement_with", "")
   if exp.model_config.kind != "decoder" or not (reference or own):
     return {}
-  if reference:
-    params = parallel.load_params(os.path.join(reference, "checkpoints"), params)
   ids = np.asarray(exp.task.batch(0, "eval")["inputs"])[:rows, :prompt]
   new = min(new, exp.model_config.max_len - ids.shape[1])
-  float_model = models.build(exp.model_config)
-  f = decode.greedy_agreement(float_model, {"params": params}, model, variables, ids, new)
-  return {"greedy_agreement": f}
+  key = ("greedy", reference or "own", rows, prompt, new)
+  if key not in run.cache:  # once per run: a pruned and quantized run has two exports
+    if reference:
+      params = parallel.load_params(os.path.join(reference, "checkpoints"), params)
+    float_model = models.build(exp.model_config)
+    run.cache[key] = decode.generate(float_model, {"params": params}, ids, max_new_tokens=new)[0]
+  ours, _ = decode.generate(model, variables, ids, max_new_tokens=new)
+  return {"greedy_agreement": float(np.mean(np.asarray(ours) == np.asarray(run.cache[key])))}
 
 
 def export_row(prefix, evaluated, directory, params, size_key, disk_bytes, **extra) -> dict:

@@ -51,9 +51,15 @@ class LowRank(Method):
     if c.method != "svd":
       raise ValueError(f"lowrank.method={c.method!r}: choose 'none' or 'svd'.")
     init = config.get("init_from") or ""
-    if not init:
+    if not init and not config.get("pretrain"):
       raise ValueError(
         "lowrank.method='svd' factorizes a trained model: set --config.init_from=WORKDIR."
+      )
+    if not init and not c.rank:
+      raise ValueError(
+        "lowrank.energy and lowrank.budget choose ranks from the trained weights when the "
+        "experiment is built, before `pretrain` runs: set init_from to a finished run, or "
+        "use lowrank.rank."
       )
     if init.startswith("hf:"):
       raise ValueError(
@@ -68,17 +74,15 @@ class LowRank(Method):
         )
 
   def bind(self, mc, workdir, build_model):
-    """Reads the dense kernels, plans the ranks (every bad value raises here, before any
-    compiling) and computes the factors."""
+    """Plans the ranks (every bad value raises here, before any compiling): a fixed rank from
+    the shapes alone, energy and budget from the trained kernels of init_from."""
     c = self.c
     s = models.structure(mc)
-    dense = models.build(mc)
-    ids = jnp.zeros((1, min(8, mc.max_len)), jnp.int32)
-    abstract = jax.eval_shape(lambda: nn.meta.unbox(dense.init(jax.random.PRNGKey(0), ids)))
-    stacked = f"^{s.layers}/" if mc.scan_layers else None
-    ckpt = os.path.join(self.config.init_from, "checkpoints")
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract["params"])
-    params = parallel.load_params(ckpt, zeros)
+    self.mc, self.stacked = mc, (f"^{s.layers}/" if mc.scan_layers else None)
+    if c.rank:
+      params = self._dense_params(None)
+    else:
+      params = self._dense_params(self.config.init_from)
     self.choices = lowrank.plan(
       params,
       c.select,
@@ -86,14 +90,8 @@ class LowRank(Method):
       energy=c.energy,
       budget=c.budget,
       n_in=s.inputs,
-      stacked=stacked,
+      stacked=self.stacked,
     )
-    factored = lowrank.factorize_tree(params, self.choices)
-    self.factors = {
-      "/".join(keys): leaf
-      for keys, leaf in nested_items(factored)
-      if keys[-1].startswith("kernel_")
-    }
     (p0, p1), (f0, f1) = lowrank.count_params(self.choices), lowrank.flops_per_token(self.choices)
     self.fields = dict(
       factorized_params=p1, dense_params=p0, factorized_flops_per_token=f1, dense_flops_per_token=f0
@@ -107,6 +105,17 @@ class LowRank(Method):
     )
     return mc
 
+  def _dense_params(self, init_from):
+    """The dense model's params: zeros (shapes only) without `init_from`, else read from its
+    latest checkpoint."""
+    dense = models.build(self.mc)
+    ids = jnp.zeros((1, min(8, self.mc.max_len)), jnp.int32)
+    abstract = jax.eval_shape(lambda: nn.meta.unbox(dense.init(jax.random.PRNGKey(0), ids)))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract["params"])
+    if not init_from:
+      return zeros
+    return parallel.load_params(os.path.join(init_from, "checkpoints"), zeros)
+
   def wrap_hooks(self, hooks, mode="train"):
     ranks = lowrank.layer_ranks(self.choices)
     return {**hooks, "dot_general_cls": lowrank.FactorizedDot(ranks, hooks.get("dot_general_cls"))}
@@ -116,11 +125,25 @@ class LowRank(Method):
     init_from by the loop)."""
     if not fresh:
       return state
+    c, dense = self.c, self._dense_params(run.init_from)
+    if c.rank:  # the same ranks, now with the trained spectra (the energy each keeps)
+      self.choices = lowrank.plan(
+        dense, c.select, rank=c.rank, n_in=models.structure(self.mc).inputs, stacked=self.stacked
+      )
+    factored = lowrank.factorize_tree(dense, self.choices)
+    factors = {
+      "/".join(keys): leaf
+      for keys, leaf in nested_items(factored)
+      if keys[-1].startswith("kernel_")
+    }
+    energy = {k: round(v.energy_kept, 4) for k, v in self.choices.items()}
+    logging.info("lowrank: the spectral energy each factorized kernel keeps: %s", energy)
+    self.fields["energy_kept"] = sum(energy.values()) / len(energy)
 
     def put(path, leaf):
       name = jax.tree_util.keystr(path, simple=True, separator="/")
-      if name in self.factors:
-        return jax.device_put(self.factors[name].astype(leaf.dtype), leaf.sharding)
+      if name in factors:
+        return jax.device_put(factors[name].astype(leaf.dtype), leaf.sharding)
       return leaf
 
     state["params"] = jax.tree_util.tree_map_with_path(put, state["params"])

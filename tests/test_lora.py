@@ -121,12 +121,15 @@ def _mesh(c):
   return c
 
 
-def test_only_adapters_train_from_a_trained_base(tiny_lm_run, tmp_path):
-  """LoRA from a trained run: after training the base is bitwise the loaded one; the
-  optimizer state holds the adapters only (its bytes in the eval row); the merged model's
-  eval loss equals the adapted one's; the PEFT adapter files are written."""
+@pytest.mark.parametrize("base", ["float", "nf4"])
+def test_only_adapters_train_from_a_trained_base(tiny_lm_run, tmp_path, base):
+  """LoRA from a trained run: after training the base is bitwise the loaded one (QLoRA: the
+  loaded one rounded to NF4); the optimizer state holds the adapters only (its bytes in the
+  eval row); the merged model's eval loss equals the adapted one's; the PEFT adapter files
+  are written and read back exactly. QLoRA: the base's NF4 storage (about 4.1 bits a weight)
+  reads back as the base it trained on and gives the same eval loss."""
   base_dir, _, _ = tiny_lm_run
-  c = _lora_config()
+  c = _lora_config(base=base)
   c.init_from = str(base_dir)
   c.train.update(steps=8, checkpoint_every=8, log_every=4)
   c.eval.update(every=8, steps=2)
@@ -134,6 +137,18 @@ def test_only_adapters_train_from_a_trained_base(tiny_lm_run, tmp_path):
   final = train.train_and_evaluate(c, str(workdir), devices=jax.devices()[:1])
   _, loaded = chaos._state(str(base_dir))
   _, trained = chaos._state(str(workdir))
+  if base == "nf4":  # the adapted layers' kernels rounded, as prepare rounds them
+    grafted = {
+      **traverse_util.flatten_dict(loaded["params"]),
+      **traverse_util.flatten_dict(lora.adapters(trained["params"])),
+    }
+    rounded = jax.jit(lambda p: lora.quantize_base(p, "nf4", 64, _n_in))(
+      traverse_util.unflatten_dict(grafted)
+    )
+    flat = traverse_util.flatten_dict(rounded)
+    loaded["params"] = traverse_util.unflatten_dict(
+      {k: v for k, v in flat.items() if "lora" not in k}
+    )
   flat_a = traverse_util.flatten_dict(loaded["params"], sep="/")
   flat_b = traverse_util.flatten_dict(trained["params"], sep="/")
   adapters = {k for k in flat_b if lora.trains(k)}
@@ -148,6 +163,9 @@ def test_only_adapters_train_from_a_trained_base(tiny_lm_run, tmp_path):
   assert final["trainable_params"] == n
   assert 2 * 4 * n <= final["opt_state_bytes"] < 2 * 4 * n + 64  # Adam's mu and nu, a count
   assert final["merged_eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-5)
+  if base == "nf4":
+    assert final["nf4_eval_loss"] == final["eval_loss"]
+    assert final["nf4_base_bytes"] < 0.15 * final["nf4_base_float32_bytes"]
   mc = experiment.model_config(c, get_tokenizer(c.data.tokenizer))
   read, rank, alpha = peft_files.load_adapter(mc, str(workdir / "adapter"))
   assert (rank, alpha) == (4, c.lora.alpha)

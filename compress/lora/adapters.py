@@ -20,13 +20,15 @@ QLoRA's frozen base: every selected kernel rounded to NF4 (or int4) in blocks al
 import math
 import re
 
+import numpy as np
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from compress.quant import nf4
-from compress.tree import nested_items, set_new
+from compress.tree import load_arrays, nested_items, save_arrays, set_new
 
 ADAPTER = "lora"  # the adapters' subtree under each selected layer
 RANK_AXIS = "lora_rank"  # the rank axis' logical name (no rule maps it: replicated)
@@ -239,4 +241,57 @@ def quantize_base(params: dict, fmt: str, block: int, n_in, stacked: str | None 
   for keys, layer, k, st in plans:
     rounded = round_blockwise(layer[WEIGHT], k, fmt, block, st)
     out = _replace(out, keys, {**layer, WEIGHT: rounded})
+  return out
+
+
+def _nf4_pack(w, n_in: int, block: int) -> dict:
+  """One kernel as NF4 storage: 4-bit codes two a byte in blocks along its input (the layout
+  of `round_blockwise`), int8 double-quantized block scales, their block scales and mean."""
+  w_OxI = w.reshape(math.prod(w.shape[:n_in]), -1).T
+  codes, absmax = nf4.quantize(w_OxI, block)
+  scale_codes, scale, mean = nf4.quantize_scales(absmax)
+  return dict(codes=nf4.pack(codes), scale_codes=scale_codes, scale=scale, mean=mean)
+
+
+def _nf4_unpack(a: dict, shape, n_in: int):
+  fan_in = math.prod(shape[:n_in])
+  n = math.prod(shape)
+  absmax = nf4.dequantize_scales(a["scale_codes"], a["scale"], a["mean"])
+  w_OxI = nf4.dequantize(nf4.unpack(a["codes"], n), absmax, (n // fan_in, fan_in))
+  return w_OxI.T.reshape(shape)
+
+
+def save_nf4_base(directory: str, params: dict, block: int, n_in, stacked: str | None = None):
+  """The adapted layers' kernels stored as NF4 (about 4.13 bits a weight with blocks of 64:
+  `nf4.bits_per_parameter`), under `directory` (orbax arrays + nf4.json). Their values are
+  those `quantize_base(params, "nf4", ...)` holds; the other leaves are not written (the
+  adapters, embeddings and norms travel in the run's checkpoint or the PEFT files)."""
+  arrays, meta = {}, {"block": block, "kernels": {}}
+  for keys, layer in _layers(params):
+    path = "/".join(keys + (WEIGHT,))
+    st = bool(stacked and re.search(stacked, path))
+    w = layer[WEIGHT]
+    k = n_in(path, w.ndim - st)
+    pack = (lambda f: jax.vmap(f) if st else f)(lambda x: _nf4_pack(x, k, block))
+    packed = jax.jit(pack)(w)
+    for name, a in packed.items():
+      arrays[f"{path}/{name}"] = np.asarray(a)
+    meta["kernels"][path] = {"shape": list(w.shape), "n_in": k, "stacked": st}
+  save_arrays(directory, arrays, meta, "nf4.json")
+
+
+def load_nf4_base(directory: str, params: dict) -> dict:
+  """`params` with every kernel `save_nf4_base` stored read back (dequantized to float32)."""
+  arrays, meta = load_arrays(directory, "nf4.json")
+  out = params
+  for path, m in meta["kernels"].items():
+    parts = {
+      n: jnp.asarray(arrays[f"{path}/{n}"]) for n in ("codes", "scale_codes", "scale", "mean")
+    }
+    shape = tuple(m["shape"])
+    if m["stacked"]:
+      w = jax.jit(jax.vmap(lambda a: _nf4_unpack(a, shape[1:], m["n_in"])))(parts)
+    else:
+      w = jax.jit(lambda a: _nf4_unpack(a, shape, m["n_in"]))(parts)
+    out = set_new(out, tuple(path.split("/")), w)
   return out

@@ -16,11 +16,14 @@ import re
 
 from absl import logging
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from compress import lora
+from compress.tree import disk_bytes
 import models
 from experiments.methods import Method, register
 
@@ -105,8 +108,12 @@ class Lora(Method):
   def prepare(self, run, state, fresh):
     if not run.loaded and fresh:
       logging.warning("lora: the base is a fresh init, not a trained model: set init_from.")
+    stacked = r"^layers/" if self.mc.scan_layers else None
+    if fresh and self.c.base == "nf4" and run.workdir and jax.process_count() == 1:
+      # QLoRA's storage of the frozen base: 4-bit codes and double-quantized scales, made from
+      # the loaded weights once (the base never changes); the export reads it back.
+      lora.save_nf4_base(self._nf4_dir(run), state["params"], self.c.block, n_in, stacked)
     if fresh and self.c.base != "float":
-      stacked = r"^layers/" if self.mc.scan_layers else None
       rounded = jax.jit(
         lambda p: lora.quantize_base(p, self.c.base, self.c.block, n_in, stacked),
         out_shardings=run.shardings["params"],
@@ -136,6 +143,8 @@ class Lora(Method):
     plain = models.build(exp.model_config)
     merged = jax.jit(lambda p: lora.merge(p, self.c.alpha))(params)
     row = {f"merged_{k}": v for k, v in run.evaluate_model(plain, {"params": merged}).items()}
+    if self.c.base == "nf4" and os.path.isdir(self._nf4_dir(run)):
+      row.update(self._served_from_nf4(run, params, state.get("collections", {})))
     if jax.process_index() == 0 and _peft_family(exp.model_config):
       from models import peft
 
@@ -153,6 +162,25 @@ class Lora(Method):
         os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
       )
       logging.info("lora: PEFT adapter written to %s", directory)
+    return row
+
+  def _nf4_dir(self, run):
+    return os.path.join(run.workdir, "base_nf4")
+
+  def _served_from_nf4(self, run, params, collections) -> dict:
+    """The adapted model on the base read back from its NF4 storage (equal to the base it
+    trained on), evaluated; the storage's size against the float32 kernels'."""
+    directory = self._nf4_dir(run)
+    host = jax.tree.map(jax.device_get, params)
+    loaded = lora.load_nf4_base(directory, host)
+    kernels = [k for k, _ in _kernels(host)]
+    flat_a = traverse_util.flatten_dict(loaded, sep="/")
+    flat_b = traverse_util.flatten_dict(host, sep="/")
+    if any(not np.array_equal(flat_a[k], flat_b[k]) for k in kernels):
+      raise ValueError(f"{directory} does not hold the base this run trained on.")
+    row = {f"nf4_{k}": v for k, v in run.evaluate(loaded, collections).items()}
+    row["nf4_base_bytes"] = disk_bytes(directory)
+    row["nf4_base_float32_bytes"] = 4 * sum(flat_b[k].size for k in kernels)
     return row
 
 

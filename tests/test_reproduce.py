@@ -20,14 +20,16 @@ SMALLEST = {
   "nm": "2:4-oneshot",  # needs "dense": covers init_from
   "deep-compression": "dense",
   "parallel": None,
+  "lora": "qlora-r16",  # needs "pretrained": the NF4 base, adapters, the merged eval
 }
 
 # Every key a table's report reads, with made-up values.
 ROW_KEYS = (
   "eval_loss excess_loss eval_accuracy sparse_eval_loss sparse_excess_loss serve_eval_loss "
-  "serve_excess_loss sparsity sparsity_all accuracy serve_greedy_agreement sparse_greedy_agreement"
+  "serve_excess_loss sparsity sparsity_all accuracy serve_greedy_agreement sparse_greedy_agreement "
+  "merged_eval_loss merged_excess_loss trainable_fraction"
 ).split()
-SIZE_KEYS = ("export_bytes", "float32_bytes", "sparse_bytes")
+SIZE_KEYS = ("export_bytes", "float32_bytes", "sparse_bytes", "trainable_params", "opt_state_bytes")
 
 
 def _smallest(table):
@@ -46,6 +48,10 @@ def test_smallest_arm_end_to_end(tmp_path, table):
   assert md.startswith("# ") and f"Libraries: jax {jax.__version__}" in md
   if table == "nm":  # the 2:4 export's greedy agreement with the dense run it names
     _check_agreement(tmp_path / table, result)
+  if table == "lora":  # adapters only train; the merged model is the adapted one
+    row = result["row"]
+    assert 0 < row["trainable_params"] < row["trainable_params"] / row["trainable_fraction"]
+    assert row["merged_eval_loss"] == pytest.approx(row["eval_loss"], abs=1e-4)
 
 
 def _check_agreement(table_dir, result):

@@ -21,6 +21,7 @@ SMALLEST = {
   "deep-compression": "dense",
   "parallel": None,
   "lora": "qlora-r16",  # needs "pretrained": the NF4 base, adapters, the merged eval
+  "lowrank": "svd-25-ft",  # needs "dense": SVD of its checkpoint, the factors fine-tuned
 }
 
 # Every key a table's report reads, with made-up values.
@@ -30,6 +31,12 @@ ROW_KEYS = (
   "merged_eval_loss merged_excess_loss trainable_fraction"
 ).split()
 SIZE_KEYS = ("export_bytes", "float32_bytes", "sparse_bytes", "trainable_params", "opt_state_bytes")
+SIZE_KEYS += (
+  "factorized_params",
+  "dense_params",
+  "factorized_flops_per_token",
+  "dense_flops_per_token",
+)
 
 
 def _smallest(table):
@@ -172,3 +179,33 @@ def test_small_scale_builds_or_is_refused(tmp_path, table):
     reproduce._validate(job)
     assert job["config"].data.source == "markov" and job["config"].model.preset.startswith("tiny")
   assert reproduce.SEEDS["small"] == 5
+
+
+def test_lowrank_arms_keep_equal_counts(tmp_path, monkeypatch):
+  """lowrank at --scale test: SVD by global budget (fine-tuned), SVD at the uniform rank and
+  one-shot magnitude pruning, each from the dense run, keep the same number of values of the
+  same kernels; SVD's FLOPs fall with them, pruning's sparsity is 1 - that fraction."""
+  from experiments.tables import lowrank
+
+  if "lowrank" not in reproduce.TABLES:  # until experiments.reproduce lists it
+    monkeypatch.setattr(reproduce, "TABLES", reproduce.TABLES + ("lowrank",))
+  arms = ["svd-25-ft", "svd-uniform-25", "prune-25"]
+  out = reproduce.run("lowrank", str(tmp_path), scale="test", seeds=1, workers=1, only=arms)
+  assert set(out["runs"]) == {"dense", *arms}
+  row = {a: out["runs"][a][0]["row"] for a in out["runs"]}
+  kernels = lowrank._kernels(lowrank.arms("test")[0].config)
+  pct, _, frac = lowrank.budgets(lowrank.arms("test")[0].config)[1]
+  size, one_rank = sum(r * c for r, c in kernels), max(r + c for r, c in kernels)
+  assert pct == 25 and row["svd-25-ft"]["dense_params"] == size
+  uniform = row["svd-uniform-25"]["factorized_params"]
+  assert uniform == round(frac * size) and row["prune-25"]["sparsity"] == pytest.approx(1 - frac)
+  assert uniform - one_rank < row["svd-25-ft"]["factorized_params"] <= uniform
+  for a in ("svd-25-ft", "svd-uniform-25"):
+    assert row[a]["factorized_flops_per_token"] == 2 * row[a]["factorized_params"]
+    assert row[a]["dense_flops_per_token"] == 2 * size
+  assert all(math.isfinite(r["excess_loss"]) for r in row.values())
+  sparsity = json.loads((tmp_path / "lowrank" / "prune-25" / "seed0" / "sparsity.json").read_text())
+  assert sparsity["selected"]["size"] == size  # the kernels SVD factorizes, no others
+  made_up = tmp_path / "made-up"  # its report and claims, as the tables listed get above
+  made_up.mkdir()
+  test_report_from_made_up_results(made_up, "lowrank")

@@ -43,7 +43,7 @@ from experiments import train  # noqa: F401 (defines --workdir, which the tables
 from experiments.configs import common
 from experiments.tables import Arm, Report, Results
 
-TABLES = ("gmp", "qat", "kd", "nm", "deep-compression", "parallel", "lora")
+TABLES = ("gmp", "qat", "kd", "nm", "deep-compression", "parallel", "lora", "lowrank")
 SCALES = ("tiny", "small", "full", "test")
 SEEDS = {"tiny": 3, "small": 5}  # the default seeds per arm; other scales: 1
 

@@ -181,14 +181,12 @@ def test_small_scale_builds_or_is_refused(tmp_path, table):
   assert reproduce.SEEDS["small"] == 5
 
 
-def test_lowrank_arms_keep_equal_counts(tmp_path, monkeypatch):
+def test_lowrank_arms_keep_equal_counts(tmp_path):
   """lowrank at --scale test: SVD by global budget (fine-tuned), SVD at the uniform rank and
   one-shot magnitude pruning, each from the dense run, keep the same number of values of the
   same kernels; SVD's FLOPs fall with them, pruning's sparsity is 1 - that fraction."""
   from experiments.tables import lowrank
 
-  if "lowrank" not in reproduce.TABLES:  # until experiments.reproduce lists it
-    monkeypatch.setattr(reproduce, "TABLES", reproduce.TABLES + ("lowrank",))
   arms = ["svd-25-ft", "svd-uniform-25", "prune-25"]
   out = reproduce.run("lowrank", str(tmp_path), scale="test", seeds=1, workers=1, only=arms)
   assert set(out["runs"]) == {"dense", *arms}

@@ -29,7 +29,9 @@ def qat_steps(mesh, devices=None, steps=3, **quant):
 def test_sharded_qat_equals_one_device(quant):
   one, _ = qat_steps((1, 1, 1), jax.devices()[:1], **quant)
   sharded, state = qat_steps((2, 2, 2), **quant)
-  np.testing.assert_allclose(sharded, one, atol=2e-5, rtol=0)
+  # float32 reductions in another order: 1e-5 relative (observed 9.6e-6 with jax 0.10.2 on
+  # a static-range tile run, where a rounding decision can flip)
+  np.testing.assert_allclose(sharded, one, atol=2e-5, rtol=2e-5)
   # Scales shard with their weights: the query kernel [E, H, D] and its scale [1, H, D]
   # (or [E / tile, 1, H, D]) split the same axes over the same mesh axes.
   kernel = state["params"]["layers_0"]["attn"]["query"]["kernel"]

@@ -157,6 +157,12 @@ def _layers(params, prefix=()):
         yield from _layers(v, prefix + (k,))
 
 
+def adapted_kernels(params: dict):
+  """("layers_0/attn/query/kernel", kernel) of every layer that has an adapter."""
+  for keys, layer in _layers(params):
+    yield "/".join(keys + (WEIGHT,)), layer[WEIGHT]
+
+
 def merge(params: dict, alpha: float) -> dict:
   """W + alpha / r * A B for every adapted layer, the adapters removed: the plain model's
   params (r read from A's last axis)."""
@@ -165,7 +171,7 @@ def merge(params: dict, alpha: float) -> dict:
     a, b, w = layer[ADAPTER]["a"], layer[ADAPTER]["b"], layer[WEIGHT]
     merged = w + (alpha / a.shape[-1]) * _delta(a, b, w.ndim).astype(w.dtype)
     new = {k: v for k, v in layer.items() if k != ADAPTER}
-    out = _replace(out, keys, {**new, WEIGHT: merged})
+    out = set_new(out, keys, {**new, WEIGHT: merged})
   return out
 
 
@@ -175,7 +181,7 @@ def unmerge(params: dict, lora: dict, alpha: float) -> dict:
   for keys, layer in _layers(_graft(params, lora)):
     a, b, w = layer[ADAPTER]["a"], layer[ADAPTER]["b"], layer[WEIGHT]
     base = w - (alpha / a.shape[-1]) * _delta(a, b, w.ndim).astype(w.dtype)
-    out = _replace(out, keys, {**layer, WEIGHT: base})
+    out = set_new(out, keys, {**layer, WEIGHT: base})
   return out
 
 
@@ -184,12 +190,6 @@ def _graft(params, lora):
   for keys, leaf in nested_items(lora):
     out = set_new(out, keys, leaf)
   return out
-
-
-def _replace(tree, keys, value):
-  if not keys:
-    return value
-  return {**tree, keys[0]: _replace(tree[keys[0]], keys[1:], value)}
 
 
 def check_block(shape, n_in: int, block: int, path: str, key: str = "lora.block") -> None:
@@ -240,7 +240,7 @@ def quantize_base(params: dict, fmt: str, block: int, n_in, stacked: str | None 
   out = params
   for keys, layer, k, st in plans:
     rounded = round_blockwise(layer[WEIGHT], k, fmt, block, st)
-    out = _replace(out, keys, {**layer, WEIGHT: rounded})
+    out = set_new(out, keys, {**layer, WEIGHT: rounded})
   return out
 
 

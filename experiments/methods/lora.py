@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from compress import lora
-from compress.tree import disk_bytes
+from compress.tree import disk_bytes, nested_items
 import models
 from experiments.methods import Method, register
 
@@ -81,9 +81,9 @@ class Lora(Method):
     ids = jnp.zeros((1, min(8, mc.max_len)), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))["params"]
     shapes = nn.meta.unbox(shapes)
-    adapted = list(_kernels(shapes))
+    adapted = list(lora.adapted_kernels(shapes))
     if not adapted:
-      layers = sorted({"/".join(k[:-1]) for k, _ in _leaves(shapes) if k[-1] == "kernel"})
+      layers = sorted({"/".join(k[:-1]) for k, _ in nested_items(shapes) if k[-1] == "kernel"})
       raise ValueError(
         f"lora.select={self.c.select!r} matched no layer: the layers are {layers[:8]}..."
       )
@@ -173,7 +173,7 @@ class Lora(Method):
     directory = self._nf4_dir(run)
     host = jax.tree.map(jax.device_get, params)
     loaded = lora.load_nf4_base(directory, host)
-    kernels = [k for k, _ in _kernels(host)]
+    kernels = [k for k, _ in lora.adapted_kernels(host)]
     flat_a = traverse_util.flatten_dict(loaded, sep="/")
     flat_b = traverse_util.flatten_dict(host, sep="/")
     if any(not np.array_equal(flat_a[k], flat_b[k]) for k in kernels):
@@ -189,22 +189,3 @@ def _peft_family(mc) -> bool:
     return models.hf.family_of(mc) in ("gpt2", "llama", "bert")
   except ValueError:
     return False
-
-
-def _leaves(tree, prefix=()):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _leaves(v, prefix + (k,))
-  else:
-    yield prefix, tree
-
-
-def _kernels(shapes):
-  """("layers_0/attn/query/kernel", shape) of every kernel that got an adapter."""
-  for keys, leaf in _leaves(shapes):
-    if keys[-1] == "kernel" and len(keys) > 1:
-      parent = shapes
-      for k in keys[:-1]:
-        parent = parent[k]
-      if lora.ADAPTER in parent:
-        yield "/".join(keys), leaf

@@ -79,10 +79,10 @@ class LowRank(Method):
     c = self.c
     s = models.structure(mc)
     self.mc, self.stacked = mc, (f"^{s.layers}/" if mc.scan_layers else None)
-    if c.rank:
-      params = self._dense_params(None)
-    else:
-      params = self._dense_params(self.config.init_from)
+    # energy / budget: the trained kernels, kept for `prepare` (one read of the checkpoint)
+    source = "" if c.rank else self.config.init_from
+    params = self._dense_params(source)
+    self.read = (source, params) if source else None
     self.choices = lowrank.plan(
       params,
       c.select,
@@ -123,9 +123,11 @@ class LowRank(Method):
   def prepare(self, run, state, fresh):
     """A fresh run: the factors in place of their init (the other leaves were read from
     init_from by the loop)."""
+    read, self.read = self.read, None
     if not fresh:
       return state
-    c, dense = self.c, self._dense_params(run.init_from)
+    c = self.c
+    dense = read[1] if read and read[0] == run.init_from else self._dense_params(run.init_from)
     if c.rank:  # the same ranks, now with the trained spectra (the energy each keeps)
       self.choices = lowrank.plan(
         dense, c.select, rank=c.rank, n_in=models.structure(self.mc).inputs, stacked=self.stacked

@@ -5,7 +5,15 @@ from models.config import PRESETS, ModelConfig, get_preset
 from models.decode import generate
 from models.layers import Dense, DotGeneralFactory
 from models.structure import Structure, structure
-from models.transformer import Decoder, Encoder, build, count_params, scan_params, unscan_params
+from models.transformer import (
+  Block,
+  Decoder,
+  Encoder,
+  build,
+  count_params,
+  scan_params,
+  unscan_params,
+)
 
 __all__ = [
   "hf",
@@ -17,6 +25,7 @@ __all__ = [
   "DotGeneralFactory",
   "Structure",
   "structure",
+  "Block",
   "Decoder",
   "Encoder",
   "build",

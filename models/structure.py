@@ -33,6 +33,13 @@ class Structure:
   contracting: tuple = ((r"attn/(query|key|value)/kernel$", -3), (r".", -2))
   # (regex, n), first match wins: a kernel's n leading axes are its inputs (out [H, D, E]: 2).
   inputs: tuple = ((r"attn/out/kernel$", 2), (r".", 1))
+  # (norm, the kernels it alone feeds), paths inside one layer; pre-LN decoders only. A
+  # per-input-channel scale s moves exactly from the norm (scale / s, bias / s) into those
+  # kernels (rows times s): AWQ's and SmoothQuant's equivalent transformation.
+  feeds: tuple = (
+    (r"attn_norm", r"attn/(query|key|value)/kernel$"),
+    (r"mlp_norm", r"mlp/(wi|wg)/kernel$"),
+  )
 
 
 def structure(mc=None) -> Structure:

@@ -145,8 +145,11 @@ class Decoder(nn.Module):
     positions=None,
     deterministic=True,
     cache_index=None,
+    layers_input=False,
   ):
     """Logits BxLxV (float32). `attention_mask` (BxL, 1 = token, 0 = pad) masks padded keys.
+    `layers_input`: return the residual stream entering the first layer instead (one-shot
+    methods run the layers one at a time from there: `Block`).
 
     With `cache_index` (decoding: models.generate) the tokens are written to the "cache"
     collection's slots cache_index.. and attend to the slots before them; `attention_mask`
@@ -164,6 +167,8 @@ class Decoder(nn.Module):
       )
     x_BxLxE = nn.Dropout(cfg.dropout_rate)(x_BxLxE, deterministic=deterministic)
     x_BxLxE = nn.with_logical_constraint(x_BxLxE, RESIDUAL)
+    if layers_input:
+      return x_BxLxE
     x_BxLxE = apply_layers(
       cfg,
       x_BxLxE,
@@ -212,9 +217,16 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(
-    self, input_ids_BxL, *, attention_mask=None, token_type_ids=None, deterministic=True
+    self,
+    input_ids_BxL,
+    *,
+    attention_mask=None,
+    token_type_ids=None,
+    deterministic=True,
+    layers_input=False,
   ):
-    """MLM logits BxLxV, class logits BxC, or hidden states BxLxE (all float32)."""
+    """MLM logits BxLxV, class logits BxC, or hidden states BxLxE (all float32).
+    `layers_input`: the residual stream entering the first layer instead (as the decoder's)."""
     cfg = self.config
     _check_length(cfg, input_ids_BxL.shape[1])
     positions_BxL = jnp.broadcast_to(jnp.arange(input_ids_BxL.shape[1]), input_ids_BxL.shape)
@@ -232,6 +244,8 @@ class Encoder(nn.Module):
     x_BxLxE = Norm(cfg.norm, cfg.norm_eps, name="embed_norm")(x_BxLxE)
     x_BxLxE = nn.Dropout(cfg.dropout_rate)(x_BxLxE, deterministic=deterministic)
     x_BxLxE = nn.with_logical_constraint(x_BxLxE, RESIDUAL)
+    if layers_input:
+      return x_BxLxE
     x_BxLxE = apply_layers(
       cfg,
       x_BxLxE,

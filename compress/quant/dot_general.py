@@ -199,12 +199,16 @@ class QuantDot(nn.Module):
     return qz.Grid(scale)
 
   def _weight_grid(self, d: _Dot, w) -> qz.Grid:
-    """The weight's grid in the tiled layout: its learned step (LSQ) or its range's."""
+    """The weight's grid in the tiled layout: its learned step (LSQ), the stored scale a
+    post-training method chose (calibrator "stored": GPTQ's grids), or its range's."""
+    if d.cfg.calibrator == "stored" and not self.is_initializing():
+      return qz.Grid(self.get_variable("quant", "w_scale"))
     if d.cfg.lsq:
       init = lambda *_: qz.lsq_init(lax.stop_gradient(w), d.w_reduce, d.r_bits)  # noqa: E731
       return qz.Grid(self.param("w_step", _boxed(init, self._names(d, w.ndim))))
+    method = "absmax" if d.cfg.calibrator == "stored" else d.cfg.calibrator  # at init
     lo, hi = qz.calibrate(
-      lax.stop_gradient(w), d.w_reduce, bits=d.r_bits, symmetric=d.r_sym, method=d.cfg.calibrator
+      lax.stop_gradient(w), d.w_reduce, bits=d.r_bits, symmetric=d.r_sym, method=method
     )
     return qz.int_grid(lo, hi, d.r_bits, d.r_sym)
 

@@ -36,7 +36,7 @@ class QuantConfig:
   symmetric: bool = True
   act_symmetric: bool = True
   act_static: bool = False
-  calibrator: str = "absmax"
+  calibrator: str = "absmax"  # weights; "stored": the w_scale already in "quant" (GPTQ's)
   act_calibrator: str = "absmax"
   lsq: bool = False
   format: str = "int"
@@ -71,9 +71,17 @@ class QuantConfig:
         "act_granularity='token' is dynamic: static or learned activation ranges are per "
         "tensor. Set act_granularity='tensor'."
       )
-    for name in ("calibrator", "act_calibrator"):
-      if getattr(self, name) not in qz.CALIBRATORS:
-        raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {qz.CALIBRATORS}.")
+    if self.act_calibrator not in qz.CALIBRATORS:
+      raise ValueError(f"act_calibrator={self.act_calibrator!r}: choose one of {qz.CALIBRATORS}.")
+    if self.calibrator not in qz.CALIBRATORS + ("stored",):
+      raise ValueError(
+        f"calibrator={self.calibrator!r}: choose one of {qz.CALIBRATORS + ('stored',)}."
+      )
+    if self.calibrator == "stored" and (self.lsq or not self.symmetric):
+      raise ValueError(
+        "calibrator='stored' keeps the symmetric weight scales a post-training method set "
+        "(GPTQ): leave lsq=False and symmetric=True."
+      )
     if self.lsq and not (self.symmetric and self.act_symmetric):
       raise ValueError("lsq=True learns steps on the signed grid: leave symmetric=True.")
 

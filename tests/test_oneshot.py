@@ -115,10 +115,11 @@ def test_run_sharded_equals_one_device_and_export_equals_eval(
     if f"{prefix}_eval_loss" in one:
       np.testing.assert_allclose(one[f"{prefix}_eval_loss"], one["eval_loss"], rtol=1e-5)
   assert one["oneshot_calib_tokens"] == 2 * c.train.batch_size * c.train.seq_len
-  if "prune" in sections:
-    assert one["sparsity"] == pytest.approx(0.5, abs=1e-6)
-  base = np.asarray(tiny_lm_run[2]["eval_loss"])
-  assert one["eval_loss"] > base  # compressed: some loss
+  if "prune" in sections:  # 2:4 exactly; int4 also rounds a few kept weights to zero
+    assert one["sparsity"] == pytest.approx(0.5, abs=1e-6) or (
+      "quant" in sections and 0.5 < one["sparsity"] < 0.52
+    )
+  assert 0 < one["oneshot_output_error"] < 0.1  # relative ||(W - W') X||^2, mean over kernels
 
 
 def test_gptq_weights_lie_on_the_grids_it_stored(tiny_lm_run):

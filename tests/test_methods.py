@@ -23,7 +23,7 @@ def test_the_train_loop_names_no_method():
   assert not re.search(r"prune|quant|distill|teacher|lsq", source, re.IGNORECASE)
   assert len(source.splitlines()) <= 100
   names = [m.name for m in methods.registry()]
-  assert names[:5] == ["distill", "lowrank", "prune", "quant", "lora"], names
+  assert names[:6] == ["distill", "lowrank", "oneshot", "prune", "quant", "lora"], names
 
 
 class L1(methods.Method):

@@ -24,7 +24,8 @@ method, in their order, and names none of them:
     end       export(run, state)          files and their evaluated rows (integer, sparse)
     speed     flops(batch, seq_len)       FLOPs it adds to a train step (a teacher's forward)
 
-Order (`Method.order`): distill (a teacher to initialize from and learn from), prune (changes
+Order (`Method.order`): distill (a teacher to initialize from and learn from), lowrank
+(factorizes), oneshot (post-training compression with calibration), prune (changes
 the weights), quant (calibrates and exports the weights the others left), lora (adapters
 around the dots the others made; it freezes the rest). A new method is a
 module in this package with a `@register`ed `Method` subclass; see the README's "Adding a

@@ -40,7 +40,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from compress import oneshot, quant
-from compress.oneshot import awq, gptq, sparsegpt
 from compress.oneshot.stats import COLLECTION, StatsDot
 from compress.quant import quantizers as qz
 from compress.tree import nested_items, set_new
@@ -449,7 +448,7 @@ def compress_layer(m: OneShot, i: int, layer: dict, stats: dict):
       sparsity = 0.0 if m.nm else m.sparsity
       keep = _jitted("wanda")(w2d, jnp.diag(h), sparsity=sparsity, prune_n=pn, prune_m=pm)
       new = jnp.where(keep, w2d, 0.0)
-    errors.append(float(awq.output_error(w2d, new, h) / awq.output_error(w2d, 0 * w2d, h)))
+    errors.append(float(oneshot.output_error(w2d, new, h) / oneshot.output_error(w2d, 0 * w2d, h)))
     layer = set_new(layer, tuple(path.split("/")), new.reshape(w.shape).astype(w.dtype))
   return layer, scales, errors
 
@@ -458,13 +457,13 @@ def compress_layer(m: OneShot, i: int, layer: dict, stats: dict):
 def _jitted(name: str):
   """The one-shot functions, jitted once each (their settings static)."""
   if name == "gptq":
-    return jax.jit(gptq.gptq, static_argnames=("bits", "damp", "block", "act_order"))
+    return jax.jit(oneshot.gptq, static_argnames=("bits", "damp", "block", "act_order"))
   if name == "sparsegpt":
     static = ("sparsity", "prune_n", "prune_m", "damp", "block", "bits")
-    return jax.jit(sparsegpt.sparsegpt, static_argnames=static)
+    return jax.jit(oneshot.sparsegpt, static_argnames=static)
   if name == "wanda":
-    return jax.jit(sparsegpt.wanda, static_argnames=("sparsity", "prune_n", "prune_m"))
-  return jax.jit(awq.awq_scales, static_argnames=("quantize", "grid"))
+    return jax.jit(oneshot.wanda, static_argnames=("sparsity", "prune_n", "prune_m"))
+  return jax.jit(oneshot.awq_scales, static_argnames=("quantize", "grid"))
 
 
 def _move_scales(m: OneShot, layer: dict, stats: dict, kernels: dict):
@@ -480,13 +479,13 @@ def _move_scales(m: OneShot, layer: dict, stats: dict, kernels: dict):
     ws = [w.reshape(w.shape[0], -1) for w in group.values()]
     if c.method == "smoothquant":
       w_absmax = jnp.max(jnp.stack([jnp.max(jnp.abs(w), axis=1) for w in ws]), axis=0)
-      scale = awq.smoothquant_scales(st["absmax"], w_absmax, c.alpha)
+      scale = oneshot.smoothquant_scales(st["absmax"], w_absmax, c.alpha)
     else:  # per output column grids: the kernels side by side quantize as they do apart
       w_cat = jnp.concatenate(ws, axis=1)
       rtn = _rtn(w_cat.shape, 1, q.bits, q.tile, q.granularity)
       mean = st["abssum"] / jnp.maximum(st["tokens"], 1.0)
       scale, errs = _jitted("awq")([w_cat], st["h"], mean, quantize=rtn, grid=c.grid)
-      errors.append(float(jnp.min(errs) / awq.output_error(w_cat, 0 * w_cat, st["h"])))
+      errors.append(float(jnp.min(errs) / oneshot.output_error(w_cat, 0 * w_cat, st["h"])))
     for p, w in group.items():
       new = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
       layer = set_new(layer, tuple(p.split("/")), new.astype(w.dtype))

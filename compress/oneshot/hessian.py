@@ -6,6 +6,7 @@ first), which needs H's inverse in its upper Cholesky form. Following the refere
 (they cannot affect the output); then lambda = damp * mean(diag H) is added to the diagonal.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,7 +29,7 @@ def inverse_cholesky(h_IxI: jnp.ndarray, damp: float) -> jnp.ndarray:
   the update that quantizing (or pruning) input i makes to the inputs after it."""
   lower = jnp.linalg.cholesky(dampen(h_IxI, damp))
   eye = jnp.eye(h_IxI.shape[0], dtype=h_IxI.dtype)
-  inv_lower = jnp.linalg.solve(lower, eye)  # L^-1, so H^-1 = L^-T L^-1
+  inv_lower = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)  # H^-1 = L^-T L^-1
   h_inv = inv_lower.T @ inv_lower
   return jnp.linalg.cholesky(h_inv).T
 

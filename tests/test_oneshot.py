@@ -255,3 +255,37 @@ def test_too_few_calibration_tokens_without_dampening(tiny_lm_run):
   c.train.update(batch_size=1, seq_len=64)
   with pytest.raises(ValueError, match=r"not positive definite after dampening oneshot.damp=0.0"):
     _prepared(c, jax.devices()[:1])
+
+
+def test_awq_and_gptq_from_an_hf_llama(tmp_path):
+  """From `hf:` (a random Llama with grouped-query attention, a gated MLP and RMSNorm, saved
+  here): AWQ's moved scales leave the float model equal to transformers' logits (1e-4), and a
+  GPTQ run's integer export scores as its own eval."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  hf_config = transformers.LlamaConfig(
+    vocab_size=264,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+  )
+  hf_dir = str(tmp_path / "llama")
+  transformers.LlamaForCausalLM(hf_config).save_pretrained(hf_dir)
+  llama = dict(
+    d_model=64, n_kv_heads=2, head_dim=16, d_ff=128, max_len=128, norm="rmsnorm",
+    norm_eps=1e-6, positions="rotary", activation="silu", gated_mlp=True, use_bias=False,
+    tie_embeddings=False,
+  )  # fmt: skip
+  awq = _config("hf:" + hf_dir, "awq", quant=dict(method="ptq", bits=4, act_bits=0), model=llama)
+  exp, state = _prepared(awq, jax.devices()[:1])
+  ids = np.asarray(exp.batch(0)["inputs"][:2, :32])
+  ours = models.build(exp.model_config).apply({"params": state["params"]}, ids)
+  with torch.no_grad():
+    theirs = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()(torch.tensor(ids))
+  np.testing.assert_allclose(ours, theirs.logits.numpy(), atol=1e-4, rtol=0)
+  row = _run(_config("hf:" + hf_dir, "gptq", **GPTQ, model=llama), tmp_path, "g", jax.devices()[:1])
+  np.testing.assert_allclose(row["serve_eval_loss"], row["eval_loss"], rtol=1e-5)

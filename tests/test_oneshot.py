@@ -289,3 +289,14 @@ def test_awq_and_gptq_from_an_hf_llama(tmp_path):
   np.testing.assert_allclose(ours, theirs.logits.numpy(), atol=1e-4, rtol=0)
   row = _run(_config("hf:" + hf_dir, "gptq", **GPTQ, model=llama), tmp_path, "g", jax.devices()[:1])
   np.testing.assert_allclose(row["serve_eval_loss"], row["eval_loss"], rtol=1e-5)
+
+
+def test_every_oneshot_config_passes_the_method_checks():
+  from experiments import methods
+  from experiments.configs import oneshot as oneshot_configs
+
+  for arg in oneshot_configs.ARGS:
+    c = oneshot_configs.get_config(arg)
+    names = [m.name for m in methods.make(c)]
+    method = arg.split(",")[1]
+    assert ("oneshot" in names) == (method not in ("rtn", "magnitude")), arg

@@ -13,6 +13,7 @@ from experiments import checks, experiment, reproduce, tasks, train
 from experiments.data import tfds as tfds_data
 from experiments.configs import classify, common, distill, glue, lm, lm_tfds, prune, quant
 from experiments.configs import lora as lora_configs
+from experiments.configs import oneshot as oneshot_configs
 
 
 def tiny_lm(steps=2):
@@ -47,6 +48,7 @@ def config_files():
   yield from (prune.get_config(a) for a in ("tiny", "nm", "oneshot"))
   yield from (quant.get_config(a) for a in ("tiny", "ptq", "lsq"))
   yield from (lora_configs.get_config(a) for a in lora_configs.ARGS)
+  yield from (oneshot_configs.get_config(a) for a in oneshot_configs.ARGS)
 
 
 def test_every_config_file_and_table_passes_the_checks():

@@ -15,7 +15,9 @@ The argument: model, method, target.
   validation split, bfloat16 on one accelerator (mesh fsdp=-1 spans what is there).
 - Methods: `gptq`, `awq`, `rtn` (round-to-nearest: quant.method=ptq alone), `smoothquant`
   (with `w8a8`), `sparsegpt`, `wanda`, `magnitude` (prune.method=oneshot alone).
-- Targets: `w4`, `w3`, ... (weight bits; `w4g128`: groups of 128 inputs), `w8a8`, `50` (50%
+- Targets: `w4`, `w3`, ... (weight bits, one scale per output channel; `w4g32`: groups of 32
+  inputs, `quant.tile`: along the last input axis, which for the attention output [H, D, E] is
+  the head dimension, so a group must divide D and spans all heads), `w8a8`, `50` (50%
   unstructured), `2:4` (or any N:M), `2:4+w4` (SparseGPT's joint pass).
 Every layer of the blocks is compressed; embeddings and the LM head stay float (as in the
 papers). The run ends with the export that quant / prune write, evaluated as reloaded.
@@ -28,6 +30,15 @@ from experiments.configs import common, lm_tfds
 MODELS = ("tiny", "gpt2", "llama")
 METHODS = ("gptq", "awq", "rtn", "smoothquant", "sparsegpt", "wanda", "magnitude")
 QUANTIZING = ("gptq", "awq", "rtn", "smoothquant")
+ARGS = tuple(
+  f"{model},{target}"
+  for model in MODELS
+  for target in (
+    "gptq,w4", "gptq,w3", "gptq,w4g32", "awq,w4", "rtn,w4", "rtn,w3", "smoothquant,w8a8",
+    "rtn,w8a8", "sparsegpt,50", "sparsegpt,2:4", "sparsegpt,2:4+w4", "wanda,50", "wanda,2:4",
+    "magnitude,50", "magnitude,2:4",
+  )
+)  # fmt: skip
 
 
 def _model(model: str):

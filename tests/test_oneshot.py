@@ -300,3 +300,30 @@ def test_every_oneshot_config_passes_the_method_checks():
     names = [m.name for m in methods.make(c)]
     method = arg.split(",")[1]
     assert ("oneshot" in names) == (method not in ("rtn", "magnitude")), arg
+
+
+def test_scanned_layers_give_the_unscanned_result(tiny_lm_run):
+  """GPTQ on the same trained weights stacked on a layer axis (scan_layers): the same kernels
+  and stored scales as layer by layer (1e-5)."""
+  c = _config(tiny_lm_run[0], "gptq", **GPTQ)
+  _, state = _prepared(c, jax.devices()[:1])
+  _, loaded = _prepared(c, jax.devices()[:1], prepare=False)
+  cs = _config(tiny_lm_run[0], "gptq", **GPTQ)
+  cs.model.scan_layers = True
+  exp = experiment.build(cs, devices=jax.devices()[:1])
+  scanned, shardings = exp.init_state()
+  run = experiment.Run(exp, "", shardings, jax.devices()[:1])
+  scanned["params"] = models.scan_params(loaded["params"], 2)
+  for m in exp.methods:
+    scanned = m.prepare(run, scanned, fresh=True)
+  got = models.unscan_params(scanned["params"])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, state["params"]
+  )
+  q = models.unscan_params(scanned["collections"]["quant"])
+  for layer in ("layers_0", "layers_1"):
+    np.testing.assert_allclose(
+      q[layer]["mlp"]["wo"]["QuantDot_0"]["w_scale"],
+      state["collections"]["quant"][layer]["mlp"]["wo"]["QuantDot_0"]["w_scale"],
+      rtol=1e-6,
+    )

@@ -4,14 +4,14 @@
     python -m experiments.reproduce gmp --workdir runs/repro --seeds 5
     python -m experiments.reproduce qat --workdir gs://bucket/repro --scale full
 
-Tables (experiments/tables/): gmp, qat, kd, nm, deep-compression, parallel. An arm is a run
-config from experiments/configs with a few fields changed; each (arm, seed) trains with
-`train.train_and_evaluate` in `DIR/TABLE/<arm>/seed<k>` and leaves `result.json` there, so a
-rerun skips what finished (and resumes what was interrupted, from its checkpoint). Arms that
-start from another arm's model (`init_from`) or distill from it (`teacher`) wait for it.
-The table lands in `DIR/TABLE.md`, `DIR/TABLE.json` and `DIR/TABLE.png`, with each paper claim
-checked: does the ordering hold, and is it beyond the seed-to-seed noise (a paired t-test
-over seeds, one-sided, 95%)?
+Tables (experiments/tables/): gmp, qat, kd, nm, deep-compression, parallel, lora, lowrank,
+oneshot. An arm is a run config from experiments/configs with a few fields changed; each (arm,
+seed) trains with `train.train_and_evaluate` in `DIR/TABLE/<arm>/seed<k>` and leaves
+`result.json` there, so a rerun skips what finished (and resumes what was interrupted, from its
+checkpoint). Arms that start from another arm's model (`init_from`) or distill from it
+(`teacher`) wait for it. The table lands in `DIR/TABLE.md`, `DIR/TABLE.json` and
+`DIR/TABLE.png`, with each paper claim checked: does the ordering hold, and is it beyond the
+seed-to-seed noise (a paired t-test over seeds, one-sided, 95%)?
 
 Scales: `tiny` (the synthetic source, CPU, minutes; seeds vary the initialization), `small`
 (qat, kd and deep-compression: the synthetic source with models trained to where their
@@ -43,7 +43,7 @@ from experiments import train  # noqa: F401 (defines --workdir, which the tables
 from experiments.configs import common
 from experiments.tables import Arm, Report, Results
 
-TABLES = ("gmp", "qat", "kd", "nm", "deep-compression", "parallel", "lora", "lowrank")
+TABLES = ("gmp", "qat", "kd", "nm", "deep-compression", "parallel", "lora", "lowrank", "oneshot")
 SCALES = ("tiny", "small", "full", "test")
 SEEDS = {"tiny": 3, "small": 5}  # the default seeds per arm; other scales: 1
 

@@ -22,6 +22,7 @@ SMALLEST = {
   "parallel": None,
   "lora": "qlora-r16",  # needs "pretrained": the NF4 base, adapters, the merged eval
   "lowrank": "svd-25-ft",  # needs "dense": SVD of its checkpoint, the factors fine-tuned
+  "oneshot": "sparsegpt-2:4+w4",  # needs "dense": SparseGPT's joint pass, both exports
 }
 
 # Every key a table's report reads, with made-up values.

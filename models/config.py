@@ -19,7 +19,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 ROPE_TYPES = ("default", "llama3")
 KV_CACHES = ("float", "int8")
-HEADS = {"decoder": ("lm",), "encoder": ("mlm", "classify", "none")}
+# Heads (models/transformer.py): "lm" logits BxLxV; "mlm" BxLxV; "classify" BxC (pooled first
+# token); "span" Bx2xL (extractive QA: start and end logits over the positions); "tokens" BxLxC
+# (token classification); "none" the hidden states BxLxE.
+HEADS = {"decoder": ("lm", "tokens"), "encoder": ("mlm", "classify", "span", "tokens", "none")}
+SPAN_OUTPUTS = 2  # "span": a start and an end logit per token
 
 # Names the attention block tags with `checkpoint_name`, for "save_qkv_out".
 SAVEABLE_NAMES = ("query", "key", "value", "attn_out")
@@ -63,8 +67,8 @@ class ModelConfig:
   qkv_bias: bool = False  # biases on query/key/value even when use_bias is False (Qwen2)
   tie_embeddings: bool = True
   type_vocab_size: int = 2  # encoder only (token-type embeddings)
-  head: str = "lm"  # decoder: "lm"; encoder: "mlm" | "classify" | "none"
-  num_labels: int = 2  # classify head
+  head: str = "lm"  # one of HEADS[kind]: decoder "lm" | "tokens"; encoder "mlm", ...
+  num_labels: int = 2  # "classify" and "tokens" heads' classes ("span" has 2: start, end)
   dropout_rate: float = 0.0
   dtype: str = "float32"  # compute dtype; params are always float32
   scan_layers: bool = False
@@ -94,9 +98,11 @@ class ModelConfig:
     check_choice("rope_type", ROPE_TYPES)
     check_choice("kv_cache", KV_CACHES)
     if self.head not in HEADS[self.kind]:
+      other = next((k for k in KINDS if k != self.kind and self.head in HEADS[k]), None)
+      fix = f", or set kind={other!r} (it has head={self.head!r})" if other else ""
       raise ValueError(
         f"head={self.head!r} is not valid for kind={self.kind!r}: "
-        f"choose one of {list(HEADS[self.kind])}"
+        f"choose one of {list(HEADS[self.kind])}{fix}"
       )
     for field in (
       "vocab_size",
@@ -143,6 +149,12 @@ class ModelConfig:
       raise ValueError(f"sliding_window={self.sliding_window!r} must be 0 (none) or positive")
     if self.sliding_window and self.kind != "decoder":
       raise ValueError("sliding_window is a causal window: it needs kind='decoder'")
+    if self.head == "span" and self.num_labels != SPAN_OUTPUTS:
+      raise ValueError(
+        f"head='span' has {SPAN_OUTPUTS} outputs per token (start, end), but num_labels="
+        f"{self.num_labels}: set num_labels={SPAN_OUTPUTS}, or head='tokens' for "
+        f"{self.num_labels} classes per token"
+      )
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"dropout_rate={self.dropout_rate} must lie in [0, 1)")
 

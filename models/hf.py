@@ -16,9 +16,14 @@ Each family is one `Family` in FAMILIES: its architectures, the ModelConfig fiel
 models share, its config.json keys, and its tensors as modules (our path, HF name, kind).
 Our parameter tree maps 1:1 onto HF names (models/transformer.py). Module kinds: "embed" (a
 table), "norm" (scale, and bias for LayerNorm), "dense" (torch [out, in], transposed) and
-"conv1d" (GPT-2's [in, out]) with a bias where the config has one, "qkv" (GPT-2's fused
-c_attn, cut into query/key/value), "param" (a tensor as is) and "unembed" (an untied output
-kernel). Everything below the table is generic over the family.
+"conv1d" (GPT-2's [in, out]) with a bias where the config has one, "classifier" (a head's
+nn.Linear: "dense" with a bias always, as Llama's `score` on a body without biases), "qkv"
+(GPT-2's fused c_attn, cut into query/key/value), "param" (a tensor as is) and "unembed" (an
+untied output kernel). Everything below the table is generic over the family.
+
+Heads: "lm" (*ForCausalLM, GPT2LMHeadModel, and the bare bodies of decoders), "mlm", "classify"
+(BertForSequenceClassification), "span" (BertForQuestionAnswering), "tokens"
+(*ForTokenClassification) and "none" (BertModel).
 """
 
 import dataclasses
@@ -35,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import ModelConfig
+from models.config import SPAN_OUTPUTS, ModelConfig
 from models.hf_files import Checkpoint, _write_safetensors, resolve  # noqa: F401 (re-exported)
 from models.transformer import build
 
@@ -161,10 +166,18 @@ LEARNED = dict(norm="layernorm", positions="learned", gated_mlp=False, use_bias=
 LEARNED.update(qkv_bias=False, sliding_window=0)
 ROTARY = dict(kind="decoder", norm="rmsnorm", positions="rotary", gated_mlp=True)
 LM_HEAD = {"lm": (("lm_head", "lm_head", "unembed"),)}
+# A token classifier on the final norm's output (transformers' GenericForTokenClassification).
+SCORE = {"tokens": (("classifier", "score", "classifier"),)}
+# Our classifier always has a bias: a `score` without one (not transformers' default) is refused.
+SCORE_ONLY = {"token_classification_bias": True}
 
 LLAMA = Family(
   name="llama",
-  architectures={"LlamaForCausalLM": "lm", "LlamaModel": "lm"},
+  architectures={
+    "LlamaForCausalLM": "lm",
+    "LlamaModel": "lm",
+    "LlamaForTokenClassification": "tokens",
+  },
   prefix="model.",
   layout=dict(**ROTARY, qkv_bias=False, sliding_window=0),  # use_bias: attention_bias
   keys={**LLAMA_KEYS, "max_len": ("max_position_embeddings", 2048)},
@@ -180,7 +193,9 @@ LLAMA = Family(
     ("mlp/wo", "mlp.down_proj", "dense"),
   ),
   final=(("final_norm", "norm", "norm"),),
-  heads=LM_HEAD,
+  heads={**LM_HEAD, **SCORE},
+  only=SCORE_ONLY,
+  dropout=("classifier_dropout",),
   read=_llama_read,
   write=lambda cfg: dict(**_rope_write(cfg), attention_bias=cfg.use_bias, mlp_bias=cfg.use_bias),
 )
@@ -192,6 +207,8 @@ FAMILIES = {
       "BertForMaskedLM": "mlm",
       "BertForPreTraining": "mlm",
       "BertForSequenceClassification": "classify",
+      "BertForQuestionAnswering": "span",
+      "BertForTokenClassification": "tokens",
     },
     prefix="bert.",
     layout=dict(kind="encoder", **LEARNED),
@@ -225,17 +242,20 @@ FAMILIES = {
         ("mlm_head/decoder", "cls.predictions.decoder", "unembed"),
       ),
       "classify": (("pooler", "{b}pooler.dense", "dense"), ("classifier", "classifier", "dense")),
+      "span": (("qa_outputs", "qa_outputs", "dense"),),
+      "tokens": (("classifier", "classifier", "dense"),),
     },
     only={"position_embedding_type": "absolute"},
     dropout=("hidden_dropout_prob", "attention_probs_dropout_prob"),
-    read=lambda hf: dict(num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2)),
-    write=lambda cfg: dict(
-      pad_token_id=0, id2label={str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
-    ),
+    write=lambda cfg: dict(pad_token_id=0),
   ),
   "gpt2": Family(
     name="gpt2",
-    architectures={"GPT2LMHeadModel": "lm", "GPT2Model": "lm"},
+    architectures={
+      "GPT2LMHeadModel": "lm",
+      "GPT2Model": "lm",
+      "GPT2ForTokenClassification": "tokens",
+    },
     prefix="transformer.",
     layout=dict(kind="decoder", **LEARNED),
     keys=dict(
@@ -260,18 +280,22 @@ FAMILIES = {
       ("mlp/wo", "mlp.c_proj", "conv1d"),
     ),
     final=(("final_norm", "ln_f", "norm"),),
-    heads=LM_HEAD,
+    heads={**LM_HEAD, "tokens": (("classifier", "classifier", "classifier"),)},
     only=dict(
       scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False
     ),
-    dropout=("resid_pdrop", "embd_pdrop", "attn_pdrop"),
+    dropout=("resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout"),
   ),
   "llama": LLAMA,
   # Llama with a sliding window over all layers and no biases.
   "mistral": dataclasses.replace(
     LLAMA,
     name="mistral",
-    architectures={"MistralForCausalLM": "lm", "MistralModel": "lm"},
+    architectures={
+      "MistralForCausalLM": "lm",
+      "MistralModel": "lm",
+      "MistralForTokenClassification": "tokens",
+    },
     layout=dict(**ROTARY, use_bias=False, qkv_bias=False),
     keys={**LLAMA_KEYS, "max_len": ("max_position_embeddings", 4096 * 32)},
     read=lambda hf: dict(**_rope_read(hf), sliding_window=hf.get("sliding_window") or 0),
@@ -281,7 +305,11 @@ FAMILIES = {
   "qwen2": dataclasses.replace(
     LLAMA,
     name="qwen2",
-    architectures={"Qwen2ForCausalLM": "lm", "Qwen2Model": "lm"},
+    architectures={
+      "Qwen2ForCausalLM": "lm",
+      "Qwen2Model": "lm",
+      "Qwen2ForTokenClassification": "tokens",
+    },
     layout=dict(**ROTARY, use_bias=False, qkv_bias=True),
     keys={**LLAMA_KEYS, "max_len": ("max_position_embeddings", 32768)},
     read=_qwen2_read,
@@ -330,7 +358,11 @@ def config_from_hf(hf: dict, head: str | None = None, **overrides) -> ModelConfi
   for key, ok in family.only.items():
     if hf.get(key, ok) != ok:
       _unsupported(key, hf[key], f"only {ok!r}")
-  fields.update(family.layout, **family.read(hf), head=head or ckpt_head)
+  head = head or ckpt_head
+  # A "span" head has 2 outputs whatever the checkpoint's classifier had.
+  labels = len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
+  fields.update(num_labels=SPAN_OUTPUTS if head == "span" else labels)
+  fields.update(family.layout, **family.read(hf), head=head)
   return ModelConfig(**{**fields, **overrides})
 
 
@@ -353,8 +385,15 @@ def family_of(cfg: ModelConfig) -> str:
 def hf_config(cfg: ModelConfig) -> dict:
   """The config.json transformers reads for our config (inverse of config_from_hf)."""
   family = FAMILIES[family_of(cfg)]
-  arch = next(a for a, head in family.architectures.items() if head == cfg.head)
-  out = dict(architectures=[arch], model_type=family.name)
+  archs = [a for a, head in family.architectures.items() if head == cfg.head]
+  if not archs:
+    heads = sorted(set(family.architectures.values()))
+    raise ValueError(
+      f"head={cfg.head!r} has no {family.name} architecture in transformers: set head to one "
+      f"of {heads} to export"
+    )
+  out = dict(architectures=archs[:1], model_type=family.name)
+  out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
   resolved = dict(n_kv_heads=cfg.resolved_kv_heads, head_dim=cfg.resolved_head_dim)
   for field, entry in family.keys.items():
     out[_key(entry)[0]] = resolved.get(field, getattr(cfg, field))
@@ -401,10 +440,11 @@ class Tensor:
     return x
 
 
-def _dense(cfg, path, key, kind, part=None):
-  """A kernel and, where the config has one, its bias (Qwen2: query, key and value only)."""
+def _dense(cfg, path, key, kind, part=None, bias=False):
+  """A kernel and, where the config has one (or `bias`), its bias (Qwen2: query, key and value
+  only)."""
   n_in = 2 if path[-1] == "out" else 1  # attn/out's kernel is [H, D, E]
-  bias = cfg.use_bias or (cfg.qkv_bias and path[-1] in ("query", "key", "value"))
+  bias = bias or cfg.use_bias or (cfg.qkv_bias and path[-1] in ("query", "key", "value"))
   out = [Tensor((*path, "kernel"), key + ".weight", kind, n_in, part)]
   return out + [Tensor((*path, "bias"), key + ".bias", "vector", part=part)] if bias else out
 
@@ -424,6 +464,8 @@ def _module(cfg: ModelConfig, path: str, key: str, kind: str) -> list[Tensor]:
   if kind == "qkv":  # GPT-2's c_attn: query, key and value side by side
     names = ("query", "key", "value")
     return [t for j, n in enumerate(names) for t in _dense(cfg, (*path, n), key, "conv1d", (j, 3))]
+  if kind == "classifier":  # a head's nn.Linear: a bias whatever the body has
+    return _dense(cfg, path, key, "linear", bias=True)
   return _dense(cfg, path, key, "linear" if kind == "dense" else kind)
 
 
@@ -571,7 +613,8 @@ def load_params(ckpt: "Checkpoint | str", cfg: ModelConfig, target: dict, shardi
 def from_pretrained(path_or_name: str, *, head=None, mesh=None, rules=(), seed=0, **overrides):
   """(model, params) for an HF checkpoint: a local directory, or a Hub name when online.
 
-  `head` ("mlm", "classify", "none"; decoders "lm") defaults to the checkpoint's own; a head
+  `head` ("mlm", "classify", "span", "tokens", "none"; decoders "lm", "tokens") defaults to the
+  checkpoint's own (its architectures[0]: BertForQuestionAnswering is "span"); a head
   it lacks (a classifier on a pretrained encoder) is initialized from `seed`. `overrides`
   are ModelConfig fields (scan_layers, dtype, num_labels, attention_impl, ...). With `mesh`
   (and logical-axis `rules`, e.g. parallel.get_rules("fsdp_tp")) every parameter is placed

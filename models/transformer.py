@@ -5,8 +5,14 @@ Parameter tree (plain nested dicts after `nn.unbox`), named to map 1:1 onto HF c
   embed_norm (encoder)    layers_{i}/ (or layers/ with a leading layer axis when scanned):
     attn/{query,key,value}/kernel [E,H|K,D]   attn/out/kernel [H,D,E]   attn_norm
     mlp/{wi,wg,wo}/kernel [E,F] [E,F] [F,E]   mlp_norm
-  decoder: final_norm, lm_head/kernel [E,V] (untied only)
-  encoder: mlm_head/{transform, norm, bias}, pooler, classifier
+  decoder: final_norm, then head "lm": lm_head/kernel [E,V] (untied only);
+    "tokens": classifier/{kernel [E,C], bias [C]}
+  encoder: head "mlm": mlm_head/{transform, norm, bias}; "classify": pooler, classifier;
+    "span": qa_outputs/{kernel [E,2], bias [2]}; "tokens": classifier/{kernel [E,C], bias [C]}
+
+Outputs (float32): "lm", "mlm" BxLxV; "classify" BxC; "tokens" BxLxC; "none" BxLxE; "span"
+Bx2xL, start logits [:, 0] and end logits [:, 1], each over the L positions: the last axis is
+the one a softmax runs over, as for every other head (HF's qa_outputs gives BxLx2, transposed).
 """
 
 import dataclasses
@@ -17,11 +23,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.config import ACTIVATIONS, REMAT_POLICIES, ModelConfig
+from models.config import ACTIVATIONS, REMAT_POLICIES, SPAN_OUTPUTS, ModelConfig
 from models.layers import Attention, Dense, DotGeneralFactory, Mlp, Norm, Unembed, embed
 
 RESIDUAL = ("batch", "length", "act_embed")
 LOGITS = ("batch", "length", "act_vocab")
+TOKEN_LOGITS = ("batch", "length", None)  # BxLxC: a few classes, replicated
+SPAN_LOGITS = ("batch", None, "length")  # Bx2xL
 
 
 class Block(nn.Module):
@@ -129,8 +137,26 @@ def to_vocab(cfg: ModelConfig, x_BxLxE, embedding_VxE, dot_general_cls, name: st
   return dense(x_BxLxE)
 
 
+def token_classifier(cfg: ModelConfig, x_BxLxE, deterministic, dot_general_cls):
+  """The "tokens" head: dropout, then `classifier` (with a bias, as HF's nn.Linear whatever
+  the body's use_bias) to num_labels logits per token, BxLxC float32.
+
+  Called from a parent's compact method, so the layer is the parent's child.
+  """
+  x_BxLxE = nn.Dropout(cfg.dropout_rate)(x_BxLxE, deterministic=deterministic)
+  dense = Dense(
+    cfg.num_labels,
+    ("embed", "labels"),
+    dtype=cfg.compute_dtype,
+    dot_general_cls=dot_general_cls,
+    name="classifier",
+  )
+  return nn.with_logical_constraint(dense(x_BxLxE).astype(jnp.float32), TOKEN_LOGITS)
+
+
 class Decoder(nn.Module):
-  """GPT-style causal LM: embeddings, pre-LN blocks, final norm, (tied) LM head."""
+  """GPT-style causal LM: embeddings, pre-LN blocks, final norm, then the (tied) LM head, or
+  with head "tokens" a token classifier (GPT2ForTokenClassification, Llama's and others')."""
 
   config: ModelConfig
   dot_general_cls: DotGeneralFactory | None = None
@@ -147,9 +173,9 @@ class Decoder(nn.Module):
     cache_index=None,
     layers_input=False,
   ):
-    """Logits BxLxV (float32). `attention_mask` (BxL, 1 = token, 0 = pad) masks padded keys.
-    `layers_input`: return the residual stream entering the first layer instead (one-shot
-    methods run the layers one at a time from there: `Block`).
+    """Logits BxLxV, or BxLxC with head "tokens" (float32). `attention_mask` (BxL, 1 = token,
+    0 = pad) masks padded keys. `layers_input`: return the residual stream entering the first
+    layer instead (one-shot methods run the layers one at a time from there: `Block`).
 
     With `cache_index` (decoding: models.generate) the tokens are written to the "cache"
     collection's slots cache_index.. and attend to the slots before them; `attention_mask`
@@ -180,6 +206,8 @@ class Decoder(nn.Module):
       cache_index,
     )
     x_BxLxE = Norm(cfg.norm, cfg.norm_eps, name="final_norm")(x_BxLxE)
+    if cfg.head == "tokens":
+      return token_classifier(cfg, x_BxLxE, deterministic, self.dot_general_cls)
     logits_BxLxV = to_vocab(cfg, x_BxLxE, tok_embed.embedding, self.dot_general_cls, "lm_head")
     return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32), LOGITS)
 
@@ -209,7 +237,8 @@ class MlmHead(nn.Module):
 
 
 class Encoder(nn.Module):
-  """BERT-style bidirectional encoder (post-LN) with an "mlm", "classify" or "none" head."""
+  """BERT-style bidirectional encoder (post-LN) with an "mlm", "classify", "span" (extractive
+  QA), "tokens" (token classification) or "none" head."""
 
   config: ModelConfig
   dot_general_cls: DotGeneralFactory | None = None
@@ -225,7 +254,8 @@ class Encoder(nn.Module):
     deterministic=True,
     layers_input=False,
   ):
-    """MLM logits BxLxV, class logits BxC, or hidden states BxLxE (all float32).
+    """MLM logits BxLxV, class logits BxC, span logits Bx2xL ([:, 0] start, [:, 1] end), token
+    class logits BxLxC, or hidden states BxLxE (all float32).
     `layers_input`: the residual stream entering the first layer instead (as the decoder's)."""
     cfg = self.config
     _check_length(cfg, input_ids_BxL.shape[1])
@@ -263,8 +293,14 @@ class Encoder(nn.Module):
         x_BxLxE, tok_embed.embedding
       )
       return nn.with_logical_constraint(logits_BxLxV, LOGITS)
-    # "classify": BERT's pooler (dense + tanh on the first token) and a linear classifier.
+    if cfg.head == "tokens":
+      return token_classifier(cfg, x_BxLxE, deterministic, self.dot_general_cls)
     dense = functools.partial(Dense, dtype=cfg.compute_dtype, dot_general_cls=self.dot_general_cls)
+    if cfg.head == "span":  # BertForQuestionAnswering's qa_outputs, no dropout (as HF)
+      logits_BxLx2 = dense(SPAN_OUTPUTS, ("embed", "labels"), name="qa_outputs")(x_BxLxE)
+      logits_Bx2xL = jnp.swapaxes(logits_BxLx2.astype(jnp.float32), 1, 2)
+      return nn.with_logical_constraint(logits_Bx2xL, SPAN_LOGITS)
+    # "classify": BERT's pooler (dense + tanh on the first token) and a linear classifier.
     pooled_BxE = jnp.tanh(dense(cfg.d_model, ("embed", None), name="pooler")(x_BxLxE[:, 0]))
     pooled_BxE = nn.Dropout(cfg.dropout_rate)(pooled_BxE, deterministic=deterministic)
     logits_BxC = dense(cfg.num_labels, ("embed", "labels"), name="classifier")(pooled_BxE)

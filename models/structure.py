@@ -33,9 +33,10 @@ class Structure:
   contracting: tuple = ((r"attn/(query|key|value)/kernel$", -3), (r".", -2))
   # (regex, n), first match wins: a kernel's n leading axes are its inputs (out [H, D, E]: 2).
   inputs: tuple = ((r"attn/out/kernel$", 2), (r".", 1))
-  # (norm, the kernels it alone feeds), paths inside one layer; pre-LN decoders only. A
-  # per-input-channel scale s moves exactly from the norm (scale / s, bias / s) into those
-  # kernels (rows times s): AWQ's and SmoothQuant's equivalent transformation.
+  # (source, the kernels it alone feeds), paths inside one layer; pre-LN decoders only. A
+  # per-input-channel scale s of those kernels (rows times s) moves exactly out of the source:
+  # a norm (scale / s, bias / s) or a linear layer whose outputs enter them linearly (its
+  # output columns / s). AWQ's and SmoothQuant's equivalent transformation.
   feeds: tuple = (
     (r"attn_norm", r"attn/(query|key|value)/kernel$"),
     (r"mlp_norm", r"mlp/(wi|wg)/kernel$"),
@@ -43,7 +44,16 @@ class Structure:
 
 
 def structure(mc=None) -> Structure:
-  """The layout of the parameter trees `models.build(mc)` makes (every config shares it:
-  encoder and decoder, scanned or not, gated MLP or not)."""
-  del mc  # one layout for now; an architecture with other names would get its own here
-  return Structure()
+  """The layout of the parameter trees `models.build(mc)` makes (every config shares the
+  names: encoder and decoder, scanned or not, gated MLP or not). With `mc`, `feeds` also has
+  the linear sources the model allows: the value kernel into the attention output when every
+  query head has its own value head, the MLP's input kernel into its output when its output
+  enters linearly (gated: act(x W_g) * (x W_i); or a ReLU: positively homogeneous)."""
+  if mc is None:
+    return Structure()
+  feeds = Structure.feeds
+  if (mc.n_kv_heads or mc.n_heads) == mc.n_heads:
+    feeds += (("attn/value", r"attn/out/kernel$"),)
+  if mc.gated_mlp or mc.activation == "relu":
+    feeds += (("mlp/wi", r"mlp/wo/kernel$"),)
+  return Structure(feeds=feeds)

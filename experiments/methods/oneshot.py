@@ -467,28 +467,39 @@ def _jitted(name: str):
 
 
 def _move_scales(m: OneShot, layer: dict, stats: dict, kernels: dict):
-  """AWQ / SmoothQuant: for each norm and the kernels it feeds, a per-input-channel scale s;
-  kernels' rows times s, the norm's scale and bias divided by s (exact in float)."""
+  """AWQ / SmoothQuant: for each source and the kernels it feeds (`structure().feeds`), a
+  per-input-channel scale s; the kernels' rows times s, the source divided by s: a norm's scale
+  and bias, or a linear layer's output columns and bias (exact in float). SmoothQuant smooths
+  the norms' outputs only, as its reference code does."""
   c, s, q = m.c, m.s, m.config.quant
   errors = []
-  for norm, pattern in s.feeds:
+  for source, pattern in s.feeds:
+    is_norm = "kernel" not in _get(layer, source.split("/"))
     group = {p: w for p, w in kernels.items() if re.search(pattern, p)}
-    if not group:
+    if not group or (c.method == "smoothquant" and not is_norm):
       continue
     st = _stats_of(stats, next(iter(group)))  # they share their input
-    ws = [w.reshape(w.shape[0], -1) for w in group.values()]
+    n_in = {p: _n_in(s, p) for p in group}
+    ws = [w.reshape(math.prod(w.shape[: n_in[p]]), -1) for p, w in group.items()]
     if c.method == "smoothquant":
-      w_absmax = jnp.max(jnp.stack([jnp.max(jnp.abs(w), axis=1) for w in ws]), axis=0)
-      scale = oneshot.smoothquant_scales(st["absmax"], w_absmax, c.alpha)
-    else:  # per output column grids: the kernels side by side quantize as they do apart
-      w_cat = jnp.concatenate(ws, axis=1)
-      rtn = _rtn(w_cat.shape, 1, q.bits, q.tile, q.granularity)
+      scale = oneshot.smoothquant_scales(st["absmax"], oneshot.kernel_absmax(ws), c.alpha)
+    else:
+      if len(group) == 1:  # its own grid layout (the attention output's tiles span heads)
+        (p, w), w_cat = next(iter(group.items())), ws[0]
+        rtn = _rtn(w.shape, n_in[p], q.bits, q.tile, q.granularity)
+      else:  # [in, out] kernels side by side: per output column grids, as they are apart
+        w_cat = jnp.concatenate(ws, axis=1)
+        rtn = _rtn(w_cat.shape, 1, q.bits, q.tile, q.granularity)
       mean = st["abssum"] / jnp.maximum(st["tokens"], 1.0)
       scale, errs = _jitted("awq")([w_cat], st["h"], mean, quantize=rtn, grid=c.grid)
       errors.append(float(jnp.min(errs) / oneshot.output_error(w_cat, 0 * w_cat, st["h"])))
-    for p, w in group.items():
-      new = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
-      layer = set_new(layer, tuple(p.split("/")), new.astype(w.dtype))
-    for leaf, x in layer[norm].items():  # scale and (LayerNorm) bias
-      layer = set_new(layer, (norm, leaf), (x / scale).astype(x.dtype))
+    for (p, w), w2d in zip(group.items(), ws):
+      layer = set_new(layer, tuple(p.split("/")), (w2d * scale[:, None]).reshape(w.shape))
+    for leaf, x in _get(layer, source.split("/")).items():  # norm scale, bias; kernel, bias
+      keys = (*source.split("/"), leaf)
+      if is_norm or leaf != "kernel":
+        new = x / scale.reshape(x.shape)
+      else:
+        new = (x.reshape(-1, scale.size) / scale).reshape(x.shape)
+      layer = set_new(layer, keys, new.astype(x.dtype))
   return layer, {}, errors

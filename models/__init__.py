@@ -4,7 +4,7 @@ from models import hf
 from models.config import PRESETS, ModelConfig, get_preset
 from models.decode import generate
 from models.layers import Dense, DotGeneralFactory
-from models.structure import Structure, structure
+from models.structure import Structure, feeds, structure
 from models.transformer import (
   Block,
   Decoder,
@@ -25,6 +25,7 @@ __all__ = [
   "DotGeneralFactory",
   "Structure",
   "structure",
+  "feeds",
   "Block",
   "Decoder",
   "Encoder",

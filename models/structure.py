@@ -44,16 +44,18 @@ class Structure:
 
 
 def structure(mc=None) -> Structure:
-  """The layout of the parameter trees `models.build(mc)` makes (every config shares the
-  names: encoder and decoder, scanned or not, gated MLP or not). With `mc`, `feeds` also has
-  the linear sources the model allows: the value kernel into the attention output when every
-  query head has its own value head, the MLP's input kernel into its output when its output
-  enters linearly (gated: act(x W_g) * (x W_i); or a ReLU: positively homogeneous)."""
-  if mc is None:
-    return Structure()
-  feeds = Structure.feeds
+  """The layout of the parameter trees `models.build(mc)` makes (every config shares it)."""
+  del mc
+  return Structure()
+
+
+def feeds(mc) -> tuple:
+  """`Structure.feeds` plus the linear sources the model `mc` allows: the value kernel into the
+  attention output when every query head has its own value head, the MLP's input kernel into
+  its output when that enters linearly (gated: act(x W_g) * (x W_i); or a ReLU)."""
+  out = Structure.feeds
   if (mc.n_kv_heads or mc.n_heads) == mc.n_heads:
-    feeds += (("attn/value", r"attn/out/kernel$"),)
+    out += (("attn/value", r"attn/out/kernel$"),)
   if mc.gated_mlp or mc.activation == "relu":
-    feeds += (("mlp/wi", r"mlp/wo/kernel$"),)
-  return Structure(feeds=feeds)
+    out += (("mlp/wi", r"mlp/wo/kernel$"),)
+  return out

@@ -76,7 +76,7 @@ def test_larger_presets_match_transformers():
     (lambda: models.ModelConfig(n_heads=4, n_kv_heads=3), r"n_kv_heads=3.*choose n_kv_heads"),
     (lambda: models.ModelConfig(activation="swish"), r"activation='swish'.*'gelu_tanh'.*'silu'"),
     (lambda: models.ModelConfig(remat_policy="some"), r"remat_policy='some'.*'dots'"),
-    (lambda: models.ModelConfig(head="mlm"), r"head='mlm'.*kind='decoder'.*\['lm'\]"),
+    (lambda: models.ModelConfig(head="mlm"), r"head='mlm'.*kind='decoder'.*\['lm', 'tokens'\]"),
     (lambda: models.ModelConfig(n_layers=0), r"n_layers=0 must be a positive integer"),
     (lambda: models.ModelConfig(positions="rotary", head_dim=7), r"even head_dim"),
     (lambda: models.get_preset("gpt5"), r"unknown preset 'gpt5'.*'gpt2-small'"),

@@ -29,6 +29,7 @@ decoders only. AWQ's search measures the kernels' own output error (from the Hes
 whole attention block's; its weight clipping search is not done.
 """
 
+import dataclasses
 import functools
 import math
 import re
@@ -180,7 +181,8 @@ class OneShot(Method):
   def bind(self, mc, workdir, build_model):
     """Checks against the model before anything compiles: pre-LN for the scale-moving
     methods, the tile and N:M group dividing every compressed kernel's input."""
-    self.mc, self.s = mc, models.structure(mc)
+    self.mc = mc
+    self.s = dataclasses.replace(models.structure(mc), feeds=models.feeds(mc))
     if self.c.method in ("awq", "smoothquant") and mc.kind != "decoder":
       raise ValueError(
         f"oneshot.method={self.c.method!r} moves scales out of the norm before each layer's "

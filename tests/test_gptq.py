@@ -159,15 +159,15 @@ def _good():
   [
     ({"bits": 1}, "bits=1"),
     ({"bits": 9}, "bits=9"),
-    ({"scale": np.ones(N_OUT)}, r"scale has shape \(8,\)"),
-    ({"scale": np.ones((2, N_OUT + 1))}, r"scale has shape \(2, 9\)"),
-    ({"group_of": None}, r"scale has shape \(2, 8\).*\(1, 8\)"),
-    ({"group_of": np.zeros(N_IN - 1, int)}, r"group_of has shape \(15,\).*\(16,\)"),
+    ({"scale": np.ones(N_OUT)}, r"scale_GxO has shape \(8,\)"),
+    ({"scale": np.ones((2, N_OUT + 1))}, r"scale_GxO has shape \(2, 9\)"),
+    ({"group_of": None}, r"scale_GxO has shape \(2, 8\).*\(1, 8\)"),
+    ({"group_of": np.zeros(N_IN - 1, int)}, r"group_of_I has shape \(15,\).*\(16,\)"),
     ({"group_of": np.full(N_IN, 2)}, r"ids in \[2, 2\].*\[0, 1\]"),
     ({"group_of": np.full(N_IN, -1)}, r"ids in \[-1, -1\].*\[0, 1\]"),
     ({"group_of": np.zeros(N_IN)}, "integer group ids"),
-    ({"scale": np.zeros((2, N_OUT))}, r"scale\[0, 0\] = 0.0.*positive"),
-    ({"scale": -np.ones((2, N_OUT))}, r"scale\[0, 0\] = -1.0.*positive"),
+    ({"scale": np.zeros((2, N_OUT))}, r"scale_GxO\[0, 0\] = 0.0.*positive"),
+    ({"scale": -np.ones((2, N_OUT))}, r"scale_GxO\[0, 0\] = -1.0.*positive"),
   ],
 )
 def test_bad_input(change, match, no_compile):

@@ -21,79 +21,42 @@ from compress.quant import Policy, QuantConfig, QuantDot
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_helpers import V, L, bert_config, gpt2_config, inputs, llama_config, save_randomized  # noqa: E402
 from models import hf  # noqa: E402
 
 TOL = 1e-4  # float32
-V, L, B = 96, 12, 3
+B = 3
 SMALL = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_len=64)
-
-
-def _bert_config(**kw):
-  return transformers.BertConfig(
-    vocab_size=V,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    max_position_embeddings=64,
-    **kw,
-  )
-
-
-def _llama_config(cls=None, **kw):
-  return (cls or transformers.LlamaConfig)(
-    vocab_size=V,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=48,
-    max_position_embeddings=64,
-    **kw,
-  )
 
 
 # name -> (make the torch model, our head, classes per token)
 MAKERS = {
-  "bert_span": (lambda: transformers.BertForQuestionAnswering(_bert_config()), "span", 2),
+  "bert_span": (lambda: transformers.BertForQuestionAnswering(bert_config()), "span", 2),
   "bert_tokens": (
-    lambda: transformers.BertForTokenClassification(_bert_config(num_labels=5)),
+    lambda: transformers.BertForTokenClassification(bert_config(num_labels=5)),
     "tokens",
     5,
   ),
   "gpt2_tokens": (
-    lambda: transformers.GPT2ForTokenClassification(
-      transformers.GPT2Config(
-        vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=4
-      )
-    ),
+    lambda: transformers.GPT2ForTokenClassification(gpt2_config(num_labels=4)),
     "tokens",
     4,
   ),
   # No biases in the body; `score` has one.
   "llama_tokens": (
-    lambda: transformers.LlamaForTokenClassification(_llama_config(num_labels=3)),
+    lambda: transformers.LlamaForTokenClassification(llama_config(num_labels=3)),
     "tokens",
     3,
   ),
   # Biases on q/k/v only.
   "qwen2_tokens": (
     lambda: transformers.Qwen2ForTokenClassification(
-      _llama_config(transformers.Qwen2Config, num_labels=3)
+      llama_config(transformers.Qwen2Config, num_labels=3)
     ),
     "tokens",
     3,
   ),
 }
-
-
-def _inputs():
-  """Random ids with right padding in two of the three rows."""
-  ids = np.random.default_rng(0).integers(0, V, (B, L))
-  mask = np.ones((B, L), np.int64)
-  mask[1, 8:] = 0
-  mask[2, 5:] = 0
-  return ids, mask
 
 
 def _torch_out(model, ids, mask):
@@ -118,18 +81,8 @@ def _want_shape(head, classes):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
   """name -> (directory, torch model, reference logits); every weight randomized."""
-  torch.manual_seed(0)
-  ids, mask = _inputs()
-  out = {}
-  for name, (make, _, _) in MAKERS.items():
-    model = make().eval()
-    with torch.no_grad():
-      for p in model.parameters():
-        p.add_(0.05 * torch.randn_like(p))
-    directory = str(tmp_path_factory.mktemp(name))
-    model.save_pretrained(directory)
-    out[name] = (directory, model, _torch_out(model, ids, mask))
-  return out
+  models_ = save_randomized(tmp_path_factory, {n: make for n, (make, _, _) in MAKERS.items()})
+  return {n: (d, m, _torch_out(m, *inputs())) for n, (d, m) in models_.items()}
 
 
 # ---- transformers parity --------------------------------------------------------------------
@@ -144,7 +97,7 @@ def test_import_matches_transformers(saved, name, scan):
   _, head, classes = MAKERS[name]
   model, params = hf.from_pretrained(directory, scan_layers=scan)
   assert (model.config.head, model.config.num_labels) == (head, classes)
-  ours = _ours(model, params, *_inputs())
+  ours = _ours(model, params, *inputs())
   assert ours.shape == ref.shape == _want_shape(head, classes)
   np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
 
@@ -160,10 +113,10 @@ def test_export_reloads_in_transformers(saved, name, tmp_path):
     assert json.load(f)["architectures"] == [type(torch_model).__name__]
   reloaded, info = type(torch_model).from_pretrained(str(tmp_path), output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"], info
-  np.testing.assert_allclose(_torch_out(reloaded.eval(), *_inputs()), ref, atol=TOL, rtol=0)
+  np.testing.assert_allclose(_torch_out(reloaded.eval(), *inputs()), ref, atol=TOL, rtol=0)
   model2, params2 = hf.from_pretrained(str(tmp_path))
   assert model2.config == model.config
-  np.testing.assert_allclose(_ours(model2, params2, *_inputs()), ref, atol=TOL, rtol=0)
+  np.testing.assert_allclose(_ours(model2, params2, *inputs()), ref, atol=TOL, rtol=0)
 
 
 def test_new_head_on_a_pretrained_body(saved):
@@ -175,11 +128,11 @@ def test_new_head_on_a_pretrained_body(saved):
   assert set(params) - {"qa_outputs"} == set(tokens) - {"classifier"}
   for k in set(params) - {"qa_outputs"}:
     jax.tree.map(np.testing.assert_array_equal, params[k], tokens[k])
-  assert _ours(model, params, *_inputs()).shape == (B, 2, L)
+  assert _ours(model, params, *inputs()).shape == (B, 2, L)
   model, params = hf.from_pretrained(saved["bert_span"][0], head="tokens", num_labels=7)
-  assert _ours(model, params, *_inputs()).shape == (B, L, 7)
+  assert _ours(model, params, *inputs()).shape == (B, L, 7)
   model, params = hf.from_pretrained(saved["gpt2_tokens"][0], head="lm")  # tied: nothing new
-  assert _ours(model, params, *_inputs()).shape == (B, L, V)
+  assert _ours(model, params, *inputs()).shape == (B, L, V)
 
 
 # ---- our side: shapes, logical names, quantization ------------------------------------------
@@ -207,7 +160,7 @@ def test_shapes_and_logical_names(name, scan):
   cfg, param = HEAD_CONFIGS[name]
   cfg = dataclasses.replace(cfg, scan_layers=scan)
   model = models.build(cfg)
-  ids = jnp.asarray(_inputs()[0])
+  ids = jnp.asarray(inputs()[0])
   boxed = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
   specs = nn.get_partition_spec(boxed)
   assert tuple(specs[param]["kernel"]) == ("embed", "labels")
@@ -236,7 +189,7 @@ def test_quantized_dot_general_reaches_the_head(name):
   cfg, param = HEAD_CONFIGS[name]
   policy = Policy.of((f"^{param}$", QuantConfig(bits=8, act_bits=8)), (r".", None))
   quantized = models.build(cfg, dot_general_cls=functools.partial(QuantDot, policy))
-  ids = jnp.asarray(_inputs()[0])
+  ids = jnp.asarray(inputs()[0])
   shapes = jax.eval_shape(quantized.init, jax.random.key(0), ids)
   assert jax.tree.leaves(shapes["quant"][param])  # the head's QuantDot
   params = _draw(nn.unbox(shapes["params"]))

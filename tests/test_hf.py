@@ -15,37 +15,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_helpers import bert_config, gpt2_config, inputs, llama_config, save_randomized  # noqa: E402
 from models import PRESETS, hf  # noqa: E402
 import parallel  # noqa: E402
 
 TOL = 1e-4  # float32
-V, L = 96, 12  # V splits over a 2 x 2 mesh
-
-
-def _bert_config(**kw):
-  return transformers.BertConfig(
-    vocab_size=V,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    max_position_embeddings=64,
-    **kw,
-  )
-
-
-def _llama_config(cls=None, **kw):
-  """A tiny Llama-family config (LlamaConfig, MistralConfig, Qwen2Config)."""
-  return (cls or transformers.LlamaConfig)(
-    vocab_size=V,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,  # grouped-query attention
-    intermediate_size=48,
-    max_position_embeddings=64,
-    **kw,
-  )
 
 
 LLAMA3 = dict(  # Llama 3.1's scaled RoPE
@@ -56,37 +30,26 @@ LLAMA3 = dict(  # Llama 3.1's scaled RoPE
   high_freq_factor=4.0,
   original_max_position_embeddings=16,  # short: 3 of head_dim 8's 4 wavelengths are longer
 )
-WINDOW = 8  # < L: the window matters; >= 8: no row of _inputs() sees only padding
+WINDOW = 8  # < L: the window matters; >= 8: no row of inputs() sees only padding
 
 MAKERS = {
-  "bert_mlm": lambda: transformers.BertForMaskedLM(_bert_config()),
-  "bert_classify": lambda: transformers.BertForSequenceClassification(_bert_config(num_labels=3)),
-  "bert_base": lambda: transformers.BertModel(_bert_config()),
-  "gpt2": lambda: transformers.GPT2LMHeadModel(
-    transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-  ),
-  "llama": lambda: transformers.LlamaForCausalLM(_llama_config()),
+  "bert_mlm": lambda: transformers.BertForMaskedLM(bert_config()),
+  "bert_classify": lambda: transformers.BertForSequenceClassification(bert_config(num_labels=3)),
+  "bert_base": lambda: transformers.BertModel(bert_config()),
+  "gpt2": lambda: transformers.GPT2LMHeadModel(gpt2_config()),
+  "llama": lambda: transformers.LlamaForCausalLM(llama_config()),
   "llama_tied_bias": lambda: transformers.LlamaForCausalLM(
-    _llama_config(tie_word_embeddings=True, attention_bias=True, mlp_bias=True, rope_theta=500.0)
+    llama_config(tie_word_embeddings=True, attention_bias=True, mlp_bias=True, rope_theta=500.0)
   ),
-  "llama3_rope": lambda: transformers.LlamaForCausalLM(_llama_config(rope_parameters=LLAMA3)),
+  "llama3_rope": lambda: transformers.LlamaForCausalLM(llama_config(rope_parameters=LLAMA3)),
   "mistral": lambda: transformers.MistralForCausalLM(
-    _llama_config(transformers.MistralConfig, sliding_window=WINDOW)
+    llama_config(transformers.MistralConfig, sliding_window=WINDOW)
   ),
-  "qwen2": lambda: transformers.Qwen2ForCausalLM(_llama_config(transformers.Qwen2Config)),
+  "qwen2": lambda: transformers.Qwen2ForCausalLM(llama_config(transformers.Qwen2Config)),
   "qwen2_tied": lambda: transformers.Qwen2ForCausalLM(
-    _llama_config(transformers.Qwen2Config, tie_word_embeddings=True)
+    llama_config(transformers.Qwen2Config, tie_word_embeddings=True)
   ),
 }
-
-
-def _inputs():
-  """Random ids with right padding in two of the three rows."""
-  ids = np.random.default_rng(0).integers(0, V, (3, L))
-  mask = np.ones((3, L), np.int64)
-  mask[1, 8:] = 0
-  mask[2, 5:] = 0
-  return ids, mask
 
 
 def _torch_out(model, ids, mask):
@@ -103,20 +66,9 @@ def _ours(model, params, ids, mask):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-  """name -> (directory, torch model, reference logits); every weight randomized (norms and
-  biases too, which HF initializes to 1 and 0)."""
-  torch.manual_seed(0)
-  ids, mask = _inputs()
-  out = {}
-  for name, make in MAKERS.items():
-    model = make().eval()
-    with torch.no_grad():
-      for p in model.parameters():
-        p.add_(0.05 * torch.randn_like(p))
-    directory = str(tmp_path_factory.mktemp(name))
-    model.save_pretrained(directory)
-    out[name] = (directory, model, _torch_out(model, ids, mask))
-  return out
+  """name -> (directory, torch model, reference logits); every weight randomized."""
+  models_ = save_randomized(tmp_path_factory, MAKERS)
+  return {n: (d, m, _torch_out(m, *inputs())) for n, (d, m) in models_.items()}
 
 
 @pytest.mark.parametrize(
@@ -127,7 +79,7 @@ def test_import_matches_transformers(saved, name, scan):
   directory, _, ref = saved[name]
   model, params = hf.from_pretrained(directory, scan_layers=scan)
   assert ("layers" in params) == scan
-  np.testing.assert_allclose(_ours(model, params, *_inputs()), ref, atol=TOL, rtol=0)
+  np.testing.assert_allclose(_ours(model, params, *inputs()), ref, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -144,7 +96,7 @@ def test_window_and_rope_scaling(saved, name, override, same):
   are not transformers'."""
   directory, _, ref = saved[name]
   model, params = hf.from_pretrained(directory, **override)
-  ours = _ours(model, params, *_inputs())
+  ours = _ours(model, params, *inputs())
   if same:
     np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
   else:
@@ -157,8 +109,8 @@ def test_qwen2_exports_a_window(saved, tmp_path):
   hf.save_pretrained(model.config, params, str(tmp_path))
   reloaded = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path)).eval()
   assert reloaded.config.layer_types == ["sliding_attention"] * 2
-  ours = _ours(model, params, *_inputs())
-  np.testing.assert_allclose(_torch_out(reloaded, *_inputs()), ours, atol=TOL, rtol=0)
+  ours = _ours(model, params, *inputs())
+  np.testing.assert_allclose(_torch_out(reloaded, *inputs()), ours, atol=TOL, rtol=0)
   assert np.abs(ours - saved["qwen2"][2]).max() > 100 * TOL
 
 
@@ -169,10 +121,10 @@ def test_export_reloads_in_transformers(saved, name, tmp_path):
   hf.save_pretrained(model.config, params, str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no .tmp left
   reloaded = type(torch_model).from_pretrained(str(tmp_path)).eval()
-  np.testing.assert_allclose(_torch_out(reloaded, *_inputs()), ref, atol=TOL, rtol=0)
+  np.testing.assert_allclose(_torch_out(reloaded, *inputs()), ref, atol=TOL, rtol=0)
   model2, params2 = hf.from_pretrained(str(tmp_path))  # and back: the same config
   assert model2.config == dataclasses.replace(model.config, scan_layers=False)
-  np.testing.assert_allclose(_ours(model2, params2, *_inputs()), ref, atol=TOL, rtol=0)
+  np.testing.assert_allclose(_ours(model2, params2, *inputs()), ref, atol=TOL, rtol=0)
 
 
 def test_bin_bf16_and_sharded_files(saved, tmp_path):
@@ -213,7 +165,7 @@ def test_load_onto_mesh(saved, scan):
   matrices = [x for path, x in flat.items() if path[-1] in ("kernel", "embedding")]
   assert all(x.sharding.shard_shape(x.shape) != x.shape for x in matrices)  # really split
   with jax.set_mesh(mesh):
-    np.testing.assert_allclose(_ours(model, params, *_inputs()), ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(_ours(model, params, *inputs()), ref, atol=TOL, rtol=0)
 
 
 def test_mesh_that_does_not_divide_a_tensor(saved):
@@ -232,7 +184,7 @@ def test_new_head_on_a_pretrained_body(saved):
   for k in mlm:
     if k != "mlm_head":
       jax.tree.map(np.testing.assert_array_equal, params[k], mlm[k])
-  logits = _ours(model, params, *_inputs())
+  logits = _ours(model, params, *inputs())
   assert logits.shape == (3, 5) and np.isfinite(logits).all()
 
 

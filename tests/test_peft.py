@@ -15,53 +15,24 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from hf_helpers import bert_config, gpt2_config, inputs, llama_config, save_randomized  # noqa: E402
 from models import hf  # noqa: E402
 from models import peft as mpeft  # noqa: E402
 
 TOL = 1e-4  # float32
-V, L = 96, 12
 RANK, ALPHA = 4, 8.0
 ALL = r"attn/(query|key|value|out)|mlp/"
 
 MAKERS = {
-  "gpt2": lambda: transformers.GPT2LMHeadModel(
-    transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-  ),
-  "llama": lambda: transformers.LlamaForCausalLM(
-    transformers.LlamaConfig(
-      vocab_size=V,
-      hidden_size=32,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      num_key_value_heads=2,  # grouped-query attention
-      intermediate_size=48,
-      max_position_embeddings=64,
-    )
-  ),
-  "bert": lambda: transformers.BertForMaskedLM(
-    transformers.BertConfig(
-      vocab_size=V,
-      hidden_size=32,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      intermediate_size=37,
-      max_position_embeddings=64,
-    )
-  ),
+  "gpt2": lambda: transformers.GPT2LMHeadModel(gpt2_config()),
+  "llama": lambda: transformers.LlamaForCausalLM(llama_config()),
+  "bert": lambda: transformers.BertForMaskedLM(bert_config()),
 }
 TARGETS = {  # what a PEFT user lists for every attention and MLP layer
   "gpt2": ["c_attn", "c_proj", "c_fc"],
   "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
   "bert": ["query", "key", "value", "dense"],  # also BERT's MLM transform dense
 }
-
-
-def _inputs():
-  ids = np.random.default_rng(0).integers(0, V, (3, L))
-  mask = np.ones((3, L), np.int64)
-  mask[1, 8:] = 0
-  mask[2, 5:] = 0
-  return ids, mask
 
 
 def _torch_out(model, ids, mask):
@@ -73,21 +44,11 @@ def _torch_out(model, ids, mask):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
   """family -> (directory, torch model); every weight randomized."""
-  torch.manual_seed(0)
-  out = {}
-  for name, make in MAKERS.items():
-    model = make().eval()
-    with torch.no_grad():
-      for p in model.parameters():
-        p.add_(0.05 * torch.randn_like(p))
-    directory = str(tmp_path_factory.mktemp(name))
-    model.save_pretrained(directory)
-    out[name] = (directory, model)
-  return out
+  return save_randomized(tmp_path_factory, MAKERS)
 
 
 def _ours(model, params):
-  ids, mask = _inputs()
+  ids, mask = inputs()
   return np.asarray(model.apply({"params": params}, ids, attention_mask=mask))
 
 
@@ -137,7 +98,7 @@ def _load_peft(torch_model, directory):
 
 
 def _peft_out(torch_model, directory):
-  return _torch_out(_load_peft(copy.deepcopy(torch_model), directory), *_inputs())
+  return _torch_out(_load_peft(copy.deepcopy(torch_model), directory), *inputs())
 
 
 def _assert_same_tree(x, y):
@@ -190,7 +151,7 @@ def _peft_written(torch_model, directory, **kw):
   config = dict(r=RANK, lora_alpha=ALPHA, init_lora_weights=False, **kw)
   wrapped = peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(**config)).eval()
   wrapped.save_pretrained(directory)
-  return _torch_out(wrapped, *_inputs())
+  return _torch_out(wrapped, *inputs())
 
 
 @pytest.mark.parametrize(
@@ -215,7 +176,7 @@ def test_bare_body(saved, tmp_path):
   mpeft.save_adapter(model.config, adapters, str(tmp_path), rank=RANK, alpha=ALPHA)
   body = transformers.BertModel.from_pretrained(directory).eval()
   wrapped = _load_peft(body, str(tmp_path))
-  ids, mask = _inputs()
+  ids, mask = inputs()
   with torch.no_grad():
     ref = wrapped(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
   ours = _ours(model, merge(params, adapters, ALPHA))

@@ -28,52 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from compress.oneshot.grid import check_grid
 from compress.oneshot.hessian import dead_inputs, inverse_cholesky
 from compress.quant.quantizers import check_bits
 
 
-def _concrete(x) -> np.ndarray | None:
-  """x as a host array, or None while tracing (value checks are then skipped)."""
-  return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
-
-
 def _check(fn: str, w_IxO, scale_GxO, bits: int, group_of_I):
-  """Shapes always; values (group ids, scales) when they are concrete."""
+  """Bits, the kernel's rank and the grid (grid.check_grid)."""
   check_bits(bits, f"{fn}: bits")
   if np.ndim(w_IxO) != 2:
     raise ValueError(f"{fn}: the kernel must be [in, out]; got shape {np.shape(w_IxO)}.")
-  n_in, n_out = np.shape(w_IxO)
-  if group_of_I is None:
-    n_groups = 1
-  else:
-    if np.shape(group_of_I) != (n_in,):
-      raise ValueError(
-        f"{fn}: group_of has shape {np.shape(group_of_I)} but the kernel has {n_in} inputs: "
-        f"give one group id per input row, shape ({n_in},)."
-      )
-    if not jnp.issubdtype(jnp.result_type(group_of_I), jnp.integer):
-      raise ValueError(
-        f"{fn}: group_of must hold integer group ids; got dtype {jnp.result_type(group_of_I)}."
-      )
-    n_groups = np.shape(scale_GxO)[0] if np.ndim(scale_GxO) == 2 else None
-  if np.shape(scale_GxO) != (n_groups, n_out):
-    want = f"(1, {n_out})" if group_of_I is None else f"(n_groups, {n_out})"
-    raise ValueError(
-      f"{fn}: scale has shape {np.shape(scale_GxO)}; the kernel {n_in}x{n_out} needs {want}: "
-      "one row of scales per group of inputs (one row, per-channel, without group_of)."
-    )
-  g = None if group_of_I is None else _concrete(group_of_I)
-  if g is not None and g.size and (g.min() < 0 or g.max() >= n_groups):
-    raise ValueError(
-      f"{fn}: group_of holds ids in [{g.min()}, {g.max()}] but scale has {n_groups} rows: "
-      f"ids must lie in [0, {n_groups - 1}]; give one scale row per group."
-    )
-  if (s := _concrete(scale_GxO)) is not None and not np.all((s > 0) & np.isfinite(s)):
-    bad = np.argwhere(~((s > 0) & np.isfinite(s)))[0]
-    raise ValueError(
-      f"{fn}: scale[{bad[0]}, {bad[1]}] = {s[tuple(bad)]}: scales must be positive and finite; "
-      "for an all-zero group or channel use any positive scale (e.g. 1.0)."
-    )
+  check_grid(fn, *np.shape(w_IxO), scale_GxO, group_of_I)
 
 
 def _dtype(*xs):

@@ -46,12 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from compress.oneshot.grid import check_grid
 from compress.oneshot.hessian import dead_inputs, inverse_cholesky
-
-
-def _concrete(x) -> np.ndarray | None:
-  """x as a host array, or None while tracing (value checks are then skipped)."""
-  return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
 
 
 def _is_int(x) -> bool:
@@ -118,39 +114,7 @@ def _check_quant(n_in: int, n_out: int, bits, scale_GxO, group_of_I):
       f"sparsegpt: bits={bits} needs the grid's scales: pass scale_GxO of shape (1, {n_out}) "
       "(per-channel) or (n_groups, out) with group_of_I, e.g. max |w| per group / qmax."
     )
-  if group_of_I is None:
-    n_groups = 1
-  else:
-    if np.shape(group_of_I) != (n_in,):
-      raise ValueError(
-        f"sparsegpt: group_of_I has shape {np.shape(group_of_I)} but the kernel has {n_in} "
-        f"inputs: give one group id per input row, shape ({n_in},)."
-      )
-    if not jnp.issubdtype(jnp.result_type(group_of_I), jnp.integer):
-      raise ValueError(
-        "sparsegpt: group_of_I must hold integer group ids; got dtype "
-        f"{jnp.result_type(group_of_I)}."
-      )
-    n_groups = np.shape(scale_GxO)[0] if np.ndim(scale_GxO) == 2 else None
-  if np.shape(scale_GxO) != (n_groups, n_out):
-    want = f"(1, {n_out})" if group_of_I is None else f"(n_groups, {n_out})"
-    raise ValueError(
-      f"sparsegpt: scale_GxO has shape {np.shape(scale_GxO)}; the kernel {n_in}x{n_out} needs "
-      f"{want}: one row of scales per group of inputs (one row, per-channel, without "
-      "group_of_I)."
-    )
-  if group_of_I is not None and (g := _concrete(group_of_I)) is not None:
-    if g.size and (g.min() < 0 or g.max() >= n_groups):
-      raise ValueError(
-        f"sparsegpt: group_of_I holds ids in [{g.min()}, {g.max()}] but scale_GxO has "
-        f"{n_groups} rows: ids must lie in [0, {n_groups - 1}]; give one scale row per group."
-      )
-  if (s := _concrete(scale_GxO)) is not None and not np.all((s > 0) & np.isfinite(s)):
-    bad = np.argwhere(~((s > 0) & np.isfinite(s)))[0]
-    raise ValueError(
-      f"sparsegpt: scale_GxO[{bad[0]}, {bad[1]}] = {s[tuple(bad)]}: scales must be positive "
-      "and finite; for an all-zero group or channel use any positive scale (e.g. 1.0)."
-    )
+  check_grid("sparsegpt", n_in, n_out, scale_GxO, group_of_I)
 
 
 def _check_kernel(fn: str, w_IxO):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
@@ -223,7 +224,7 @@ class Run:
       donate_argnums=0,
     )
     self.eval_step = parallel.jit_with_mesh(
-      lambda p, c, b: task.loss(model, {"params": p, **c}, b, None, False)[1],
+      lambda p, c, b: task.eval_outputs(model, {"params": p, **c}, b),
       exp.mesh,
       exp.rules,
       in_shardings=(shardings["params"], shardings.get("collections", {}), exp.batch_sharding),
@@ -235,16 +236,26 @@ class Run:
   def evaluate(self, params, collections) -> dict:
     """The eval row of `params` (placed on the state's shardings) over the eval batches."""
     params = jax.device_put(params, self.shardings["params"])
-    sums = [self.eval_step(params, collections, b) for b in self.eval_batches]
-    return self.exp.task.summarize(tasks.sum_eval(sums))
+    return _eval_row(
+      self.exp.task, [self.eval_step(params, collections, b) for b in self.eval_batches]
+    )
 
   def evaluate_model(self, model: nn.Module, variables: dict) -> dict:
     """The eval row of another model (a serving one) on its variables, replicated."""
     variables = jax.device_put(variables, NamedSharding(self.exp.mesh, P()))
     task = self.exp.task
-    step = jax.jit(lambda v, b: task.loss(model, v, b, None, False)[1])
+    step = jax.jit(lambda v, b: task.eval_outputs(model, v, b))
     with jax.set_mesh(self.exp.mesh):
-      return task.summarize(tasks.sum_eval([step(variables, b) for b in self.eval_batches]))
+      return _eval_row(task, [step(variables, b) for b in self.eval_batches])
+
+
+def _eval_row(task: tasks.Task, outputs: list) -> dict:
+  """The eval row from each eval batch's (sums, predictions): the summed metrics, and the task's
+  score of the predictions (gathered to every process: the whole eval batches, in order)."""
+  row = task.summarize(tasks.sum_eval([sums for sums, _ in outputs]))
+  if task.score:
+    row.update(task.score([multihost_utils.process_allgather(p, tiled=True) for _, p in outputs]))
+  return row
 
 
 def build(

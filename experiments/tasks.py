@@ -16,7 +16,10 @@ import numpy as np
 import optax
 
 from experiments.data import markov as data_lib
-from experiments.data import encoder as encoder_data, tfds as tfds_data
+from experiments import scores
+from experiments.configs import common
+from experiments.data import encoder as encoder_data, ner as ner_data, squad as squad_data
+from experiments.data import tfds as tfds_data
 
 
 def argmax_is(logits_BxLxV, targets_BxL):
@@ -45,8 +48,40 @@ def token_sums(logits_BxLxV, targets_BxL, weights_BxL, accuracy: bool = True) ->
   return sums
 
 
+def best_spans(logits_Bx2xL, allowed_BxL, max_answer: int):
+  """Bx2 int32 (start, end): the highest start + end logit over spans with start <= end <
+  start + max_answer, both at allowed positions (the context): run_qa's choice over all
+  pairs rather than its n-best start and end lists (the same argmax)."""
+  start_BxL, end_BxL = logits_Bx2xL[:, 0].astype(jnp.float32), logits_Bx2xL[:, 1]
+  L = start_BxL.shape[1]
+  i, j = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
+  ok_BxLxL = (j >= i) & (j < i + max_answer) & allowed_BxL[:, :, None] & allowed_BxL[:, None, :]
+  score_BxLxL = jnp.where(ok_BxLxL, start_BxL[:, :, None] + end_BxL[:, None, :], -jnp.inf)
+  flat_B = jnp.argmax(score_BxLxL.reshape(len(score_BxLxL), -1), -1)
+  return jnp.stack([flat_B // L, flat_B % L], 1).astype(jnp.int32)
+
+
+def span_sums(pred_Bx2, targets_Bx2, weights_B) -> dict:
+  """Summed exact match and token-overlap F1 of predicted spans (end inclusive) against the
+  targets, and the examples counted: SQuAD's EM / F1 on token positions."""
+  (ps, pe), (ts, te) = pred_Bx2.T, targets_Bx2.T
+  overlap = jnp.maximum(0, jnp.minimum(pe, te) - jnp.maximum(ps, ts) + 1)
+  precision, recall = overlap / jnp.maximum(pe - ps + 1, 1), overlap / jnp.maximum(te - ts + 1, 1)
+  f1 = jnp.where(overlap > 0, 2 * precision * recall / jnp.maximum(precision + recall, 1e-9), 0.0)
+  exact = (ps == ts) & (pe == te)
+  return {
+    "exact": jnp.sum(exact * weights_B),
+    "f1": jnp.sum(f1 * weights_B),
+    "examples": jnp.sum(weights_B),
+  }
+
+
 def _lm_targets(batch):
   return batch["targets"], batch["weights"]
+
+
+def _span_targets(batch):  # start and end: two "tokens" per example, over the positions
+  return batch["targets"], jnp.repeat(batch["weights"][:, None], 2, axis=1)
 
 
 def _classify_targets(batch):  # one "token" per example; "weights" 0 marks a padding row
@@ -64,6 +99,12 @@ class Task:
   targets: Callable[[dict], tuple] = _lm_targets  # batch -> (targets BxL, weights BxL)
   input_keys: tuple = ()  # the batch keys the model takes as keyword inputs
   eval_steps: int | None = None  # batches that cover the eval split (None: synthetic data)
+  # Metrics that need whole predictions (SQuAD's text spans, NER's entities, GLUE's MCC / F1):
+  # `predict` (logits, batch -> arrays, in the eval step) and `score` (each eval batch's
+  # predictions on the host, in order -> eval row entries).
+  predict: Callable[[jax.Array, dict], dict] | None = None
+  score: Callable[[list], dict] | None = None
+  extra_sums: Callable[[jax.Array, dict], dict] | None = None  # more eval sums, e.g. span EM
 
   def forward(self, model, variables, batch, rng, train, capture: bool = False):
     """(logits BxLxV, sown intermediates) of the model on a batch; a classifier's BxC logits
@@ -90,6 +131,14 @@ class Task:
     sums = self.sums(self.forward(model, variables, batch, rng, train)[0], batch, not train)
     return sums["loss"], sums
 
+  def eval_outputs(self, model, variables, batch) -> tuple[dict, dict]:
+    """(eval sums, predictions) of one eval batch: what the eval step returns."""
+    logits = self.forward(model, variables, batch, None, False)[0]
+    sums = self.sums(logits, batch)
+    if self.extra_sums:
+      sums.update(self.extra_sums(logits, batch))
+    return sums, (self.predict(logits, batch) if self.predict else {})
+
   def token_mask(self, batch):
     """BxL: the real (non-padding) tokens, for losses over every position."""
     if "attention_mask" in batch:
@@ -100,6 +149,18 @@ class Task:
 def _ratios(sums: dict) -> dict:
   w = max(float(sums["weight"]), 1.0)
   return {"eval_loss": float(sums["loss"]) / w, "eval_accuracy": float(sums["accuracy"]) / w}
+
+
+HEAD = {"classify": "classify", "span": "span", "tokens": "tokens"}  # the head each task reads
+
+
+def _check_head(config):
+  want = HEAD.get(config.task)
+  if want and config.model.get("head") != want:
+    raise ValueError(
+      f"task={config.task!r} reads the model's {want!r} head, but model.head="
+      f"{config.model.get('head')!r}: set model.head={want!r}."
+    )
 
 
 def markov_source(config: ml_collections.ConfigDict) -> data_lib.MarkovSource:
@@ -127,8 +188,9 @@ def vocab_needed(config: ml_collections.ConfigDict, tokenizer) -> tuple[int, str
 def make_task(
   config: ml_collections.ConfigDict, tokenizer, process_index: int = 0, process_count: int = 1
 ) -> Task:
-  """The task named by `config.task`: "lm", "mlm" or "classify", on the data
-  `config.data.source` names: "markov" (the synthetic language) or "tfds"."""
+  """The task named by `config.task` (TASKS: "lm", "mlm", "classify", "span", "tokens"), on
+  the data `config.data.source` names: "markov" (the synthetic language) or "tfds"."""
+  _check_head(config)
   t, d = config.train, config.data
   source_name = d.get("source", "markov")
   if source_name == "tfds":
@@ -202,7 +264,90 @@ def make_task(
       input_keys=("attention_mask", "token_type_ids"),
     )
 
-  raise ValueError(f"task={config.task!r}: choose 'lm', 'mlm' or 'classify'.")
+  if config.task == "span":
+    span = encoder_data.SpanSource(source, **d.get("span", {}))
+    return Task(
+      "span",
+      lambda s, split: span.batch(at(s, split), *sizes(split), split=split, **slicing),
+      _span_summary,
+      t.batch_size * t.seq_len,
+      targets=_span_targets,
+      input_keys=SPAN_INPUTS,
+      extra_sums=_span_extra(span.max_answer + 2),  # the key and closer are in the span
+    )
+
+  if config.task == "tokens":
+    tags = encoder_data.TagSource(source, **d.get("tags", {}))
+    _check_labels(config, len(tags.label_names), "data.tags.n_types (2 per type + 'O')")
+    return Task(
+      "tokens",
+      lambda s, split: tags.batch(at(s, split), *sizes(split), split=split, **slicing),
+      _tag_summary,
+      t.batch_size * t.seq_len,
+      input_keys=SPAN_INPUTS,
+      predict=_tag_predict,
+      score=lambda preds: _tag_score(preds, tags.label_names),
+    )
+
+  raise ValueError(f"task={config.task!r}: choose one of {', '.join(TASKS)}.")
+
+
+TASKS = ("lm", "mlm", "classify", "span", "tokens")
+SPAN_INPUTS = ("attention_mask", "token_type_ids")
+
+
+def _check_labels(config, n: int, what: str):
+  if config.model.num_labels != n:
+    raise ValueError(
+      f"The data has {n} labels ({what}): set model.num_labels={n} "
+      f"(it is {config.model.num_labels})."
+    )
+
+
+def _span_extra(max_answer: int):
+  """Eval sums of the best span in the context (token_type_ids 1) against the targets."""
+
+  def extra(logits_Bx2xL, batch):
+    allowed = (batch["token_type_ids"] == 1) & (batch["attention_mask"] > 0)
+    pred = best_spans(logits_Bx2xL, allowed, max_answer)
+    return span_sums(pred, batch["targets"], batch["weights"])
+
+  return extra
+
+
+def _span_summary(sums: dict) -> dict:
+  """Loss (the mean of the start and end cross-entropies, as BertForQuestionAnswering's),
+  position accuracy, and EM / F1 in percent over token positions."""
+  row = _ratios(sums)
+  n = max(float(sums["examples"]), 1.0)
+  return {**row, "exact_match": 100 * sums["exact"] / n, "f1": 100 * sums["f1"] / n}
+
+
+def _tag_summary(sums: dict) -> dict:
+  row = _ratios(sums)
+  row["token_accuracy"] = row.pop("eval_accuracy")
+  return row
+
+
+def _tag_predict(logits_BxLxC, batch):
+  return {
+    "tags": jnp.argmax(logits_BxLxC, -1).astype(jnp.int32),
+    "targets": batch["targets"],
+    "weights": batch["weights"],
+  }
+
+
+def _tag_score(preds: list, label_names) -> dict:
+  """Entity-level precision / recall / F1 (seqeval's) over the weighted positions of each row."""
+  names = np.asarray(label_names)
+  true, pred = [], []
+  for p in preds:
+    for tags, targets, weights in zip(p["tags"], p["targets"], p["weights"]):
+      keep = weights > 0
+      true.append(list(names[targets[keep]]))
+      pred.append(list(names[np.minimum(tags[keep], len(names) - 1)]))
+  s = scores.ner_scores(true, pred)
+  return {"precision": s["precision"], "recall": s["recall"], "f1": s["f1"]}
 
 
 def _tfds_task(config, tokenizer, process_index: int, process_count: int) -> Task:
@@ -220,6 +365,21 @@ def _tfds_task(config, tokenizer, process_index: int, process_count: int) -> Tas
   )
   tokens = t.batch_size * t.seq_len
   is_glue = name.startswith("glue/")
+  if config.task == "span":
+    return _squad_task(config, name, tokenizer, kwargs)
+  if config.task == "tokens":
+    source = ner_data.NerSource(name, tokenizer, **kwargs)
+    _check_labels(config, len(source.label_names), f"{name}'s tags")
+    return Task(
+      "tokens",
+      source.batch,
+      _tag_summary,
+      tokens,
+      input_keys=SPAN_INPUTS,
+      eval_steps=source.eval_steps,
+      predict=lambda logits, batch: {"tags": jnp.argmax(logits, -1).astype(jnp.int32)},
+      score=lambda preds: source.score([p["tags"] for p in preds]),
+    )
   if config.task in ("lm", "mlm"):
     if is_glue:
       raise ValueError(f"task={config.task!r} reads documents: {name} is for 'classify'.")
@@ -244,11 +404,18 @@ def _tfds_task(config, tokenizer, process_index: int, process_count: int) -> Tas
         f"(it is {config.model.num_labels})."
       )
     source = tfds_data.GlueSource(name, tokenizer, **kwargs)
+    glue_name = name.removeprefix("glue/")
 
     def summarize(sums):
       row = _ratios(sums)
       row["accuracy"] = row.pop("eval_accuracy")
       return row
+
+    def score(preds):  # the task's own GLUE metrics (MCC for CoLA, F1 for MRPC / QQP)
+      p = {k: np.concatenate([x[k] for x in preds]) for k in preds[0]}
+      real = p["weight"] > 0
+      glue = scores.glue_scores(glue_name, p["pred"][real], p["label"][real])
+      return {k: v for k, v in glue.items() if k != "accuracy"}  # the row has it
 
     return Task(
       "classify",
@@ -258,8 +425,44 @@ def _tfds_task(config, tokenizer, process_index: int, process_count: int) -> Tas
       targets=_classify_targets,
       input_keys=("attention_mask", "token_type_ids"),
       eval_steps=source.eval_steps,
+      predict=_classify_predict,
+      score=score,
     )
   raise ValueError(f"task={config.task!r}: choose 'lm', 'mlm' or 'classify'.")
+
+
+def _classify_predict(logits_Bx1xC, batch):
+  label_Bx1, weight_Bx1 = _classify_targets(batch)
+  return {
+    "pred": jnp.argmax(logits_Bx1xC[:, 0], -1).astype(jnp.int32),
+    "label": label_Bx1[:, 0],
+    "weight": weight_Bx1[:, 0],
+  }
+
+
+def _squad_task(config, name: str, tokenizer, kwargs: dict) -> Task:
+  """Extractive QA on TFDS squad/v1.1 (experiments/data/squad.py): run_qa's windows, scored
+  with the official EM / F1 after the n-best postprocessing (data.squad)."""
+  q = {**common.SQUAD, **config.data.get("squad", {})}
+  if not name.startswith("squad"):
+    raise ValueError(f"task='span' reads squad/v1.1, not data.tfds.name={name!r}.")
+  source = squad_data.SquadSource(
+    name, tokenizer, doc_stride=q["doc_stride"], max_query_len=q["max_query_len"], **kwargs
+  )
+  return Task(
+    "span",
+    source.batch,
+    _span_summary,
+    config.train.batch_size * config.train.seq_len,
+    targets=_span_targets,
+    input_keys=SPAN_INPUTS,
+    eval_steps=source.eval_steps,
+    extra_sums=_span_extra(q["max_answer"]),
+    predict=lambda logits, batch: {"logits": logits.astype(jnp.float32)},
+    score=lambda preds: source.score(
+      [p["logits"] for p in preds], n_best=q["n_best"], max_answer_length=q["max_answer"]
+    ),
+  )
 
 
 def eval_steps(config: ml_collections.ConfigDict, task: Task) -> int:

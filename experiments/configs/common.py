@@ -21,7 +21,7 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU. Parameters stay float32.
-  c.task = task  # "lm" | "mlm" | "classify"
+  c.task = task  # "lm" | "mlm" | "classify" | "span" (extractive QA) | "tokens" (tagging)
   c.init_from = ""  # a workdir whose latest checkpoint initializes the matching parameters
 
   c.model = ml_collections.ConfigDict(dataclasses.asdict(models.get_preset(preset)))
@@ -122,11 +122,19 @@ def schema() -> dict[str, bool]:
   return _schema(methods.names())
 
 
+# SQuAD features and postprocessing (task "span" on data.tfds.name "squad/v1.1"); the
+# synthetic span task's answers are at most data.span.max_answer long.
+SQUAD = dict(doc_stride=128, max_query_len=64, max_answer=30, n_best=20)
+
+
 @functools.cache
 def _schema(method_names: tuple) -> dict[str, bool]:
   c = base_config("tiny", task="lm")
   c.data.markov.update(_keyword_args(data_lib.MarkovSource))
   c.data.classify = _keyword_args(encoder_data.ClassifySource, "source")
+  c.data.span = _keyword_args(encoder_data.SpanSource, "source")
+  c.data.tags = _keyword_args(encoder_data.TagSource, "source")
+  c.data.squad = SQUAD
   return {**dict.fromkeys(RUN_SECTIONS, True), **flat_keys(c)}
 
 

@@ -18,7 +18,7 @@ TOKENIZER = ByteTokenizer()
 # 64 printable symbols, so decoded samples are readable.
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ."
 _SPLITS = {"train": 0, "eval": 1}
-_STREAMS = {"markov": 0, "classify": 1, "mlm": 2}
+_STREAMS = {"markov": 0, "classify": 1, "mlm": 2, "span": 3, "tags": 4}
 
 
 def row_uniforms(

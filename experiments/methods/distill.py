@@ -218,7 +218,7 @@ def make_teacher(config, student_mc: models.ModelConfig, workdir: str | None, bu
       "logit distillation needs the same vocabulary (set model.vocab_size of both), or set "
       "distill.kd_weight=0."
     )
-  if d.top_k > vocab_t:
+  if vocab_t and d.top_k > vocab_t:
     raise ValueError(f"distill.top_k={d.top_k}: between 0 (all) and the vocabulary ({vocab_t}).")
   if mc.positions == "learned" and config.train.seq_len > mc.max_len:
     raise ValueError(
@@ -246,7 +246,11 @@ def make_teacher(config, student_mc: models.ModelConfig, workdir: str | None, bu
 
 
 def _n_outputs(mc: models.ModelConfig) -> int:
-  return mc.num_labels if mc.kind == "encoder" and mc.head == "classify" else mc.vocab_size
+  """Classes per output ("classify", "tokens"), the vocabulary (LM, MLM), or 0 for "span",
+  whose start / end distributions run over the sequence's positions (as many as the batch's)."""
+  if mc.head == "span":
+    return 0
+  return mc.num_labels if mc.head in ("classify", "tokens") else mc.vocab_size
 
 
 # -- the teacher's variables ----------------------------------------------------------------

@@ -17,13 +17,16 @@ def output_width(mc: models.ModelConfig) -> int:
   """Width of the per-token output matmuls, as the "vocab" of the unembed term (2BSE x width).
 
   LM: V. MLM: V + E, since BERT's head first applies an E x E transform to every token,
-  which has the unembed's form. Classify and "none": 0; the pooler and classifier read only
-  the first token of each sequence (2BE(E + C) FLOPs, under 1/S of one layer), so are left out.
+  which has the unembed's form. "tokens": its C classes; "span": 2 (start, end), both on every
+  token. Classify and "none": 0; the pooler and classifier read only the first token of each
+  sequence (2BE(E + C) FLOPs, under 1/S of one layer), so are left out.
   """
   if mc.head == "lm":
     return mc.vocab_size
   if mc.head == "mlm":
     return mc.vocab_size + mc.d_model
+  if mc.head in ("tokens", "span"):
+    return mc.num_labels
   return 0
 
 

@@ -126,3 +126,10 @@ def test_span_head_distillation_outputs():
 
   mc = models.get_preset("tiny-encoder", head="span", num_labels=2)
   assert distill._n_outputs(mc) == 0
+
+
+def test_output_width_counts_the_per_token_heads():
+  from experiments import throughput
+
+  assert throughput.output_width(models.get_preset("tiny-encoder", head="span", num_labels=2)) == 2
+  assert throughput.output_width(models.get_preset("tiny", head="tokens", num_labels=5)) == 5

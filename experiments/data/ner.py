@@ -48,7 +48,7 @@ import os
 import numpy as np
 
 from experiments import scores
-from experiments.data.tfds import _local_rows, _tf, builder, default_eval_split, read_eval
+from experiments.data.tfds import _local_rows, _tf, builder, default_eval_split, pad_rows, read_eval
 from experiments.data.tokenizer import ByteTokenizer
 
 # CoNLL-2003's tags, in the order of TFDS's conll2003 ClassLabel.
@@ -359,19 +359,7 @@ class NerSource:
     """Eval rows [step * b, (step + 1) * b) of this process's part; weight-0 rows past it."""
     b = self.rows["eval"]
     rows = {k: v[step * b : (step + 1) * b] for k, v in self._eval.items()}
-    pad = b - len(rows["inputs"])
-    if not pad:
-      return rows
-    L = self.seq_len
-    filler = {
-      "inputs": np.full((pad, L), self.tokenizer.pad_id, np.int32),
-      "attention_mask": np.zeros((pad, L), np.int32),
-      "token_type_ids": np.zeros((pad, L), np.int32),
-      "targets": np.zeros((pad, L), np.int32),
-      "weights": np.zeros((pad, L), np.float32),
-    }
-    filler["attention_mask"][:, 0] = 1  # one visible key, as a real row has
-    return {k: np.concatenate([rows[k], filler[k]]) for k in rows}
+    return pad_rows(rows, b, self.tokenizer.pad_id)
 
   # ---- scoring ---------------------------------------------------------------------------
 

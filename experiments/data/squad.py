@@ -34,7 +34,7 @@ import math
 import numpy as np
 
 from experiments import scores
-from experiments.data.tfds import _decode, _Source, _tf, read_eval
+from experiments.data.tfds import _decode, _Source, _tf, pad_rows, read_eval
 from experiments.data.tokenizer import ByteTokenizer
 
 CHUNK_EXAMPLES = 1000  # examples windowed per tokenizer call
@@ -319,19 +319,7 @@ class SquadSource(_Source):
     lo = self.process_index * self.eval_part + step * b
     hi = min(lo + b, (self.process_index + 1) * self.eval_part, n)
     rows = self._rows(self._eval, np.arange(lo, max(lo, hi)))
-    pad = b - len(rows["weights"])
-    if not pad:
-      return rows
-    L = self.seq_len
-    filler = {
-      "inputs": np.full((pad, L), self.tokenizer.pad_id, np.int32),
-      "attention_mask": np.zeros((pad, L), np.int32),
-      "token_type_ids": np.zeros((pad, L), np.int32),
-      "targets": np.zeros((pad, 2), np.int32),
-      "weights": np.zeros(pad, np.float32),
-    }
-    filler["attention_mask"][:, 0] = 1  # one visible key, as a real row has
-    return {k: np.concatenate([rows[k], filler[k]]) for k in rows}
+    return pad_rows(rows, b, self.tokenizer.pad_id)
 
   # ---- predictions -----------------------------------------------------------------------
 

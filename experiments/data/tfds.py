@@ -146,6 +146,19 @@ def pack(chunks, rows: int, width: int):
     buf = buf[n * need :]
 
 
+def pad_rows(rows: dict, b: int, pad_id: int) -> dict:
+  """`rows` (a batch's arrays, up to `b` rows each) filled up to `b` rows with padding rows of
+  weight 0: "inputs" `pad_id`, "attention_mask" 1 on the first position only (one visible
+  key, as a real row has), every other array 0; each array keeps its trailing shape and dtype."""
+  pad = b - len(rows["weights"])
+  if not pad:
+    return rows
+  filler = {k: np.zeros((pad, *v.shape[1:]), v.dtype) for k, v in rows.items()}
+  filler["inputs"][:] = pad_id
+  filler["attention_mask"][:, 0] = 1
+  return {k: np.concatenate([rows[k], filler[k]]) for k in rows}
+
+
 class Steps:
   """Batches addressed by step over `start(step)`, an iterator of the batches from `step` on:
   consecutive steps continue it, any other step starts it again there (the last batch is
@@ -389,18 +402,7 @@ class GlueSource(_Source):
     """Eval rows [step * b, (step + 1) * b) of this process's part; weight-0 rows past it."""
     b = self.rows["eval"]
     rows = {k: v[step * b : (step + 1) * b] for k, v in self._eval.items()}
-    pad = b - len(rows["label"])
-    if not pad:
-      return rows
-    filler = {
-      "inputs": np.full((pad, self.seq_len), self.tokenizer.pad_id, np.int32),
-      "attention_mask": np.zeros((pad, self.seq_len), np.int32),
-      "token_type_ids": np.zeros((pad, self.seq_len), np.int32),
-      "label": np.zeros(pad, np.int32),
-      "weights": np.zeros(pad, np.float32),
-    }
-    filler["attention_mask"][:, 0] = 1  # one visible key, as a real row has
-    return {k: np.concatenate([rows[k], filler[k]]) for k in rows}
+    return pad_rows(rows, b, self.tokenizer.pad_id)
 
 
 def _fake_documents(self, split, read_config=None, **kwargs):

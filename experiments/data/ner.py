@@ -48,7 +48,7 @@ import os
 import numpy as np
 
 from experiments import scores
-from experiments.data.tfds import _local_rows, _tf, builder, default_eval_split, pad_rows, read_eval
+from experiments.data.tfds import _Source, _tf, pad_rows, read_eval
 from experiments.data.tokenizer import ByteTokenizer
 
 # CoNLL-2003's tags, in the order of TFDS's conll2003 ClassLabel.
@@ -127,7 +127,7 @@ def _first_positions(word_ids, n_words: int) -> np.ndarray:
   return first
 
 
-class NerSource:
+class NerSource(_Source):
   """Token classification batches of a NER dataset (see the module's docstring).
 
   batch(step, split) -> int32 inputs, attention_mask, token_type_ids, targets [b, seq_len]
@@ -138,36 +138,29 @@ class NerSource:
   entity-level precision, recall and F1 (experiments.scores.ner_scores) and accuracy.
   """
 
+  prepare_on_init = False  # CoNLL files need no TFDS builder; a TFDS name prepares it below
+
   def __init__(
     self,
     name: str,
     tokenizer,
     *,
-    batch_size: int,
-    eval_batch_size: int,
-    seq_len: int,
-    seed: int = 0,
-    data_dir: str = "",
-    train_split: str = "train",
     eval_split: str = "",
-    shuffle_buffer: int = 10_000,
-    process_index: int = 0,
-    process_count: int = 1,
     tokens_key: str = "tokens",
     tags_key: str = "ner",
     labels=None,
+    **kwargs,
   ):
+    """`kwargs`: _Source's (batch_size, eval_batch_size, seq_len, seed, data_dir, train_split,
+    shuffle_buffer (unused: the whole part is shuffled in memory), process_index,
+    process_count)."""
     if not name:
       raise ValueError("NER data needs a dataset: set data.tfds.name (e.g. conll2003).")
-    self.name, self.tokenizer, self.seq_len, self.seed = name, tokenizer, seq_len, seed
-    self.process_index, self.process_count = process_index, process_count
-    self.rows = {
-      "train": _local_rows(batch_size, process_count, "train.batch_size"),
-      "eval": _local_rows(eval_batch_size, process_count, "eval.batch_size"),
-    }
-    self.shuffle_buffer = shuffle_buffer  # unused: the whole part is shuffled in memory
-    if seq_len < 3:
-      raise ValueError(f"seq_len={seq_len} has no room for a word between special tokens.")
+    eval_split = eval_split or EVAL_SPLITS.get(name.split("/")[0], "")
+    super().__init__(name, tokenizer, eval_split=eval_split, **kwargs)
+    process_index, process_count = self.process_index, self.process_count
+    if self.seq_len < 3:
+      raise ValueError(f"seq_len={self.seq_len} has no room for a word between special tokens.")
     self._encode_words = self._word_encoder(tokenizer)
     if name.startswith(FILES_PREFIX):
       self.label_names = list(labels or CONLL2003_LABELS)
@@ -176,16 +169,9 @@ class NerSource:
       train = _even_part(read_conll(train_file, self.label_names), process_index, process_count)
       evals = read_conll(eval_file, self.label_names)
     else:
-      eval_split = eval_split or EVAL_SPLITS.get(name.split("/")[0], "")
-      self.splits = {"train": train_split, "eval": default_eval_split(name, eval_split)}
-      self.builder = builder(name, data_dir)
       self.tokens_key, self.tags_key = tokens_key, tags_key
-      self.label_names = self._tfds_labels(labels)
-      _, tfds = _tf()
-      part = tfds.split_for_jax_process(
-        train_split, process_index=process_index, process_count=process_count
-      )
-      train = self._read_tfds(part, "train")
+      self.label_names = self._tfds_labels(labels)  # prepares self.builder
+      train = self._read_tfds(self.process_split("train"), "train")
       evals = self._read_tfds(self.splits["eval"], "eval")
     if not train:
       raise self._empty("train")

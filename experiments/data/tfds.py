@@ -184,7 +184,13 @@ def _local_rows(batch_size: int, process_count: int, what: str) -> int:
 
 
 class _Source:
-  """What the TFDS sources share: the dataset, the process's part, the per-split streams."""
+  """What the TFDS sources share: the dataset, the process's part, the per-split streams.
+
+  `builder` (the dataset's TFDS builder) is prepared at construction, so that a dataset that
+  cannot be prepared fails there; a subclass that may read no TFDS dataset (NerSource's CoNLL
+  files) sets `prepare_on_init = False` and gets it on first use of `self.builder`."""
+
+  prepare_on_init = True
 
   def __init__(
     self,
@@ -211,9 +217,15 @@ class _Source:
       "eval": _local_rows(eval_batch_size, process_count, "eval.batch_size"),
     }
     self.splits = {"train": train_split, "eval": default_eval_split(name, eval_split)}
-    self.shuffle_buffer = shuffle_buffer
-    self.builder = builder(name, data_dir)
+    self.shuffle_buffer, self.data_dir = shuffle_buffer, data_dir
     self._streams = {}
+    if self.prepare_on_init:
+      self.builder  # prepared now
+
+  @functools.cached_property
+  def builder(self):
+    """The TFDS builder of the dataset, prepared (module-level `builder`) on first use."""
+    return builder(self.name, self.data_dir)
 
   def empty(self, split: str, what: str, keys=("name",)) -> ValueError:
     """The error for a `split` that `what` (e.g. "holds no documents"), naming what to check."""

@@ -110,6 +110,24 @@ def shrink_for_cpu(c: ml_collections.ConfigDict, steps: int) -> ml_collections.C
   return c
 
 
+def bert_finetune(c: ml_collections.ConfigDict, lr: float, epochs: int, epoch: int, **optim):
+  """Devlin et al.'s fine-tuning schedule, for the full-scale (BERT-base) runs: `epochs`
+  epochs of `epoch` steps with a checkpoint and a whole-split eval (eval batch 128) each
+  epoch; AdamW at `lr` with 10% warmup, linear decay to 0 and weight decay 0.01. `optim`: other
+  optim fields (e.g. GLUE's b2 and eps)."""
+  c.train.update(steps=epochs * epoch, checkpoint_every=epoch)
+  c.eval.update(every=epoch, steps=0, batch_size=128)
+  c.optim.update(
+    lr=lr,
+    warmup_steps=c.train.steps // 10,
+    schedule="linear",
+    final_lr_fraction=0.0,
+    weight_decay=0.01,
+    **optim,
+  )
+  return c
+
+
 def _keyword_args(fn, *skip) -> dict:
   params = inspect.signature(fn).parameters.values()
   return {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY and p.name not in skip}

@@ -53,20 +53,9 @@ def _finetune(task: str, tiny: bool):
   c.init_from = "hf:bert-base-uncased"
   c.data.tokenizer = "bert-base-uncased"
   c.model.dropout_rate = 0.1
+  c.train.update(batch_size=32, seq_len=128, log_every=50)
   epoch = math.ceil(TRAIN_EXAMPLES[task] / 32)
-  c.train.update(steps=3 * epoch, batch_size=32, seq_len=128, log_every=50)
-  c.train.checkpoint_every = epoch
-  c.eval.update(every=epoch, batch_size=128)
-  c.optim.update(
-    lr=2e-5,
-    warmup_steps=c.train.steps // 10,
-    schedule="linear",
-    final_lr_fraction=0.0,
-    b2=0.999,
-    eps=1e-6,
-    weight_decay=0.01,
-  )
-  return c
+  return common.bert_finetune(c, lr=2e-5, epochs=3, epoch=epoch, b2=0.999, eps=1e-6)
 
 
 def get_config(arg: str | None = None):

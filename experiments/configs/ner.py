@@ -42,15 +42,5 @@ def get_config(arg: str | None = None):
   c.data.update(source="tfds", tokenizer="bert-base-cased")
   c.data.tfds.update(name="conll2003", eval_split="dev")
   c.model.dropout_rate = 0.1
-  epoch = math.ceil(CONLL_TRAIN / 32)
-  c.train.update(steps=3 * epoch, batch_size=32, seq_len=128, log_every=50)
-  c.train.checkpoint_every = epoch
-  c.eval.update(every=epoch, steps=0, batch_size=128)
-  c.optim.update(
-    lr=5e-5,
-    warmup_steps=c.train.steps // 10,
-    schedule="linear",
-    final_lr_fraction=0.0,
-    weight_decay=0.01,
-  )
-  return c
+  c.train.update(batch_size=32, seq_len=128, log_every=50)
+  return common.bert_finetune(c, lr=5e-5, epochs=3, epoch=math.ceil(CONLL_TRAIN / 32))

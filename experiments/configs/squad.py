@@ -48,18 +48,8 @@ def _finetune(tiny: bool):
   c.data.tfds.name = "squad/v1.1"
   c.data.squad = dict(common.SQUAD)
   c.model.dropout_rate = 0.1
-  epoch = math.ceil(SQUAD_TRAIN / 32)
-  c.train.update(steps=2 * epoch, batch_size=32, seq_len=384, log_every=100)
-  c.train.checkpoint_every = epoch
-  c.eval.update(every=epoch, steps=0, batch_size=128)
-  c.optim.update(
-    lr=3e-5,
-    warmup_steps=c.train.steps // 10,
-    schedule="linear",
-    final_lr_fraction=0.0,
-    weight_decay=0.01,
-  )
-  return c
+  c.train.update(batch_size=32, seq_len=384, log_every=100)
+  return common.bert_finetune(c, lr=3e-5, epochs=2, epoch=math.ceil(SQUAD_TRAIN / 32))
 
 
 def get_config(arg: str | None = None):

@@ -251,40 +251,28 @@ def make_task(
     cls_source = encoder_data.ClassifySource(source=source, **d.classify)
 
     def summarize(sums):
-      row = _ratios(sums)
-      row["accuracy"] = row.pop("eval_accuracy")
-      return {**row, "bayes_accuracy": cls_source.bayes_accuracy}
+      return {**_classify_summary(sums), "bayes_accuracy": cls_source.bayes_accuracy}
 
-    return Task(
-      "classify",
+    return _classify_task(
       lambda s, split: cls_source.batch(at(s, split), *sizes(split), split=split, **slicing),
-      summarize,
       t.batch_size * t.seq_len,
-      targets=_classify_targets,
-      input_keys=("attention_mask", "token_type_ids"),
+      summarize=summarize,
     )
 
   if config.task == "span":
     span = encoder_data.SpanSource(source, **d.get("span", {}))
-    return Task(
-      "span",
+    return _span_task(
       lambda s, split: span.batch(at(s, split), *sizes(split), split=split, **slicing),
-      _span_summary,
       t.batch_size * t.seq_len,
-      targets=_span_targets,
-      input_keys=SPAN_INPUTS,
-      extra_sums=_span_extra(span.max_answer + 2),  # the key and closer are in the span
+      span.max_answer + 2,  # the key and closer are in the span
     )
 
   if config.task == "tokens":
     tags = encoder_data.TagSource(source, **d.get("tags", {}))
     _check_labels(config, len(tags.label_names), "data.tags.n_types (2 per type + 'O')")
-    return Task(
-      "tokens",
+    return _tokens_task(
       lambda s, split: tags.batch(at(s, split), *sizes(split), split=split, **slicing),
-      _tag_summary,
       t.batch_size * t.seq_len,
-      input_keys=SPAN_INPUTS,
       predict=_tag_predict,
       score=lambda preds: _tag_score(preds, tags.label_names),
     )
@@ -350,6 +338,56 @@ def _tag_score(preds: list, label_names) -> dict:
   return {"precision": s["precision"], "recall": s["recall"], "f1": s["f1"]}
 
 
+def _classify_summary(sums: dict) -> dict:
+  row = _ratios(sums)
+  row["accuracy"] = row.pop("eval_accuracy")
+  return row
+
+
+def _classify_task(batch, tokens: int, summarize=_classify_summary, **kwargs) -> Task:
+  """Sequence classification over `batch` (labels, weight-0 padding rows); `kwargs`: Task's
+  other fields (eval_steps, predict, score)."""
+  return Task(
+    "classify",
+    batch,
+    summarize,
+    tokens,
+    targets=_classify_targets,
+    input_keys=("attention_mask", "token_type_ids"),
+    **kwargs,
+  )
+
+
+def _span_task(batch, tokens: int, max_answer: int, **kwargs) -> Task:
+  """Extractive QA over `batch` (start / end targets), with EM / F1 sums of the best span of
+  at most `max_answer` tokens; `kwargs`: Task's other fields (eval_steps, predict, score)."""
+  return Task(
+    "span",
+    batch,
+    _span_summary,
+    tokens,
+    targets=_span_targets,
+    input_keys=SPAN_INPUTS,
+    extra_sums=_span_extra(max_answer),
+    **kwargs,
+  )
+
+
+def _tokens_task(batch, tokens: int, predict, score, **kwargs) -> Task:
+  """Token classification (tagging) over `batch`, scored on the host from `predict`'s outputs
+  by `score`; `kwargs`: Task's other fields (eval_steps)."""
+  return Task(
+    "tokens",
+    batch,
+    _tag_summary,
+    tokens,
+    input_keys=SPAN_INPUTS,
+    predict=predict,
+    score=score,
+    **kwargs,
+  )
+
+
 def _tfds_task(config, tokenizer, process_index: int, process_count: int) -> Task:
   """The task on a TFDS dataset (experiments/data/tfds.py): lm / mlm on packed text (lm1b,
   c4/en), classify on glue/<task>."""
@@ -370,15 +408,12 @@ def _tfds_task(config, tokenizer, process_index: int, process_count: int) -> Tas
   if config.task == "tokens":
     source = ner_data.NerSource(name, tokenizer, **kwargs)
     _check_labels(config, len(source.label_names), f"{name}'s tags")
-    return Task(
-      "tokens",
+    return _tokens_task(
       source.batch,
-      _tag_summary,
       tokens,
-      input_keys=SPAN_INPUTS,
-      eval_steps=source.eval_steps,
       predict=lambda logits, batch: {"tags": jnp.argmax(logits, -1).astype(jnp.int32)},
       score=lambda preds: source.score([p["tags"] for p in preds]),
+      eval_steps=source.eval_steps,
     )
   if config.task in ("lm", "mlm"):
     if is_glue:
@@ -406,24 +441,15 @@ def _tfds_task(config, tokenizer, process_index: int, process_count: int) -> Tas
     source = tfds_data.GlueSource(name, tokenizer, **kwargs)
     glue_name = name.removeprefix("glue/")
 
-    def summarize(sums):
-      row = _ratios(sums)
-      row["accuracy"] = row.pop("eval_accuracy")
-      return row
-
     def score(preds):  # the task's own GLUE metrics (MCC for CoLA, F1 for MRPC / QQP)
       p = {k: np.concatenate([x[k] for x in preds]) for k in preds[0]}
       real = p["weight"] > 0
       glue = scores.glue_scores(glue_name, p["pred"][real], p["label"][real])
       return {k: v for k, v in glue.items() if k != "accuracy"}  # the row has it
 
-    return Task(
-      "classify",
+    return _classify_task(
       source.batch,
-      summarize,
       tokens,
-      targets=_classify_targets,
-      input_keys=("attention_mask", "token_type_ids"),
       eval_steps=source.eval_steps,
       predict=_classify_predict,
       score=score,
@@ -449,15 +475,11 @@ def _squad_task(config, name: str, tokenizer, kwargs: dict) -> Task:
   source = squad_data.SquadSource(
     name, tokenizer, doc_stride=q["doc_stride"], max_query_len=q["max_query_len"], **kwargs
   )
-  return Task(
-    "span",
+  return _span_task(
     source.batch,
-    _span_summary,
     config.train.batch_size * config.train.seq_len,
-    targets=_span_targets,
-    input_keys=SPAN_INPUTS,
+    q["max_answer"],
     eval_steps=source.eval_steps,
-    extra_sums=_span_extra(q["max_answer"]),
     predict=lambda logits, batch: {"logits": logits.astype(jnp.float32)},
     score=lambda preds: source.score(
       [p["logits"] for p in preds], n_best=q["n_best"], max_answer_length=q["max_answer"]

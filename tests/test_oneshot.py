@@ -94,19 +94,56 @@ def _run(c, tmp_path, name, devices=None):
   return train.train_and_evaluate(c, str(tmp_path / name), devices=devices)
 
 
-@pytest.mark.parametrize(
-  "method,sections",
-  [("gptq", GPTQ), ("sparsegpt", JOINT)],  # Wanda reads the same statistics (diag H)
-  ids=["gptq", "sparsegpt-2:4+int4"],
-)
-def test_run_sharded_equals_one_device_and_export_equals_eval(
-  tiny_lm_run, tmp_path, method, sections
-):
+RUNS = {"gptq": ("gptq", GPTQ), "sparsegpt-2:4+int4": ("sparsegpt", JOINT)}
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tiny_lm_run, tmp_path_factory):
+  """`get(name)`: RUNS[name]'s run on one device, made once per module (the reference of the
+  sharded runs, and the prepared state the GPTQ tests read): (config, its eval row, workdir)."""
+  runs = {}
+
+  def get(name):
+    if name not in runs:
+      method, sections = RUNS[name]
+      c = _config(tiny_lm_run[0], method, **sections)
+      workdir = tmp_path_factory.mktemp(name.replace(":", "-"))
+      runs[name] = c, _run(c, workdir, "one", jax.devices()[:1]), workdir / "one"
+    return runs[name]
+
+  return get
+
+
+def _saved_state(c, workdir):
+  """{"params", "collections"} as a run on one device saved them (its step-0 checkpoint: after
+  every method's prepare), restored exactly."""
+  import parallel
+
+  abstract, _ = experiment.build(c, devices=jax.devices()[:1]).shard_shapes()
+  target = {k: abstract[k] for k in ("params", "collections")}
+  return parallel.load_variables(str(workdir / "checkpoints"), target, step=0)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_lm_run):
+  """The trained model's state as a one-shot run loads it, before any method's prepare."""
+  return _prepared(_config(tiny_lm_run[0], "gptq", **GPTQ), jax.devices()[:1], prepare=False)[1]
+
+
+@pytest.fixture(scope="module")
+def gptq_states(one_device_run, trained):
+  """(the 1-device GPTQ run's prepared state, the trained state it loaded)."""
+  c, _, workdir = one_device_run("gptq")
+  return _saved_state(c, workdir), trained
+
+
+@pytest.mark.parametrize("name", list(RUNS))  # Wanda reads the same statistics (diag H)
+def test_run_sharded_equals_one_device_and_export_equals_eval(one_device_run, tmp_path, name):
   """The whole pass on a 2x2x2 mesh gives the eval of one device's; the export as reloaded
   scores what the run's own eval did (GPTQ's stored grids, SparseGPT's zeros)."""
-  base_dir, _, _ = tiny_lm_run
-  one = _run(_config(base_dir, method, **sections), tmp_path, "one", jax.devices()[:1])
-  c = _config(base_dir, method, **sections)
+  method, sections = RUNS[name]
+  c, one, _ = one_device_run(name)
+  c = _config(c.init_from, method, **sections)
   c.mesh.update(data=2, fsdp=2, tensor=2)
   sharded = _run(c, tmp_path, "eight")
   np.testing.assert_allclose(sharded["eval_loss"], one["eval_loss"], rtol=1e-5)
@@ -121,13 +158,11 @@ def test_run_sharded_equals_one_device_and_export_equals_eval(
   assert 0 < one["oneshot_output_error"] < 0.1  # relative ||(W - W') X||^2, mean over kernels
 
 
-def test_gptq_weights_lie_on_the_grids_it_stored(tiny_lm_run):
+def test_gptq_weights_lie_on_the_grids_it_stored(gptq_states):
   """Every GPTQ kernel is its stored scale times integers in [-3, 3] (3 bits); the stored
   scales are not those round-to-nearest would recompute from the result (so they must be
   stored), and the untouched leaves (embeddings, norms) are as loaded."""
-  c = _config(tiny_lm_run[0], "gptq", **GPTQ)
-  _, state = _prepared(c, jax.devices()[:1])
-  _, loaded = _prepared(c, jax.devices()[:1], prepare=False)
+  state, loaded = gptq_states
   quant_c = state["collections"]["quant"]
   recomputed_differs = False
   for layer in ("layers_0", "layers_1"):
@@ -156,12 +191,12 @@ def test_gptq_weights_lie_on_the_grids_it_stored(tiny_lm_run):
     ("awq", dict(quant=dict(method="ptq", bits=3, act_bits=0))),
   ],
 )
-def test_moving_scales_leaves_the_float_model_unchanged(tiny_lm_run, method, sections):
+def test_moving_scales_leaves_the_float_model_unchanged(tiny_lm_run, trained, method, sections):
   """AWQ and SmoothQuant divide the norms by s and multiply the kernels' rows by s: the float
   model's logits are unchanged (1e-4), while the kernels did change."""
   c = _config(tiny_lm_run[0], method, **sections)
   exp, state = _prepared(c, jax.devices()[:1])
-  _, loaded = _prepared(c, jax.devices()[:1], prepare=False)
+  loaded = trained
   ids = exp.batch(0)["inputs"][:4]
   float_model = models.build(exp.model_config)
   before = float_model.apply({"params": loaded["params"]}, ids)
@@ -301,12 +336,10 @@ def test_every_oneshot_config_passes_the_method_checks():
     assert ("oneshot" in names) == (method not in ("rtn", "magnitude")), arg
 
 
-def test_scanned_layers_give_the_unscanned_result(tiny_lm_run):
+def test_scanned_layers_give_the_unscanned_result(tiny_lm_run, gptq_states):
   """GPTQ on the same trained weights stacked on a layer axis (scan_layers): the same kernels
   and stored scales as layer by layer (1e-5)."""
-  c = _config(tiny_lm_run[0], "gptq", **GPTQ)
-  _, state = _prepared(c, jax.devices()[:1])
-  _, loaded = _prepared(c, jax.devices()[:1], prepare=False)
+  state, loaded = gptq_states
   cs = _config(tiny_lm_run[0], "gptq", **GPTQ)
   cs.model.scan_layers = True
   exp = experiment.build(cs, devices=jax.devices()[:1])

@@ -30,20 +30,42 @@ OVERRIDES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _cwd(monkeypatch):
+@pytest.fixture(scope="module")
+def jit_cache(tmp_path_factory):
+  """One compilation cache for every subprocess run of the module: a run loads the programs
+  an earlier one compiled (the same executables; chaos.Run's default is one per directory)."""
+  return str(tmp_path_factory.mktemp("jit_cache"))
+
+
+def _subprocess_env(monkeypatch, jit_cache):
   monkeypatch.chdir(REPO)  # `python -m experiments.train` in the subprocesses
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # faster to compile
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jit_cache)
 
 
-def test_kills_and_sigterm_then_rerun_equal_the_uninterrupted_run(tmp_path):
+@pytest.fixture(autouse=True)
+def _cwd(monkeypatch, jit_cache):
+  _subprocess_env(monkeypatch, jit_cache)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, jit_cache):
+  """The uninterrupted run (CONFIG, OVERRIDES) that the faulted runs must equal, made once;
+  read only."""
+  workdir = str(tmp_path_factory.mktemp("reference") / "run")
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    _subprocess_env(monkeypatch, jit_cache)
+    chaos.run_to_end(CONFIG, workdir, OVERRIDES)
+  return workdir
+
+
+def test_kills_and_sigterm_then_rerun_equal_the_uninterrupted_run(reference, tmp_path):
   """One workdir through three faults, then to the end: SIGKILL while the first checkpoint is
   being written (nothing complete yet: the rerun starts at step 0 and says why), SIGTERM at
   a random moment between steps 5 and 20 (it saves where it is and exits 143), SIGKILL after
   step 25. Every row of metrics.jsonl and every array of the final checkpoint equal the
   uninterrupted run's, bit for bit."""
   rng = random.Random()  # the moments vary from run to run; the outcome must not
-  chaos.run_to_end(CONFIG, str(tmp_path / "reference"), OVERRIDES)
   workdir = str(tmp_path / "run")
 
   in_save = chaos.interrupt(chaos.Run(CONFIG, workdir, OVERRIDES), "kill-in-save", 0.0)
@@ -62,16 +84,14 @@ def test_kills_and_sigterm_then_rerun_equal_the_uninterrupted_run(tmp_path):
 
   rerun = chaos.run_to_end(CONFIG, workdir, OVERRIDES)
   assert rerun.said(f"Restored the checkpoint at step {kill['latest_checkpoint']}")
-  assert chaos.compare(str(tmp_path / "reference"), workdir) == []
-  assert chaos.final_eval(workdir) == chaos.final_eval(str(tmp_path / "reference"))
+  assert chaos.compare(reference, workdir) == []
+  assert chaos.final_eval(workdir) == chaos.final_eval(reference)
 
 
-def test_chaos_faults_error_mid_save_and_disk_full(tmp_path):
+def test_chaos_faults_error_mid_save_and_disk_full(reference, tmp_path):
   """experiments.chaos's faults: an exception the step after a save started (the error alone,
   that checkpoint complete) and, where a tmpfs can be mounted, a full disk; each rerun ends
   equal to the uninterrupted run."""
-  reference = str(tmp_path / "reference")
-  chaos.run_to_end(CONFIG, reference, OVERRIDES)
   results = chaos.faults(
     CONFIG, str(tmp_path), ["error-mid-save", "disk-full"], OVERRIDES, reference
   )
@@ -291,7 +311,7 @@ def test_preempted_is_raised_after_the_checkpoint(monkeypatch, tmp_path):
   assert np.isfinite(out["eval_loss"])
 
 
-def test_a_second_run_on_a_workdir_stops_at_once(tmp_path):
+def test_a_second_run_on_a_workdir_stops_at_once(reference, tmp_path):
   """Two real processes on one workdir (a job resubmitted while the first still runs): the
   second exits non-zero within seconds, naming the holder, before compiling; the first
   finishes as an uninterrupted run does, bit for bit."""
@@ -302,8 +322,7 @@ def test_a_second_run_on_a_workdir_stops_at_once(tmp_path):
   assert second.wait(timeout=120) != 0
   assert second.said("is in use by another run") and not second.said("First step")
   assert first.wait() == 0 and not os.path.exists(os.path.join(workdir, "run.lock"))
-  chaos.run_to_end(CONFIG, str(tmp_path / "reference"), OVERRIDES)
-  assert chaos.compare(str(tmp_path / "reference"), workdir) == []
+  assert chaos.compare(reference, workdir) == []
 
 
 def test_a_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path):

@@ -2,6 +2,7 @@
 each error names the value, what it must be, and the override that fixes it."""
 
 import json
+import logging
 import numbers
 import os
 
@@ -133,10 +134,24 @@ def check_batch(config: ml_collections.ConfigDict, mesh, n_feeds: int):
         f"{name}={bs} is not divisible by the data-parallel shards "
         f"(mesh.data*mesh.fsdp={batch_shards}) and processes ({n_proc})."
       )
-  if t.batch_size % (t.microbatches * batch_shards):
-    raise ValueError(
-      f"train.batch_size={t.batch_size} does not split into train.microbatches="
-      f"{t.microbatches} microbatches of a multiple of {batch_shards} rows."
+  stages = mesh.shape.get("stage", 1)
+  sizes = [("train.batch_size", t.batch_size)]
+  if stages > 1:  # the pipeline splits eval batches too
+    sizes.append(("eval.batch_size", config.eval.batch_size))
+  for name, bs in sizes:
+    if bs % (t.microbatches * batch_shards):
+      raise ValueError(
+        f"{name}={bs} does not split into train.microbatches={t.microbatches} microbatches "
+        f"of a multiple of {batch_shards} rows (mesh.data*mesh.fsdp)."
+      )
+  if 1 < stages and t.microbatches < stages:
+    bubble = (stages - 1) / (t.microbatches + stages - 1)
+    logging.warning(
+      "train.microbatches=%d is fewer than mesh.stage=%d pipeline stages: a stage is idle "
+      "%.0f%% of the time (the bubble); microbatches >= 4 x stages keeps it under 20%%.",
+      t.microbatches,
+      stages,
+      100 * bubble,
     )
 
 

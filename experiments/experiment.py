@@ -36,6 +36,9 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> models.ModelCo
   fields = dict(config.model)
   preset = fields.pop("preset")
   mc = models.get_preset(preset, **fields, dtype=config.dtype)
+  if config.mesh.get("stage", 1) > 1:  # the pipeline's stages and microbatches (models.pipeline)
+    stages, microbatches = config.mesh.stage, config.train.microbatches
+    mc = dataclasses.replace(mc, pipeline_stages=stages, pipeline_microbatches=microbatches)
   need, what = tasks.vocab_needed(config, tokenizer)
   if mc.vocab_size < need:
     raise ValueError(
@@ -153,6 +156,7 @@ class Experiment:
     ckpt = models.hf.Checkpoint(models.hf.resolve(path_or_name))
     mc, keep = self.model_config, ("head", "num_labels", "dtype", "scan_layers", "remat_policy")
     keep += ("attention_impl", "record_attention", "dropout_rate")
+    keep += ("pipeline_stages", "pipeline_microbatches")
     theirs = models.hf.config_from_hf(ckpt.config, **{k: getattr(mc, k) for k in keep})
     diff = {
       f.name: getattr(theirs, f.name)
@@ -212,8 +216,10 @@ class Run:
 
     t = exp.config.train  # the non-finite policy's limit: past it, a step changes nothing
     limit = 0 if t.get("nonfinite", "skip") == "stop" else t.get("max_nonfinite", 10)
+    # With pipeline stages the model runs the microbatches itself (models.pipeline).
+    accumulate = 1 if exp.model_config.pipeline_stages > 1 else t.microbatches
     step = parallel.make_train_step(
-      step_loss, exp.tx, t.microbatches, max_nonfinite=limit, trains=exp.trains
+      step_loss, exp.tx, accumulate, max_nonfinite=limit, trains=exp.trains
     )
     train_step = parallel.jit_with_mesh(
       step,

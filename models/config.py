@@ -81,6 +81,11 @@ class ModelConfig:
   # Decoding's KV cache (models.generate): "float" in the compute dtype, or "int8" codes with
   # one float32 scale per token and KV head (absmax over head_dim), as vLLM's per-token int8.
   kv_cache: str = "float"
+  # Pipeline parallelism (models.pipeline): the scanned layers in pipeline_stages stages over
+  # the "stage" mesh axis, the batch in pipeline_microbatches (experiments set both from
+  # mesh.stage and train.microbatches). They change the schedule, never the parameters.
+  pipeline_stages: int = 1
+  pipeline_microbatches: int = 1
 
   def __post_init__(self):
     def check_choice(field, valid):
@@ -116,6 +121,8 @@ class ModelConfig:
       "n_kv_heads",
       "head_dim",
       "rope_original_max_position_embeddings",
+      "pipeline_stages",
+      "pipeline_microbatches",
     ):
       value = getattr(self, field)
       if value is not None and (not isinstance(value, int) or value <= 0):
@@ -157,6 +164,16 @@ class ModelConfig:
       )
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"dropout_rate={self.dropout_rate} must lie in [0, 1)")
+    if self.pipeline_stages > 1 and not self.scan_layers:
+      raise ValueError(
+        f"pipeline_stages={self.pipeline_stages} (mesh.stage) splits the stacked layers: set "
+        "scan_layers=True (--config.model.scan_layers=True), or mesh.stage=1"
+      )
+    if self.n_layers % self.pipeline_stages:
+      raise ValueError(
+        f"n_layers={self.n_layers} does not split into pipeline_stages={self.pipeline_stages} "
+        "(mesh.stage) stages of equal length: choose a stage count dividing n_layers"
+      )
 
   @property
   def resolved_head_dim(self) -> int:

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import pipeline
 from models.config import ACTIVATIONS, REMAT_POLICIES, SPAN_OUTPUTS, ModelConfig
 from models.layers import Attention, Dense, DotGeneralFactory, Mlp, Norm, Unembed, embed
 
@@ -68,6 +69,20 @@ class Block(nn.Module):
     return x_BxLxE, None  # (carry, per-layer output) as nn.scan expects.
 
 
+def _stack(block, cfg: ModelConfig, length: int):
+  """`block` scanned over `length` layers: one compiled layer, weights stacked on a leading
+  "layers" axis. Every collection is per layer (params, sown intermediates, a quantizer's own
+  state)."""
+  return nn.scan(
+    block,
+    variable_axes={True: 0},
+    split_rngs={"params": True, "dropout": True},
+    in_axes=(nn.broadcast,) * 4,  # mask, positions, deterministic, cache_index
+    length=length,
+    metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+
+
 def apply_layers(
   cfg: ModelConfig,
   x_BxLxE,
@@ -77,8 +92,11 @@ def apply_layers(
   dot_general_cls,
   attn_dot_general_cls,
   cache_index=None,
+  parent: nn.Module | None = None,
 ):
-  """Runs the n_layers blocks, scanned and/or rematerialized as the config asks.
+  """Runs the n_layers blocks, scanned and/or rematerialized as the config asks, and with
+  cfg.pipeline_stages > 1 (scanned only) in a GPipe schedule over the "stage" mesh axis
+  (models.pipeline) when `parent` is the calling module.
 
   Called from a parent's compact method, so the blocks become the parent's children.
   """
@@ -94,21 +112,72 @@ def apply_layers(
     )
   args = (attention_mask_BxL, positions_BxL, deterministic, cache_index)  # Same for each layer.
   if cfg.scan_layers:
-    # One compiled layer, weights stacked on a leading "layers" axis. Every collection is
-    # per layer (params, sown intermediates, a quantizer's own state).
-    block = nn.scan(
-      block,
-      variable_axes={True: 0},
-      split_rngs={"params": True, "dropout": True},
-      in_axes=(nn.broadcast,) * len(args),
-      length=cfg.n_layers,
-      metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-    x_BxLxE, _ = block(cfg, dot_general_cls, attn_dot_general_cls, name="layers")(x_BxLxE, *args)
+    if parent is not None and _pipelines(cfg, parent, cache_index):
+      return _pipeline_layers(
+        cfg, parent, block, x_BxLxE, *args[:3], dot_general_cls, attn_dot_general_cls
+      )
+    stack = _stack(block, cfg, cfg.n_layers)
+    x_BxLxE, _ = stack(cfg, dot_general_cls, attn_dot_general_cls, name="layers")(x_BxLxE, *args)
     return x_BxLxE
   for i in range(cfg.n_layers):
     layer = block(cfg, dot_general_cls, attn_dot_general_cls, name=f"layers_{i}")
     x_BxLxE, _ = layer(x_BxLxE, *args)
+  return x_BxLxE
+
+
+def _pipelines(cfg: ModelConfig, parent: nn.Module, cache_index) -> bool:
+  """Whether this call runs the pipeline schedule: stages > 1, and a forward that only reads
+  the layers' variables (sown intermediates aside). Init, decoding (the cache), calibration and
+  statistics passes (a mutable collection) run the same stacked layers unpipelined: the same
+  numbers, each layer's weights gathered to every stage."""
+  if cfg.pipeline_stages == 1 or cache_index is not None or parent.is_initializing():
+    return False
+  return not any(
+    parent.is_mutable_collection(c)
+    for c in set(parent.variables) | {"params", "cache"}
+    if c != "intermediates"
+  )
+
+
+def _pipeline_layers(
+  cfg,
+  parent,
+  block,
+  x_BxLxE,
+  mask_BxL,
+  positions_BxL,
+  deterministic,
+  dot_general_cls,
+  attn_dot_general_cls,
+):
+  stages, microbatches = cfg.pipeline_stages, cfg.pipeline_microbatches
+  variables = {c: v["layers"] for c, v in parent.variables.items() if "layers" in v}
+  variables.pop("intermediates", None)
+  stack = _stack(block, cfg, cfg.n_layers // stages)(
+    cfg,
+    dot_general_cls,
+    attn_dot_general_cls,
+    parent=None,  # unbound: applied per stage
+  )
+  capture = parent.is_mutable_collection("intermediates")
+  rng = None if deterministic or cfg.dropout_rate == 0 else parent.make_rng("dropout")
+
+  def stage_fn(stage_vars, slots, rng_s):
+    x, positions, *mask = slots
+    kw = dict(rngs={"dropout": rng_s} if rng_s is not None else {})
+    if capture:
+      kw["mutable"] = ["intermediates"]
+    out = stack.apply(
+      stage_vars, x, mask[0] if mask else None, positions, deterministic, None, **kw
+    )
+    (y, _), sown = out if capture else (out, {})
+    return y, sown.get("intermediates", {})
+
+  inputs = (x_BxLxE, positions_BxL) + ((mask_BxL,) if mask_BxL is not None else ())
+  stage_vars = pipeline.stage_view(variables, stages)
+  x_BxLxE, sown = pipeline.gpipe(stage_fn, stage_vars, inputs, stages, microbatches, rng)
+  if capture and sown:  # the unpipelined layout: [n_layers, B, ...] per sown value
+    parent.put_variable("intermediates", "layers", pipeline.layer_order(sown, stages, microbatches))
   return x_BxLxE
 
 
@@ -204,6 +273,7 @@ class Decoder(nn.Module):
       self.dot_general_cls,
       self.attn_dot_general_cls,
       cache_index,
+      parent=self,
     )
     x_BxLxE = Norm(cfg.norm, cfg.norm_eps, name="final_norm")(x_BxLxE)
     if cfg.head == "tokens":
@@ -284,6 +354,7 @@ class Encoder(nn.Module):
       deterministic,
       self.dot_general_cls,
       self.attn_dot_general_cls,
+      parent=self,
     )
 
     if cfg.head == "none":

@@ -79,8 +79,14 @@ def make_train_step(
     if microbatches == 1:
       (_, sums), grads = grad_fn(params, batch, rng, collections, *frozen)
     else:
+      # Microbatch i is the rows i, M + i, 2M + i, ...: with the batch sharded over the data
+      # axes each microbatch holds an equal part of every shard's rows, so splitting moves
+      # nothing (and the split is models.pipeline's, whose schedule runs the same microbatches).
       mbs = jax.tree.map(
-        lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch
+        lambda x: jnp.swapaxes(
+          x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]), 0, 1
+        ),
+        batch,
       )
 
       def accumulate(carry, i_mb):

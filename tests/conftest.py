@@ -42,6 +42,10 @@ def no_compile(monkeypatch):
   """Makes any jax.jit call fail: for checks that bad input is rejected before compiling."""
   import jax
 
+  from experiments import methods
+
+  methods.registry()  # imports every method's module (some jit at import) before the patch
+
   def fail(*args, **kwargs):
     raise AssertionError("compiled before rejecting bad input")
 

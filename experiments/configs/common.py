@@ -26,6 +26,7 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dataclasses.asdict(models.get_preset(preset)))
   del c.model.dtype  # set from the top-level dtype
+  del c.model.pipeline_stages, c.model.pipeline_microbatches  # mesh.stage, train.microbatches
   c.model.preset = preset
 
   c.data = ml_collections.ConfigDict()
@@ -92,10 +93,11 @@ def base_config(preset: str, task: str) -> ml_collections.ConfigDict:
     )
   )
 
-  # The mesh covers all devices: -1 takes the devices the other axes leave.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # The mesh covers all devices: -1 takes the devices the other axes leave. stage > 1:
+  # pipeline parallelism over the scanned layers, in train.microbatches microbatches.
+  c.mesh = ml_collections.ConfigDict(dict(stage=1, data=-1, fsdp=1, tensor=1))
   # Multi-slice TPU / multi-node GPU: how many slices (nodes) each axis spans.
-  c.mesh.dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  c.mesh.dcn = ml_collections.ConfigDict(dict(stage=1, data=1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(rules="fsdp_tp"))  # a parallel.RULES preset
   for method in methods.registry():  # config.quant, config.prune, config.distill, ...
     c[method.name] = method.section()  # method="none": off

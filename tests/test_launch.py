@@ -24,16 +24,24 @@ TRAIN = [
   *("--config.train.steps=10", "--config.train.checkpoint_every=5"),
   *("--config.train.log_every=2", "--config.eval.every=5", "--config.eval.batch_size=64"),
   "--config.eval.steps=2",
+  "--config.model.scan_layers=True",  # the stacked layers, which pipeline stages split
 ]
 LAUNCH = [sys.executable, "-m", "parallel.launch", "-n", "2"]
-# name -> (data, fsdp, tensor); every mesh is compared with the 1-process data-parallel run.
-# With devices in process-major order, data8 and 2x2x2 split the batch across the processes;
-# fsdp2_tensor4 also shards the parameters (and so the checkpoint) across them.
-MESHES = {"data8": (8, 1, 1), "data2_fsdp2_tensor2": (2, 2, 2), "fsdp2_tensor4": (1, 2, 4)}
-# Each run compiles for ~40 CPU-seconds: on 2 cores the default (reference + data8) takes
-# ~1.2 minutes; TRIMFORMER_TEST_SLOW=1 adds the other meshes (~1 minute each).
+# name -> (data, fsdp, tensor[, stage]); every mesh is compared with the 1-process
+# data-parallel run. With devices in process-major order, data8 and 2x2x2 split the batch
+# across the processes; fsdp2_tensor4 also shards the parameters (and so the checkpoint) across
+# them; stage2_data4 puts pipeline stage 0 on process 0 and stage 1 on process 1 (the
+# activations cross between the processes every iteration; both feed the whole batch).
+MESHES = {
+  "data8": (8, 1, 1),
+  "stage2_data4": (4, 1, 1, 2),
+  "data2_fsdp2_tensor2": (2, 2, 2),
+  "fsdp2_tensor4": (1, 2, 4),
+}
+# Each run compiles for ~40 CPU-seconds: on 2 cores the default (reference, data8 and
+# stage2_data4) takes ~2 minutes; TRIMFORMER_TEST_SLOW=1 adds the other meshes (~1 minute each).
 SLOW = bool(os.environ.get("TRIMFORMER_TEST_SLOW"))
-RUN = [m for m in MESHES if SLOW or m == "data8"]
+RUN = [m for m in MESHES if SLOW or m in ("data8", "stage2_data4")]
 RUN_TIMEOUT = 600  # seconds, for all runs together
 
 
@@ -44,11 +52,13 @@ def clean_env(**extra) -> dict:
   return env
 
 
-def mesh_flags(data, fsdp, tensor):
+def mesh_flags(data, fsdp, tensor, stage=1):
   return [
     f"--config.mesh.data={data}",
     f"--config.mesh.fsdp={fsdp}",
     f"--config.mesh.tensor={tensor}",
+    f"--config.mesh.stage={stage}",
+    f"--config.train.microbatches={2 if stage > 1 else 1}",
   ]
 
 

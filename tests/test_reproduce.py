@@ -44,8 +44,16 @@ def _smallest(table):
   return SMALLEST[table] or reproduce.table_module(table).arms("test")[0].name
 
 
+@pytest.fixture(scope="module")
+def shared_dir(tmp_path_factory):
+  """One --scale test directory for the module's end-to-end runs that only read their results:
+  a test's arms another already ran are skipped as finished (reproduce.run), not run again."""
+  return tmp_path_factory.mktemp("reproduce")
+
+
 @pytest.mark.parametrize("table", [t for t in reproduce.TABLES if t != "kd"])  # kd: below
-def test_smallest_arm_end_to_end(tmp_path, table):
+def test_smallest_arm_end_to_end(shared_dir, table):
+  tmp_path = shared_dir
   arm = _smallest(table)
   out = reproduce.run(table, str(tmp_path), scale="test", seeds=1, workers=1, only=[arm])
   result = json.loads((tmp_path / table / arm / "seed0" / "result.json").read_text())
@@ -182,14 +190,15 @@ def test_small_scale_builds_or_is_refused(tmp_path, table):
   assert reproduce.SEEDS["small"] == 5
 
 
-def test_lowrank_arms_keep_equal_counts(tmp_path):
+def test_lowrank_arms_keep_equal_counts(shared_dir, tmp_path):
   """lowrank at --scale test: SVD by global budget (fine-tuned), SVD at the uniform rank and
   one-shot magnitude pruning, each from the dense run, keep the same number of values of the
-  same kernels; SVD's FLOPs fall with them, pruning's sparsity is 1 - that fraction."""
+  same kernels; SVD's FLOPs fall with them, pruning's sparsity is 1 - that fraction. (The
+  dense and svd-25-ft runs are test_smallest_arm_end_to_end[lowrank]'s where it ran first.)"""
   from experiments.tables import lowrank
 
   arms = ["svd-25-ft", "svd-uniform-25", "prune-25"]
-  out = reproduce.run("lowrank", str(tmp_path), scale="test", seeds=1, workers=1, only=arms)
+  out = reproduce.run("lowrank", str(shared_dir), scale="test", seeds=1, workers=1, only=arms)
   assert set(out["runs"]) == {"dense", *arms}
   row = {a: out["runs"][a][0]["row"] for a in out["runs"]}
   kernels = lowrank._kernels(lowrank.arms("test")[0].config)
@@ -203,7 +212,9 @@ def test_lowrank_arms_keep_equal_counts(tmp_path):
     assert row[a]["factorized_flops_per_token"] == 2 * row[a]["factorized_params"]
     assert row[a]["dense_flops_per_token"] == 2 * size
   assert all(math.isfinite(r["excess_loss"]) for r in row.values())
-  sparsity = json.loads((tmp_path / "lowrank" / "prune-25" / "seed0" / "sparsity.json").read_text())
+  sparsity = json.loads(
+    (shared_dir / "lowrank" / "prune-25" / "seed0" / "sparsity.json").read_text()
+  )
   assert sparsity["selected"]["size"] == size  # the kernels SVD factorizes, no others
   made_up = tmp_path / "made-up"  # its report and claims, as the tables listed get above
   made_up.mkdir()

@@ -85,6 +85,11 @@ class TrainLog:
     self.flops = step_flops(run.exp, t.batch_size, t.seq_len)
     self.tokens, self.devices = run.exp.task.tokens_per_step, run.exp.mesh.size
     self.schedule, self.peak = run.exp.schedule, flops.peak_flops_per_device()
+    mc = run.exp.model_config  # a pipeline's idle share of stage-iterations, in every speed row
+    self.bubble = {}
+    if mc.pipeline_stages > 1:
+      bubble = models.pipeline.bubble_fraction(mc.pipeline_stages, mc.pipeline_microbatches)
+      self.bubble = {"pipeline_bubble": bubble}
 
   def step(self, done: int, metrics: dict):
     if done == self.start + 1:  # compilation is not throughput
@@ -111,6 +116,7 @@ class TrainLog:
     if step > self.clock[1]:
       step_time = (now - self.clock[0]) / (step - self.clock[1])
       speed = throughput_metrics(self.flops, self.tokens, step_time, self.devices, self.peak)
+      speed.update(self.bubble)
     row = {k: v.item() for k, v in metrics.items()}
     count = int(row.get("nonfinite_steps", 0))
     if self.nonfinite.keeps_row(step, count):

@@ -1,6 +1,6 @@
 """Flax (linen) Transformer models: a GPT-style decoder and a BERT-style encoder."""
 
-from models import hf
+from models import hf, pipeline
 from models.config import PRESETS, ModelConfig, get_preset
 from models.decode import generate
 from models.layers import Dense, DotGeneralFactory
@@ -17,6 +17,7 @@ from models.transformer import (
 
 __all__ = [
   "hf",
+  "pipeline",
   "generate",
   "PRESETS",
   "ModelConfig",

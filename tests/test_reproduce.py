@@ -23,13 +23,15 @@ SMALLEST = {
   "lora": "qlora-r16",  # needs "pretrained": the NF4 base, adapters, the merged eval
   "lowrank": "svd-25-ft",  # needs "dense": SVD of its checkpoint, the factors fine-tuned
   "oneshot": "sparsegpt-2:4+w4",  # needs "dense": SparseGPT's joint pass, both exports
+  "squad": "float",  # needs "pretrain": the span head on the MLM-pretrained encoder
 }
 
 # Every key a table's report reads, with made-up values.
 ROW_KEYS = (
   "eval_loss excess_loss eval_accuracy sparse_eval_loss sparse_excess_loss serve_eval_loss "
   "serve_excess_loss sparsity sparsity_all accuracy serve_greedy_agreement sparse_greedy_agreement "
-  "merged_eval_loss merged_excess_loss trainable_fraction"
+  "merged_eval_loss merged_excess_loss trainable_fraction "
+  "exact_match f1 serve_exact_match serve_f1 sparse_exact_match sparse_f1"
 ).split()
 SIZE_KEYS = ("export_bytes", "float32_bytes", "sparse_bytes", "trainable_params", "opt_state_bytes")
 SIZE_KEYS += (
@@ -121,11 +123,12 @@ def test_report_from_made_up_results(tmp_path, table):
     if table == "parallel":  # a benchmark row: the mesh it ran on, throughput, memory
       mesh = job["config"].mesh
       row.update(data=mesh.data, fsdp=mesh.fsdp, tensor=mesh.tensor, n_devices=8)
+      row.update(stage=mesh.stage, pipeline_bubble=0.2 if mesh.stage > 1 else 0.0)
       row.update(rules=job["config"].sharding.rules, device_kind="cpu", mfu=None)
       row.update(train_loss=1.0, eval_loss=1.0, timed_rows=5, peak_bytes_in_use=None)
       for k in ("tokens_per_sec", "tflops_per_device", "step_time_s", "xla_temp_bytes"):
         row[k] = float(rng.uniform(1, 2))
-      row["state_bytes_per_device"] = int(8e6 / max(1, mesh.fsdp * mesh.tensor))
+      row["state_bytes_per_device"] = int(8e6 / max(1, mesh.fsdp * mesh.tensor * mesh.stage))
     results[job["path"]] = dict(
       arm=job["arm"], seed=job["seed"], row=row, wall_s=1.0, config=job["config"].to_dict()
     )

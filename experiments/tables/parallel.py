@@ -1,8 +1,11 @@
-"""Tokens/s, MFU and per-device memory of one model across mesh presets (data, FSDP, tensor).
+"""Tokens/s, MFU and per-device memory of one model across mesh presets (pipeline stages, data,
+FSDP, tensor).
 
 Each arm is a mesh preset over the same devices: pure data parallel (rules `dp`), FSDP
 (`fsdp`), tensor parallel (`tp`, data x tensor), FSDP x tensor and data x FSDP x tensor
-(`fsdp_tp`). An arm runs the one train loop (`train.train_and_evaluate`) for a few dozen
+(`fsdp_tp`), and pipeline parallel (models.pipeline: 2 stages x data, and 2 stages x FSDP x
+tensor, in 4 microbatches at tiny scale, 8 at full; the bubble (S - 1) / (M + S - 1) is in the
+rows). Every arm scans its layers (the layout stages split), so all start from the same init. An arm runs the one train loop (`train.train_and_evaluate`) for a few dozen
 steps and reports the median of its logged tokens/s, TFLOP/s per device and MFU (the rows
 after the first logged one, so compilation and warm-up are out), with the per-device memory
 of its compiled train step: the parameters and optimizer state one device holds, and the
@@ -36,7 +39,7 @@ import sys
 from experiments.tables import Arm, Check, Report, copy, finetune
 from experiments.configs import lm as lm_config
 
-TITLE = "Tokens/s, MFU and per-device memory across mesh presets (data, FSDP, tensor parallel)"
+TITLE = "Tokens/s, MFU and per-device memory across mesh presets (stages, data, FSDP, tensor)"
 PAPER = """
 MaxText counts MFU as matmul FLOPs (forward + backward, no remat) per second over the chip's
 dense bf16 peak (parallel/flops.py uses the same count). Published figures:
@@ -52,15 +55,18 @@ dense bf16 peak (parallel/flops.py uses the same count). Published figures:
 MAX_WORKERS = 1
 
 N_DEVICES = 8  # tiny / test: simulated CPU devices
-# name -> ((data, fsdp, tensor) at tiny/test scale, the same at full scale (-1: the devices the
-# other axes leave), sharding rules preset).
+# name -> ((data, fsdp, tensor[, stage]) at tiny/test scale, the same at full scale (-1: the
+# devices the other axes leave), sharding rules preset).
 PRESETS = {
   "dp": ((8, 1, 1), (-1, 1, 1), "dp"),
   "fsdp": ((1, 8, 1), (1, -1, 1), "fsdp"),
   "tp": ((2, 1, 4), (-1, 1, 4), "tp"),
   "fsdp-tp": ((1, 4, 2), (1, -1, 2), "fsdp_tp"),
   "dp-fsdp-tp": ((2, 2, 2), (-1, 2, 2), "fsdp_tp"),
+  "pp-dp": ((4, 1, 1, 2), (-1, 1, 1, 2), "fsdp_tp"),
+  "pp-fsdp-tp": ((1, 2, 2, 2), (1, -1, 2, 2), "fsdp_tp"),
 }
+MICROBATCHES = {"tiny": 4, "test": 4, "full": 8}  # the pipelined arms
 STEPS = {"tiny": (40, 5), "test": (6, 2), "full": (60, 10)}  # (steps, log_every)
 LOSS_TOLERANCE = 0.02  # nats: how far apart the presets' eval losses may end
 
@@ -76,6 +82,7 @@ def base(scale: str):
     c.eval.update(steps=1, batch_size=64)
   else:
     c = lm_config.get_config("tiny")
+    c.model.scan_layers = True
     c.eval.update(steps=1, batch_size=16)
   c = finetune(c, steps)
   c.train.log_every = log_every
@@ -86,17 +93,19 @@ def arms(scale: str) -> list[Arm]:
   c = base(scale)
   out = []
   for name, (tiny_mesh, full_mesh, rules) in PRESETS.items():
-    data, fsdp, tensor = full_mesh if scale == "full" else tiny_mesh
+    data, fsdp, tensor, *stage = full_mesh if scale == "full" else tiny_mesh
+    stage = stage[0] if stage else 1
     config = copy(
       c,
       **{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor, "sharding.rules": rules},
+      **{"mesh.stage": stage, "train.microbatches": MICROBATCHES[scale] if stage > 1 else 1},
     )
     out.append(Arm(name, config, shared=True, run="experiments.tables.parallel:run"))
   return out
 
 
 def _devices_needed(config) -> int:
-  sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+  sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.get("stage", 1)]
   return N_DEVICES if -1 in sizes else math.prod(sizes)
 
 
@@ -171,7 +180,11 @@ def measure(config, workdir: str) -> dict:
     values = [r[key] for r in timed if r.get(key) is not None]
     return statistics.median(values) if values else None
 
+  stages, microbatches = mesh.get("stage", 1), config.train.microbatches
   row = {
+    "stage": stages,
+    "microbatches": microbatches,
+    "pipeline_bubble": (stages - 1) / (microbatches + stages - 1),
     "data": mesh["data"],
     "fsdp": mesh["fsdp"],
     "tensor": mesh["tensor"],
@@ -215,8 +228,9 @@ def report(res) -> Report:
     table.append(
       [
         n,
-        f"{get(n, 'data')} x {get(n, 'fsdp')} x {get(n, 'tensor')}",
+        f"{get(n, 'stage') or 1} x {get(n, 'data')} x {get(n, 'fsdp')} x {get(n, 'tensor')}",
         get(n, "rules"),
+        f"{get(n, 'pipeline_bubble') or 0:.0%}",
         f"{get(n, 'tokens_per_sec'):,.0f}",
         f"{get(n, 'tflops_per_device'):.4g}",
         "n/a" if mfu is None else f"{mfu:.1%}",
@@ -251,19 +265,20 @@ def report(res) -> Report:
   if "dp" in row:
     dp = get("dp", "state_bytes_per_device")
     for n in names:
-      f, t = get(n, "fsdp"), get(n, "tensor")
-      if f * t == 1:
+      f, t, s = get(n, "fsdp"), get(n, "tensor"), get(n, "stage") or 1
+      if f * t * s == 1:
         continue
       ratio = get(n, "state_bytes_per_device") / dp
       # FSDP shards every matrix (all have an embed axis) but not the small norms and biases;
       # tensor parallelism leaves whatever has no vocab/mlp/heads axis replicated (the learned
       # position table, norms, biases of the embed width): a small share at full scale.
-      slack = 1.1 if t == 1 else 1.35
+      # Stages split the layers only: every stage holds the embeddings and the final norm.
+      slack = 1.1 if t == 1 and s == 1 else 1.35
       checks.append(
         Check(
-          f"{n}: per-device parameters + optimizer state about 1/{f * t} of pure data "
-          f"parallel's (at most {slack} x 1/{f * t})",
-          bool(ratio <= slack / (f * t)),
+          f"{n}: per-device parameters + optimizer state about 1/{f * t * s} of pure data "
+          f"parallel's (at most {slack} x 1/{f * t * s})",
+          bool(ratio <= slack / (f * t * s)),
           f"{_bytes(get(n, 'state_bytes_per_device'))} vs {_bytes(dp)}: 1/{1 / ratio:.2f}",
         )
       )
@@ -304,8 +319,9 @@ def report(res) -> Report:
 
   columns = [
     "mesh preset",
-    "data x fsdp x tensor",
+    "stage x data x fsdp x tensor",
     "rules",
+    "bubble",
     "tokens/s",
     "TFLOP/s per device",
     "MFU",

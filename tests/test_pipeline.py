@@ -56,30 +56,41 @@ def test_gpipe_equals_the_stages_in_sequence():
   assert pipeline.bubble_fraction(4, 12) == pytest.approx(3 / 15)
 
 
-def test_pipelined_model_equals_unpipelined():
-  """The decoder on (stage 2 x data 4): logits, every parameter's gradient and the sown hidden
-  states equal the unpipelined model's (which init and decoding use: the same parameters)."""
-  cfg = models.ModelConfig(n_layers=4, scan_layers=True, d_model=32, n_heads=4, d_ff=64)
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_pipelined_model_equals_unpipelined(kind):
+  """The decoder, or the encoder with padded rows and recorded attention, on (stage 2 x data
+  4): outputs, every parameter's gradient and the sown hidden states (and attention
+  probabilities) equal the unpipelined model's, which init and decoding use (the same
+  parameters)."""
+  extra = dict(kind="encoder", head="mlm", record_attention=True) if kind == "encoder" else {}
+  cfg = models.ModelConfig(n_layers=4, scan_layers=True, d_model=32, n_heads=4, d_ff=64, **extra)
   ids = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
+  kw = {}
+  if kind == "encoder":  # row r has 16 - r real tokens: the mask travels with its microbatch
+    kw["attention_mask"] = (jnp.arange(16)[None, :] < 16 - jnp.arange(8)[:, None]).astype(int)
   flat = models.build(cfg)
-  variables = nn.unbox(flat.init(jax.random.key(0), ids))
+  variables = nn.unbox(flat.init(jax.random.key(0), ids, **kw))
   staged = models.build(dataclasses.replace(cfg, pipeline_stages=2, pipeline_microbatches=4))
-  assert jax.tree.map(jnp.shape, nn.unbox(staged.init(jax.random.key(0), ids))) == jax.tree.map(
-    jnp.shape, variables
+  assert jax.tree.map(jnp.shape, nn.unbox(staged.init(jax.random.key(0), ids, **kw))) == (
+    jax.tree.map(jnp.shape, variables)
   )
 
   def run(model, v):
-    loss = lambda p: model.apply({"params": p}, ids).mean()  # noqa: E731
-    out, sown = model.apply(v, ids, mutable=["intermediates"])
+    loss = lambda p: model.apply({"params": p}, ids, **kw).mean()  # noqa: E731
+    out, sown = model.apply(v, ids, mutable=["intermediates"], **kw)
     return out, sown, jax.grad(loss)(v["params"])
 
   mesh = parallel.make_mesh(stage=2, data=4)
   with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.get_rules("fsdp_tp")):
     got = jax.jit(lambda v: run(staged, v))(variables)
   want = run(flat, variables)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(np.abs(b).max())))
-  assert got[1]["intermediates"]["layers"]["hidden_states"][0].shape == (4, 8, 16, 32)
+  sown = got[1]["intermediates"]["layers"]
+  assert sown["hidden_states"][0].shape == (4, 8, 16, 32)
+  if kind == "encoder":
+    assert sown["attn"]["attention_probs"][0].shape == (4, 8, 4, 16, 16)
 
 
 def tiny(mesh: dict, microbatches=4, config=None, **train_kw):

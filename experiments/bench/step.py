@@ -121,6 +121,9 @@ def run(
     "batch_size": config.train.batch_size,
     "seq_len": config.train.seq_len,
     "microbatches": config.train.microbatches,
+    "pipeline_stages": mc.pipeline_stages,
+    "pipeline_bubble": (mc.pipeline_stages - 1)
+    / (mc.pipeline_microbatches + mc.pipeline_stages - 1),
     "scan_layers": mc.scan_layers,
     "remat_policy": mc.remat_policy,
     "attention_impl": mc.attention_impl,
@@ -167,6 +170,11 @@ def summary(r: dict) -> str:
     (
       f"batch      {r['batch_size']} x {r['seq_len']} = {r['tokens_per_step']:,} tokens/step, "
       f"{r['microbatches']} microbatch(es)"
+      + (
+        f", {r['pipeline_stages']} pipeline stages (bubble {r['pipeline_bubble']:.0%})"
+        if r.get("pipeline_stages", 1) > 1
+        else ""
+      )
     ),
     f"compile    lower {r['lower_s']:.2f}s + compile {r['compile_s']:.2f}s",
     (
@@ -189,7 +197,8 @@ def summary(r: dict) -> str:
       f"host max RSS {r['max_rss_bytes'] / 2**20:,.0f} MiB"
     ),
     (
-      f"per device params + optimizer state {r['state_bytes_per_device']:,} B; XLA: "
+      f"per device (with stages: per stage, per device) params + optimizer state "
+      f"{r['state_bytes_per_device']:,} B; XLA: "
       f"temporaries {opt(r.get('xla_temp_bytes'), '{:,} B')}, "
       f"peak {opt(r.get('xla_peak_bytes'), '{:,} B')}"
     ),

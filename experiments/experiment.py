@@ -186,6 +186,7 @@ class Run:
   cache: dict = dataclasses.field(default_factory=dict)  # what methods compute once per run
   eval_step: object = None  # jit_steps makes it, and the eval batches
   eval_batches: list = dataclasses.field(default_factory=list)
+  extra_eval_batches: dict = dataclasses.field(default_factory=dict)  # {split: batches}
 
   def init(self, init_from: str = "") -> dict:
     """A fresh sharded state, its params read from `init_from`: "hf:<dir or Hub name>" or
@@ -237,14 +238,22 @@ class Run:
       out_shardings=None,
     )
     self.eval_batches = [exp.batch(i, "eval") for i in range(tasks.eval_steps(exp.config, task))]
+    self.extra_eval_batches = {
+      split: [exp.batch(i, split) for i in range(tasks.eval_steps(exp.config, task, split))]
+      for split in task.extra_evals
+    }
     return train_step, self.eval_step
 
   def evaluate(self, params, collections) -> dict:
-    """The eval row of `params` (placed on the state's shardings) over the eval batches."""
+    """The eval row of `params` (placed on the state's shardings) over the eval batches, and
+    each extra eval split's metrics under its prefix (MNLI's eval_mm_accuracy)."""
     params = jax.device_put(params, self.shardings["params"])
-    return _eval_row(
-      self.exp.task, [self.eval_step(params, collections, b) for b in self.eval_batches]
-    )
+    task = self.exp.task
+    row = _eval_row(task, [self.eval_step(params, collections, b) for b in self.eval_batches])
+    for split, batches in self.extra_eval_batches.items():
+      extra = _eval_row(task, [self.eval_step(params, collections, b) for b in batches])
+      row.update(tasks.extra_eval_row(split, extra))
+    return row
 
   def evaluate_model(self, model: nn.Module, variables: dict) -> dict:
     """The eval row of another model (a serving one) on its variables, replicated."""

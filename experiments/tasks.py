@@ -105,6 +105,10 @@ class Task:
   predict: Callable[[jax.Array, dict], dict] | None = None
   score: Callable[[list], dict] | None = None
   extra_sums: Callable[[jax.Array, dict], dict] | None = None  # more eval sums, e.g. span EM
+  # More eval splits, evaluated beside "eval" with the same step: {split: batches covering it}
+  # (`batch(step, split)` reads them); the eval row carries each one's metrics with the split
+  # as prefix (MNLI's "eval_mm": eval_mm_accuracy, eval_mm_loss; `extra_eval_row`).
+  extra_evals: dict = dataclasses.field(default_factory=dict)
 
   def forward(self, model, variables, batch, rng, train, capture: bool = False):
     """(logits BxLxV, sown intermediates) of the model on a batch; a classifier's BxC logits
@@ -453,6 +457,7 @@ def _tfds_task(config, tokenizer, process_index: int, process_count: int) -> Tas
       eval_steps=source.eval_steps,
       predict=_classify_predict,
       score=score,
+      extra_evals=source.extra_eval_steps,
     )
   raise ValueError(f"task={config.task!r}: choose 'lm', 'mlm' or 'classify'.")
 
@@ -487,17 +492,25 @@ def _squad_task(config, name: str, tokenizer, kwargs: dict) -> Task:
   )
 
 
-def eval_steps(config: ml_collections.ConfigDict, task: Task) -> int:
+def eval_steps(config: ml_collections.ConfigDict, task: Task, split: str = "eval") -> int:
   """The eval batches a run evaluates on: eval.steps, or when it is 0 the task's whole eval
-  split (`task.eval_steps`)."""
+  split (`task.eval_steps`; an extra eval split's: `task.extra_evals[split]`)."""
   if config.eval.steps:
     return config.eval.steps
+  if split != "eval":
+    return task.extra_evals[split]
   if task.eval_steps is None:
     raise ValueError(
       f"eval.steps=0 means the whole eval split, which the {task.name!r} data does not count "
       "(GLUE classification does): set eval.steps > 0."
     )
   return task.eval_steps
+
+
+def extra_eval_row(split: str, row: dict) -> dict:
+  """An extra eval split's row (`Task.extra_evals`) under its prefix: "eval_mm" turns
+  eval_loss into eval_mm_loss and accuracy into eval_mm_accuracy."""
+  return {f"{split}_{k.removeprefix('eval_')}": v for k, v in row.items()}
 
 
 def sum_eval(sums_list: list[dict]) -> dict:

@@ -387,20 +387,92 @@ def test_glue_eval_covers_the_split_once():
     validation = texts("glue/mnli", "validation_matched")
   expected = sorted((t["premise"], t["hypothesis"], t["label"]) for t in validation)
   assert parts[0].splits["eval"] == "validation_matched"
+  assert parts[0].splits["eval_mm"] == "validation_mismatched"  # (the mock's examples are equal)
   # 21 examples: parts of 11 and 10, 4 rows a batch -> 3 batches (1 padding row on p0, 2 on p1)
   assert parts[0].eval_steps == parts[1].eval_steps == 3
-  got, pad_rows = [], 0
-  for p in parts:
-    for s in range(p.eval_steps):
-      b = p.batch(s, "eval")
-      assert b["inputs"].shape == (4, 40) and b["weights"].dtype == np.float32
-      for x, label, w in zip(b["inputs"], b["label"], b["weights"]):
-        if w == 0:
-          pad_rows += 1
-          continue
-        sep1, sep2 = np.flatnonzero(x == TOK.sep_id)
-        got.append((TOK.decode(x[1:sep1]), TOK.decode(x[sep1 + 1 : sep2]), label))
-  assert sorted(got) == expected and pad_rows == 2 * 3 * 4 - 21
+  assert parts[0].extra_eval_steps == parts[1].extra_eval_steps == {"eval_mm": 3}
+  for split in ("eval", "eval_mm"):
+    got, pad_rows = [], 0
+    for p in parts:
+      for s in range(3):
+        b = p.batch(s, split)
+        assert b["inputs"].shape == (4, 40) and b["weights"].dtype == np.float32
+        for x, label, w in zip(b["inputs"], b["label"], b["weights"]):
+          if w == 0:
+            pad_rows += 1
+            continue
+          sep1, sep2 = np.flatnonzero(x == TOK.sep_id)
+          got.append((TOK.decode(x[1:sep1]), TOK.decode(x[sep1 + 1 : sep2]), label))
+    assert sorted(got) == expected and pad_rows == 2 * 3 * 4 - 21, split
+
+
+MNLI_EVAL = {"validation_mismatched": (13, "mm"), "validation_matched": (21, "m")}
+
+
+def mnli_examples(self, split, **kwargs):
+  """Mocked glue/mnli `_as_dataset` whose splits differ (TFDS's own mock gives every split the
+  same examples): 21 validation_matched, 13 validation_mismatched (hypotheses start with "m"
+  and "mm"), 32 train; labels drawn from the split's seed."""
+  import tensorflow as tf
+
+  name = next((k for k in MNLI_EVAL if k in str(split)), "train")
+  (n, tag), rng = MNLI_EVAL.get(name, (32, "t")), random.Random(name)
+  words = lambda: " ".join(rng.choices(WORDS, k=rng.randint(1, 4)))  # noqa: E731
+  premise, hypothesis = [words() for _ in range(n)], [f"{tag} {words()}" for _ in range(n)]
+  return tf.data.Dataset.from_tensor_slices(
+    {
+      "premise": premise,
+      "hypothesis": hypothesis,
+      "label": np.array([rng.randrange(3) for _ in range(n)], np.int64),
+      "idx": np.arange(n, dtype=np.int32),
+    }
+  )
+
+
+def test_mnli_evaluates_matched_and_mismatched():
+  """glue/mnli's eval row: the matched split's metrics and the mismatched one's (eval_mm_*),
+  each over its whole split, equal to NumPy's on the model's logits; a named eval split, or
+  another task, evaluates one split."""
+  from experiments import experiment
+
+  c = glue.get_config("mnli,tiny")
+  c.eval.batch_size = 8
+  with tfds.testing.mock_data(as_dataset_fn=mnli_examples):
+    exp = experiment.build(c, devices=jax.devices()[:1])
+    state, shardings = exp.init_state()
+    one = c.copy_and_resolve_references()
+    one.data.tfds.eval_split = "validation_mismatched"
+    assert tasks.make_task(one, TOK).extra_evals == {}
+  with tfds.testing.mock_data(num_examples=4):
+    assert glue_source("glue/sst2").extra_eval_steps == {}
+  assert exp.task.eval_steps == 3 and exp.task.extra_evals == {"eval_mm": 2}  # 21, 13 by 8
+  run = experiment.Run(exp, "", shardings)
+  run.jit_steps()
+  row = run.evaluate(state["params"], state.get("collections", {}))
+  assert set(row) == {"eval_loss", "accuracy", "eval_mm_loss", "eval_mm_accuracy"}
+  variables = {"params": state["params"], **state.get("collections", {})}
+  for prefix, batches, split in (
+    ("", run.eval_batches, "validation_matched"),
+    ("eval_mm_", run.extra_eval_batches["eval_mm"], "validation_mismatched"),
+  ):
+    b = {k: np.concatenate([np.asarray(x[k]) for x in batches]) for k in batches[0]}
+    real = b["weights"] > 0
+    n, tag = MNLI_EVAL[split]
+    assert b["weights"].sum() == real.sum() == n  # the whole split, once
+    for x in b["inputs"][real]:
+      sep1, sep2 = np.flatnonzero(x == TOK.sep_id)
+      assert TOK.decode(x[sep1 + 1 : sep2]).split()[0] == tag
+    logits = np.concatenate(
+      [
+        np.asarray(exp.task.forward(exp.model, variables, x, None, False)[0][:, 0], np.float64)
+        for x in batches
+      ]
+    )[real]
+    label = b["label"][real]
+    ce = np.log(np.exp(logits).sum(-1)) - logits[np.arange(len(label)), label]
+    accuracy = np.mean(logits.argmax(-1) == label)
+    assert row[prefix + "accuracy"] == pytest.approx(accuracy)
+    assert row[(prefix or "eval_") + "loss"] == pytest.approx(ce.mean(), rel=1e-5)
 
 
 def test_glue_train_determinism():
@@ -462,5 +534,5 @@ def test_glue_trains_end_to_end(tmp_path, sst2_dir):
   assert [r["step"] for r in rows] == [2, 4] and final["accuracy"] == rows[-1]["accuracy"]
   # 24 validation examples in 2 batches of 16: the accuracy counts the real rows only
   assert abs(final["accuracy"] * 24 - round(final["accuracy"] * 24)) < 1e-6
-  assert np.isfinite(final["eval_loss"])
+  assert np.isfinite(final["eval_loss"]) and not [k for k in final if "_mm_" in k]  # MNLI only
   assert json.load(open(tmp_path / "config.json"))["data"]["tfds"]["name"] == "glue/sst2"

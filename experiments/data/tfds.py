@@ -50,6 +50,10 @@ GLUE = {
 }
 # Eval splits where the dataset has no "validation".
 EVAL_SPLITS = {"glue/mnli": "validation_matched", "lm1b": "test"}
+# More eval splits, evaluated beside the default one (when data.tfds.eval_split is ""):
+# {dataset: {split name for `batch`: TFDS split}}; the eval row carries their metrics with the
+# split name as prefix (GLUE's MNLI-m / MNLI-mm: eval_mm_accuracy beside accuracy).
+EXTRA_EVAL_SPLITS = {"glue/mnli": {"eval_mm": "validation_mismatched"}}
 CHUNK_DOCS = 1024  # documents tokenized per call
 
 
@@ -365,17 +369,25 @@ class GlueSource(_Source):
 
   Train: shuffled, reshuffled each epoch, repeated. Eval: the whole eval split, read by
   every process (GLUE's are small) and cut into equal parts, in order; `eval_steps` batches
-  cover it, the last ones padded with weight-0 rows.
+  cover it, the last ones padded with weight-0 rows. With the default eval split, MNLI also
+  evaluates validation_mismatched (EXTRA_EVAL_SPLITS): `batch(step, "eval_mm")`, the same way,
+  in `extra_eval_steps["eval_mm"]` batches.
   """
 
-  def __init__(self, name, tokenizer, **kwargs):
+  def __init__(self, name, tokenizer, *, eval_split: str = "", **kwargs):
     self.keys, self.num_labels = glue_task(name)
-    super().__init__(name, tokenizer, **kwargs)
-    full = self._read_eval()
-    part = math.ceil(len(full["label"]) / self.process_count)  # the same on every process
-    lo = self.process_index * part
-    self._eval = {k: v[lo : lo + part] for k, v in full.items()}
-    self.eval_steps = math.ceil(part / self.rows["eval"])
+    super().__init__(name, tokenizer, eval_split=eval_split, **kwargs)
+    if not eval_split:  # a split the user names is evaluated alone
+      self.splits.update(EXTRA_EVAL_SPLITS.get(name, {}))
+    self._eval, steps = {}, {}
+    for split in [s for s in self.splits if s != "train"]:
+      full = self._read_eval(split)
+      part = math.ceil(len(full["label"]) / self.process_count)  # the same on every process
+      lo = self.process_index * part
+      self._eval[split] = {k: v[lo : lo + part] for k, v in full.items()}
+      steps[split] = math.ceil(part / self.rows["eval"])
+    self.eval_steps = steps.pop("eval")
+    self.extra_eval_steps = steps  # {split: batches} of the extra eval splits
 
   def encode(self, examples: dict) -> dict:
     texts = [_decode(examples[k]) for k in self.keys]
@@ -388,19 +400,23 @@ class GlueSource(_Source):
       )
     return {**out, "label": label, "weights": np.ones(len(label), np.float32)}
 
-  def _read_eval(self) -> dict:
-    """The whole eval split, encoded, in order."""
+  def _read_eval(self, split: str = "eval") -> dict:
+    """The whole eval split (or an extra one, e.g. "eval_mm"), encoded, in order."""
     _, tfds = _tf()
-    ds = read_eval(self.builder, self.splits["eval"]).batch(4096)
+    ds = read_eval(self.builder, self.splits[split]).batch(4096)
     parts = [self.encode(ex) for ex in tfds.as_numpy(ds)]
     if not parts:
-      raise self.empty("eval", "holds no examples")
+      raise self.empty(split, "holds no examples")
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def _start(self, split: str, step: int):
     tf, tfds = _tf()
-    if split == "eval":
-      return (self._eval_batch(s) for s in itertools.count(step))
+    if split != "train":
+      if split not in self._eval:
+        raise ValueError(
+          f"{self.name} has no eval split {split!r}: choose one of {list(self._eval)}."
+        )
+      return (self._eval_batch(s, split) for s in itertools.count(step))
     ds = read_train(self.builder, self.process_split("train"), self.seed, self.shuffle_buffer)
     ds = ds.batch(self.rows["train"], drop_remainder=True).skip(step)
     return self._train_batches(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
@@ -410,10 +426,11 @@ class GlueSource(_Source):
     # the train split repeats forever: it ends only when it holds nothing
     raise self.empty("train", "holds no examples")
 
-  def _eval_batch(self, step: int) -> dict:
-    """Eval rows [step * b, (step + 1) * b) of this process's part; weight-0 rows past it."""
+  def _eval_batch(self, step: int, split: str = "eval") -> dict:
+    """Eval rows [step * b, (step + 1) * b) of this process's part of `split` ("eval" or an
+    extra eval split); weight-0 rows past it."""
     b = self.rows["eval"]
-    rows = {k: v[step * b : (step + 1) * b] for k, v in self._eval.items()}
+    rows = {k: v[step * b : (step + 1) * b] for k, v in self._eval[split].items()}
     return pad_rows(rows, b, self.tokenizer.pad_id)
 
 

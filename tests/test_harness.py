@@ -133,7 +133,7 @@ def test_simple_evaluate_equals_trimformer(gpt2_dir, tmp_path):
     model="trimformer",
     model_args=f"init_from=hf:{gpt2_dir},max_length={MAX_LENGTH}",
     tasks=list(docs),
-    task_manager=TaskManager(include_path=str(tmp_path)),
+    task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
     batch_size=4,
     log_samples=True,
     bootstrap_iters=0,

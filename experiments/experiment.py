@@ -248,20 +248,22 @@ class Run:
     """The eval row of `params` (placed on the state's shardings) over the eval batches, and
     each extra eval split's metrics under its prefix (MNLI's eval_mm_accuracy)."""
     params = jax.device_put(params, self.shardings["params"])
-    task = self.exp.task
-    row = _eval_row(task, [self.eval_step(params, collections, b) for b in self.eval_batches])
-    for split, batches in self.extra_eval_batches.items():
-      extra = _eval_row(task, [self.eval_step(params, collections, b) for b in batches])
-      row.update(tasks.extra_eval_row(split, extra))
-    return row
+    return self._rows(lambda b: self.eval_step(params, collections, b))
 
   def evaluate_model(self, model: nn.Module, variables: dict) -> dict:
     """The eval row of another model (a serving one) on its variables, replicated."""
     variables = jax.device_put(variables, NamedSharding(self.exp.mesh, P()))
-    task = self.exp.task
-    step = jax.jit(lambda v, b: task.eval_outputs(model, v, b))
+    step = jax.jit(lambda v, b: self.exp.task.eval_outputs(model, v, b))
     with jax.set_mesh(self.exp.mesh):
-      return _eval_row(task, [step(variables, b) for b in self.eval_batches])
+      return self._rows(lambda b: step(variables, b))
+
+  def _rows(self, outputs) -> dict:
+    """The eval row of `outputs(batch)` over the eval batches, with the extra splits'."""
+    task = self.exp.task
+    row = _eval_row(task, [outputs(b) for b in self.eval_batches])
+    for split, batches in self.extra_eval_batches.items():
+      row.update(tasks.extra_eval_row(split, _eval_row(task, [outputs(b) for b in batches])))
+    return row
 
 
 def _eval_row(task: tasks.Task, outputs: list) -> dict:

@@ -84,6 +84,9 @@ def load_run(workdir: str, export: str | None = None):
   for key in ("versions", "history"):  # what write_config adds to the config
     written.pop(key, None)
   config = ml_collections.ConfigDict(written)
+  # Served from one device, whatever mesh trained it (the parameters' layout is the same).
+  config.mesh.update(stage=1, data=1, fsdp=1, tensor=1)
+  config.mesh.dcn.update(stage=1, data=1, fsdp=1, tensor=1)
   try:
     exp = build(config, None, jax.devices()[:1])
     abstract, _ = exp.shard_shapes()

@@ -15,7 +15,7 @@ import pytest
 
 import models
 import parallel
-from experiments import chaos, experiment, train
+from experiments import chaos, experiment, generate, train
 from experiments.configs import lm, prune as prune_configs
 from experiments.metrics import read_metrics
 from models import pipeline
@@ -198,6 +198,13 @@ def test_kill_and_resume_on_a_pipelined_mesh_is_bit_exact(tmp_path, monkeypatch)
   rerun = chaos.run_to_end(config, workdir, overrides)
   assert rerun.said(f"Restored the checkpoint at step {kill['latest_checkpoint']}")
   assert chaos.compare(str(tmp_path / "reference"), workdir) == []
+  # Served from one device: generation reads the pipelined run's checkpoint unpipelined.
+  model, variables, _ = generate.load_run(workdir)
+  assert model.config.pipeline_stages == 1
+  ids = jnp.array([[1, 2, 3]])
+  new, _ = models.generate(model, variables, ids, max_new_tokens=4)  # greedy, with the cache
+  logits = model.apply(variables, jnp.concatenate([ids, new], axis=1))  # no cache
+  assert (jnp.argmax(logits[0, 2:-1], -1) == new[0]).all()
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@
     python -m experiments.reproduce qat --workdir gs://bucket/repro --scale full
 
 Tables (experiments/tables/): gmp, qat, kd, nm, deep-compression, parallel, lora, lowrank,
-oneshot. An arm is a run config from experiments/configs with a few fields changed; each (arm,
-seed) trains with `train.train_and_evaluate` in `DIR/TABLE/<arm>/seed<k>` and leaves
+oneshot, squad. An arm is a run config from experiments/configs with a few fields changed; each
+(arm, seed) trains with `train.train_and_evaluate` in `DIR/TABLE/<arm>/seed<k>` and leaves
 `result.json` there, so a rerun skips what finished (and resumes what was interrupted, from its
 checkpoint). Arms that start from another arm's model (`init_from`) or distill from it
 (`teacher`) wait for it. The table lands in `DIR/TABLE.md`, `DIR/TABLE.json` and
@@ -43,7 +43,18 @@ from experiments import train  # noqa: F401 (defines --workdir, which the tables
 from experiments.configs import common
 from experiments.tables import Arm, Report, Results
 
-TABLES = ("gmp", "qat", "kd", "nm", "deep-compression", "parallel", "lora", "lowrank", "oneshot")
+TABLES = (
+  "gmp",
+  "qat",
+  "kd",
+  "nm",
+  "deep-compression",
+  "parallel",
+  "lora",
+  "lowrank",
+  "oneshot",
+  "squad",
+)
 SCALES = ("tiny", "small", "full", "test")
 SEEDS = {"tiny": 3, "small": 5}  # the default seeds per arm; other scales: 1
 

@@ -77,6 +77,7 @@ def smoothquant_scales(act_absmax_I, w_absmax_I, alpha: float = 0.5) -> jnp.ndar
   return jnp.where((act == 0) | (w == 0), jnp.ones_like(s), s)
 
 
+@jax.jit  # called per layer on (possibly sharded) arrays: one fused program, not op by op
 def output_error(w_IxO, w_hat_IxO, h_IxI) -> jnp.ndarray:
   """The squared error that replacing W by W_hat makes in the layer's outputs over the
   calibration tokens, from their Hessian H = sum_t x_t x_t^T alone:

@@ -61,14 +61,15 @@ def get_config(arg: str | None = None):
   if "qat" in flags:
     c.quant.update(method="qat", bits=8, act_bits=8)
   if "movement" in flags:
-    s = c.train.steps
+    s, every = c.train.steps, max(1, c.train.steps // 30)
+    start = s // 10  # the cubic schedule over the first two thirds, in whole updates
     c.prune.update(
       method="gradual",
       sparsity=0.9,
       score="movement",
-      start=s // 10,
-      end=2 * s // 3,
-      every=max(1, s // 30),
+      start=start,
+      end=start + every * ((2 * s // 3 - start) // every),
+      every=every,
       select=r"(attn|mlp)/.*kernel$",
     )
   if "distil" in flags:
